@@ -28,6 +28,14 @@ class ClipError(Exception):
     """
 
 
+class ModelMissingError(RuntimeError):
+    """Pretrained weights are not available locally (and downloads are off).
+
+    The message is one line naming the model and how to provide it; the runner stops the run
+    with it (every clip would fail the same way), rather than filling the ledger.
+    """
+
+
 class StageConfig(BaseModel):
     """Base of every backend's config; unknown keys are an error (typos must not pass)."""
 

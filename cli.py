@@ -1,0 +1,340 @@
+"""mmemo command line: thin typer commands that parse, call one function, and print.
+
+Imports are inside the commands so that `mmemo fit` never loads the extractor's libraries
+(and `mmemo --help` is instant).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multimodal emotion recognition: extract once, fuse fast.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and maintain the feature cache.")
+import_app = typer.Typer(no_args_is_help=True, help="Import features made by other tools.")
+app.add_typer(cache_app, name="cache")
+app.add_typer(import_app, name="import")
+console = Console()
+
+CacheOpt = typer.Option(None, "--cache", envvar="MMEMO_CACHE", help="Cache root (default ./cache).")
+ManifestsOpt = typer.Option(Path("manifests"), "--manifests", help="Manifest folder.")
+
+
+def _split_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(code)
+
+
+# --- data ------------------------------------------------------------------------------------
+@app.command()
+def sample(
+    out: Path = typer.Option(..., "--out", help="Folder to write the synthetic dataset into."),
+    n: int = typer.Option(160, "--n", help="Number of clips."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write a small synthetic labelled video dataset (folder layout) with known signal."""
+    from pipeline.sample import make_sample
+
+    path = make_sample(out, n=n, seed=seed)
+    console.print(f"wrote {n} clips to {path}")
+
+
+@app.command()
+def prepare(
+    recipe: str = typer.Argument(..., help="Recipe: avamerg, folder, meld, ravdess."),
+    root: Path = typer.Option(..., "--root", help="Dataset root folder."),
+    name: str = typer.Option(None, "--name", help="Dataset name (default: the recipe's)."),
+    out: Path = ManifestsOpt,
+) -> None:
+    """Write JSONL manifests for a dataset on disk."""
+    from pipeline.recipes import RECIPES
+
+    if recipe not in RECIPES:
+        _fail(f"unknown recipe '{recipe}' (known: {', '.join(sorted(RECIPES))})")
+    res = RECIPES[recipe](root=root, out=out, name=name)
+    t = Table(title=f"manifests for '{res.dataset}'")
+    t.add_column("split")
+    t.add_column("clips", justify="right")
+    t.add_column("labelled", justify="right")
+    for split, clips in res.splits.items():
+        labelled = sum(c.labels.emotion_idx is not None for c in clips)
+        t.add_row(split, str(len(clips)), str(labelled))
+    console.print(t)
+    for cid, reason in res.missing[:10]:
+        console.print(f"[yellow]missing media[/yellow] {cid}: {reason}")
+    if len(res.missing) > 10:
+        console.print(f"[yellow]... and {len(res.missing) - 10} more clips with missing media[/yellow]")
+
+
+# --- extract ---------------------------------------------------------------------------------
+@app.command()
+def extract(
+    dataset: str = typer.Option(..., "--dataset", help="Dataset name (manifests/<dataset>/)."),
+    root: Path = typer.Option(None, "--root", help="Dataset root (default: from dataset.json)."),
+    cache: Path = CacheOpt,
+    preset: str = typer.Option("offline", "--preset", help="offline | full | path/to/preset.toml"),
+    set_: list[str] = typer.Option(None, "--set", help="Override a preset value: stage.key=value"),
+    workers: int = typer.Option(1, "--workers", help="Local worker processes (or Dask workers)."),
+    scheduler: str = typer.Option(None, "--scheduler", help="Dask scheduler address (tcp://host:port)."),
+    executor: str = typer.Option("auto", "--executor", help="auto | inline | process | dask"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Clips per model call."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
+    force: bool = typer.Option(False, "--force", help="Redo finished work units."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any clip failed."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N clips (a quick look)."),
+    manifests: Path = ManifestsOpt,
+) -> None:
+    """Run the staged extractor over a dataset into the feature cache (resumable)."""
+    from pipeline.progress import extract_with_progress
+    from pipeline.stages.base import ModelMissingError
+
+    try:
+        summary = extract_with_progress(
+            dataset=dataset, root=root, cache=cache, preset=preset, overrides=set_ or [],
+            workers=workers, scheduler=scheduler, executor=executor, batch_size=batch_size,
+            device=device, force=force, limit=limit, manifests=manifests, console=console,
+        )
+    except ModelMissingError as e:
+        _fail(str(e))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if strict and summary.failures:
+        raise typer.Exit(1)
+
+
+# --- fusion ----------------------------------------------------------------------------------
+@app.command()
+def fit(
+    dataset: str = typer.Option(..., "--dataset"),
+    fusion: str = typer.Option("early", "--fusion", help="early | late | hybrid | cquery | tfn | mult | cfnsr"),
+    modalities: str = typer.Option("all", "--modalities", help="Comma list (audio,text,visual,meta) or 'all'."),
+    seeds: int = typer.Option(3, "--seeds"),
+    name: str = typer.Option(None, "--name"),
+    cache: Path = CacheOpt,
+    preset: str = typer.Option("offline", "--preset", help="Which feature set of the dataset."),
+    split: str = typer.Option("official", "--split", help="official | kfold"),
+    folds: int = typer.Option(5, "--folds"),
+    group_by: str = typer.Option(None, "--group-by"),
+    epochs: int = typer.Option(60, "--epochs"),
+    target: str = typer.Option("label", "--target", help="label | sentiment | valence | arousal"),
+    device: str = typer.Option("cpu", "--device"),
+    runs: Path = typer.Option(Path("runs"), "--runs"),
+) -> None:
+    """Fit a fusion head on cached features (never touches media or encoders)."""
+    from fusion.data import DataError
+    from fusion.report import print_table
+    from fusion.train import fit as do_fit
+
+    mods = "all" if modalities == "all" else _split_list(modalities)
+    try:
+        res = do_fit(
+            cache_root=_cache(cache), dataset=dataset, fusion=fusion, modalities=mods, seeds=seeds,
+            name=name, runs_dir=runs, split=split, folds=folds, group_by=group_by, epochs=epochs,
+            device=device, target=target, preset=preset,
+        )
+    except (DataError, FileNotFoundError, KeyError, ValueError) as e:
+        _fail(str(e))
+    print_table([res.run_dir])
+
+
+@app.command()
+def ablate(
+    dataset: str = typer.Option(..., "--dataset"),
+    fusion: str = typer.Option("early,late,hybrid,cquery", "--fusion", help="Comma list of heads."),
+    modalities: str = typer.Option("all-subsets", "--modalities", help="all-subsets | all,singles | a;b,c"),
+    seeds: int = typer.Option(3, "--seeds"),
+    name: str = typer.Option("ablation", "--name"),
+    cache: Path = CacheOpt,
+    preset: str = typer.Option("offline", "--preset"),
+    workers: int = typer.Option(1, "--workers"),
+    scheduler: str = typer.Option(None, "--scheduler"),
+    split: str = typer.Option("official", "--split"),
+    epochs: int = typer.Option(60, "--epochs"),
+    runs: Path = typer.Option(Path("runs"), "--runs"),
+) -> None:
+    """Run a fusion × modality-subset × seed grid; resumable; writes csv, Markdown, plot."""
+    from fusion.ablate import ablate as do_ablate
+    from fusion.data import DataError
+
+    if modalities in ("all-subsets", "all,singles"):
+        msets: object = modalities
+    else:
+        msets = [_split_list(s) for s in modalities.split(";")]
+    try:
+        df = do_ablate(
+            cache_root=_cache(cache), dataset=dataset, fusions=_split_list(fusion), modality_sets=msets,
+            seeds=seeds, name=name, workers=workers, scheduler=scheduler, runs_dir=runs, preset=preset,
+            split=split, epochs=epochs,
+        )
+    except (DataError, FileNotFoundError, KeyError, ValueError) as e:
+        _fail(str(e))
+    md = runs / name / "ablation.md"
+    console.print(md.read_text() if md.exists() else df.to_string())
+    console.print(f"[dim]{runs / name}/ablation.csv, ablation.md, ablation.png[/dim]")
+
+
+@app.command()
+def report(run: list[Path] = typer.Argument(..., help="Run folders (runs/<name>).")) -> None:
+    """Compare runs side by side."""
+    from fusion.report import report as do_report
+
+    console.print(do_report(run))
+
+
+@app.command()
+def predict(
+    video: Path = typer.Argument(..., help="A video (or audio) file."),
+    run: Path = typer.Option(..., "--run", help="A run folder (runs/<name>) with model.safetensors."),
+    text: str = typer.Option(None, "--text", help="Transcript, if known."),
+    title: str = typer.Option(None, "--title", help="Title / context, if known."),
+    preset: str = typer.Option(None, "--preset", help="Default: the preset the run was trained on."),
+) -> None:
+    """Run the extractor on one new video and print the emotion distribution."""
+    from pipeline.predict import predict_file
+
+    try:
+        out = predict_file(video, run, text=text, title=title, preset=preset)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    t = Table(title=f"{video.name}: emotion distribution")
+    t.add_column("class")
+    t.add_column("p", justify="right")
+    for cls, p in sorted(out["probs"].items(), key=lambda kv: -kv[1]):
+        t.add_row(cls, f"{p:.3f}")
+    console.print(t)
+    s = Table(title="modality shares (drop in the top class's probability when removed)")
+    s.add_column("modality")
+    s.add_column("present")
+    s.add_column("share", justify="right")
+    for m, info in out["shares"].items():
+        s.add_row(m, "yes" if info["present"] else "no", f"{info['share']:.2f}")
+    console.print(s)
+
+
+# --- cache -----------------------------------------------------------------------------------
+def _cache(cache: Path | None) -> Path:
+    from pipeline.store import cache_root
+
+    return cache_root(cache) if cache is None else cache
+
+
+@cache_app.command("ls")
+def cache_ls(cache: Path = CacheOpt) -> None:
+    """Feature sets: sizes, clip counts, completeness, who/when, preset."""
+    from pipeline.cachetools import list_sets
+
+    rows = list_sets(_cache(cache))
+    t = Table(title=f"feature sets in {_cache(cache)}")
+    for col in ("key", "aliases", "clips", "units done", "failures", "size", "created"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["key"], ", ".join(r["aliases"]), str(r["n"]), f"{r['done']}/{r['units']}",
+                  str(r["failures"]), r["size_h"], f"{r['created_by']} {r['created_at']}")
+    console.print(t)
+
+
+@cache_app.command("info")
+def cache_info(key: str = typer.Argument(..., help="A key or dataset/preset alias."), cache: Path = CacheOpt) -> None:
+    """Everything recorded about one feature set (config, models, ledger summary)."""
+    from pipeline.cachetools import set_info
+
+    console.print_json(json.dumps(set_info(_cache(cache), key), default=str))
+
+
+@cache_app.command("verify")
+def cache_verify(
+    key: str = typer.Argument(None, help="Key or alias (default: every set)."),
+    repair: bool = typer.Option(False, "--repair", help="Re-extract the units found bad or missing."),
+    root: Path = typer.Option(None, "--root", help="Dataset root for --repair (default: dataset.json)."),
+    cache: Path = CacheOpt,
+    manifests: Path = ManifestsOpt,
+) -> None:
+    """Check every chunk against its recorded checksum; find missing/incomplete units."""
+    from pipeline.cachetools import repair_set, verify
+
+    reports = verify(_cache(cache), key)
+    bad = False
+    for r in reports:
+        status = "[green]clean[/green]" if r.clean else "[red]PROBLEMS[/red]"
+        console.print(f"{r.key}: {status} ({r.files_checked} files, {r.units_done}/{r.units} units done)")
+        for p in r.problems:
+            console.print(f"  - {p}")
+        if not r.clean:
+            bad = True
+            if repair:
+                n = repair_set(_cache(cache), r, root=root, manifests=manifests)
+                console.print(f"  repaired {n} unit(s)")
+    if bad and not repair:
+        raise typer.Exit(1)
+
+
+@cache_app.command("gc")
+def cache_gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed."),
+    keep_unreferenced: bool = typer.Option(False, "--keep-unreferenced", help="Keep sets no alias points to."),
+    cache: Path = CacheOpt,
+) -> None:
+    """Remove stale claims, orphaned temporaries and (unless kept) unreferenced sets."""
+    from pipeline.cachetools import gc
+
+    for action in gc(_cache(cache), dry_run=dry_run, keep_unreferenced=keep_unreferenced):
+        console.print(("would remove " if dry_run else "removed ") + action)
+
+
+@import_app.command("csd")
+def import_csd(
+    file: Path = typer.Argument(..., help="A CMU-MultimodalSDK .csd file (HDF5)."),
+    dataset: str = typer.Option(None, "--dataset", help="Dataset name (default: file stem)."),
+    cache: Path = CacheOpt,
+) -> None:
+    """Import a CMU-MultimodalSDK computational sequence as a feature set."""
+    from pipeline.importers import import_csd as do
+
+    key = do(file, _cache(cache), dataset=dataset)
+    console.print(f"imported {file} as feature set {key}")
+
+
+@import_app.command("mmsa-pkl")
+def import_mmsa(
+    file: Path = typer.Argument(..., help="An MMSA-style aligned .pkl (train/valid/test)."),
+    dataset: str = typer.Option(None, "--dataset"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Required: unpickling runs code from the file."),
+    cache: Path = CacheOpt,
+) -> None:
+    """Import MMSA features (the one place mmemo unpickles, only with --allow-pickle)."""
+    from pipeline.importers import import_mmsa_pkl as do
+
+    if not allow_pickle:
+        _fail("a .pkl file can run arbitrary code when loaded; pass --allow-pickle if you trust this file")
+    key = do(file, _cache(cache), dataset=dataset)
+    console.print(f"imported {file} as feature set {key}")
+
+
+@app.command()
+def export(
+    key: str = typer.Argument(..., help="Key or dataset/preset alias."),
+    out: Path = typer.Option(..., "--out"),
+    format: str = typer.Option("hdf5", "--format", help="hdf5 | mmsa-pkl"),
+    cache: Path = CacheOpt,
+) -> None:
+    """Export a feature set for other trainers."""
+    from pipeline.importers import export_set
+
+    export_set(_cache(cache), key, out, fmt=format)
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()

@@ -1,0 +1,518 @@
+"""The feature cache: content-addressed Zarr v3 feature sets, safe for a team on NFS.
+
+Why it is built this way:
+- NFS has no reliable locks, so nothing here locks. A work unit (a contiguous run of clips)
+  is *claimed* by creating a claim file with O_EXCL (atomic on NFSv3+); the claim carries a
+  lease, so a crashed worker's unit is taken over once the lease expires.
+- Every array is chunked along the clip axis by exactly one unit, so one unit = one chunk
+  file per array = one writer per file. A unit's chunk files are encoded in a private staging
+  folder and renamed into place (rename is atomic); the unit's `.done` marker, holding the
+  sha256 of every file it wrote, is written last. Readers use only units with a marker.
+- A feature set is created in a temporary folder and renamed to `sets/<key>`; whoever loses
+  that race simply uses the winner's set (same key = same content by construction).
+- Paths inside the cache are relative, so the root can be mounted anywhere.
+The layout is documented in docs/ARCHITECTURE.md; `fusion/data.py` reads it without importing
+this module.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import socket
+import stat
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+FORMAT = 1
+DEFAULT_CACHE = Path("cache")
+
+
+def cache_root(path: str | os.PathLike | None = None) -> Path:
+    """--cache, else $MMEMO_CACHE, else ./cache."""
+    return Path(path or os.environ.get("MMEMO_CACHE") or DEFAULT_CACHE)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def who() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- permissions: group-writable for a team, never world-writable -------------------------
+def _no_world_write(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+        if mode & stat.S_IWOTH:
+            os.chmod(path, mode & ~stat.S_IWOTH)
+    except FileNotFoundError:
+        pass
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p with mode 2775 (setgid: the team's group is inherited) minus umask, minus o+w."""
+    if path.is_dir():
+        return
+    make_dirs(path.parent) if not path.parent.is_dir() else None
+    try:
+        os.mkdir(path, 0o2775)
+    except FileExistsError:
+        return
+    _no_world_write(path)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a unique temporary name in the same folder, then rename over `path`."""
+    make_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o664)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _no_world_write(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False, default=str).encode())
+
+
+# --- layout ------------------------------------------------------------------------------
+@dataclass
+class ModalityLayout:
+    name: str
+    pooled_dim: int
+    seq_dim: int = 0  # 0: a vector modality (pooled only)
+    max_len: int = 0
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.seq_dim > 0 and self.max_len > 0
+
+    def arrays(self, n: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """relpath -> (shape, dtype) of this modality's per-clip arrays."""
+        out = {
+            f"{self.name}/pooled": ((n, self.pooled_dim), "float16"),
+            f"{self.name}/present": ((n,), "bool"),
+        }
+        if self.is_sequence:
+            out[f"{self.name}/seq"] = ((n, self.max_len, self.seq_dim), "float16")
+            out[f"{self.name}/len"] = ((n,), "int32")
+        return out
+
+
+@dataclass
+class SetLayout:
+    n: int
+    unit_size: int
+    modalities: dict[str, ModalityLayout]
+    compression: str = "zstd"  # zstd | blosc-lz4 | none
+    level: int = 3
+    inner_chunk: int = 64  # clips per inner chunk when a unit is larger (zarr sharding)
+
+    @property
+    def n_units(self) -> int:
+        return (self.n + self.unit_size - 1) // self.unit_size
+
+    def unit_range(self, u: int) -> tuple[int, int]:
+        return u * self.unit_size, min(self.n, (u + 1) * self.unit_size)
+
+    def unit_arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        out: dict[str, tuple[tuple[int, ...], str]] = {}
+        for m in self.modalities.values():
+            out.update(m.arrays(self.n))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "unit_size": self.unit_size,
+            "compression": self.compression,
+            "level": self.level,
+            "inner_chunk": self.inner_chunk,
+        }
+
+
+def _compressors(layout: SetLayout) -> Any:
+    if layout.compression == "none":
+        return None
+    if layout.compression == "zstd":
+        return ZstdCodec(level=layout.level)
+    if layout.compression.startswith("blosc"):
+        cname = layout.compression.split("-", 1)[1] if "-" in layout.compression else "lz4"
+        return BloscCodec(cname=cname, clevel=layout.level, shuffle="shuffle")
+    raise ValueError(f"unknown compression '{layout.compression}' (zstd, blosc-lz4, none)")
+
+
+# --- claims ------------------------------------------------------------------------------
+@dataclass
+class Claim:
+    path: Path
+    token: str
+    unit: int
+
+
+class LostClaim(RuntimeError):
+    """Another worker took this unit over (our lease expired): do not commit."""
+
+
+# --- feature sets ------------------------------------------------------------------------
+class FeatureSetStore:
+    """One feature set on disk (writer side)."""
+
+    def __init__(self, store: Store, key: str):
+        self.store = store
+        self.key = key
+        self.path = store.sets_dir / key
+        self._group = zarr.open_group(self.path, mode="r")
+        self.attrs: dict[str, Any] = dict(self._group.attrs["mmemo"])
+        lj = self.attrs["layout"]
+        mods = {
+            name: ModalityLayout(
+                name=name,
+                pooled_dim=m["pooled_dim"],
+                seq_dim=m.get("seq_dim", 0),
+                max_len=m.get("max_len", 0),
+                provenance=m.get("provenance", {}),
+            )
+            for name, m in self.attrs["modalities"].items()
+        }
+        self.layout = SetLayout(
+            n=lj["n"],
+            unit_size=lj["unit_size"],
+            modalities=mods,
+            compression=lj["compression"],
+            level=lj["level"],
+            inner_chunk=lj["inner_chunk"],
+        )
+
+    # units -------------------------------------------------------------------------------
+    @property
+    def units_dir(self) -> Path:
+        return self.path / "units"
+
+    def done_path(self, u: int) -> Path:
+        return self.units_dir / f"{u}.done"
+
+    def is_done(self, u: int) -> bool:
+        return self.done_path(u).exists()
+
+    def done_units(self) -> set[int]:
+        out = set()
+        if self.units_dir.is_dir():
+            for p in self.units_dir.glob("*.done"):
+                if p.stem.isdigit():
+                    out.add(int(p.stem))
+        return out
+
+    def read_done(self, u: int) -> dict[str, Any]:
+        return json.loads(self.done_path(u).read_text())
+
+    def ids(self) -> list[str]:
+        return [str(x) for x in self._group["ids"][:]]
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Every ledger line of the set (per-unit files, merged)."""
+        rows: list[dict[str, Any]] = []
+        ledger = self.path / "ledger"
+        if ledger.is_dir():
+            for p in sorted(ledger.glob("*.jsonl"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
+                rows.extend(json.loads(line) for line in p.read_text().splitlines() if line.strip())
+        return rows
+
+    def clear_unit(self, u: int) -> None:
+        """Forget a unit (for --force / repair): its marker goes first, so readers stop using it."""
+        self.done_path(u).unlink(missing_ok=True)
+        (self.path / "ledger" / f"{u}.jsonl").unlink(missing_ok=True)
+
+    def commit_unit(
+        self,
+        u: int,
+        data: dict[str, np.ndarray],
+        failures: Iterable[dict[str, Any]] = (),
+        claim: Claim | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write unit u's rows of every per-clip array, then its ledger, then the marker."""
+        start, stop = self.layout.unit_range(u)
+        expected = self.layout.unit_arrays()
+        missing = set(expected) - set(data)
+        if missing:
+            raise ValueError(f"unit {u}: arrays missing from the commit: {sorted(missing)}")
+        for rel, arr in data.items():
+            shape, dtype = expected[rel]
+            want = (stop - start, *shape[1:])
+            if tuple(arr.shape) != want:
+                raise ValueError(f"unit {u}: {rel} has shape {arr.shape}, expected {want}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr.astype(np.float32)).all():
+                raise ValueError(f"unit {u}: {rel} holds NaN/Inf; refusing to write it")
+
+        staging = self.path / "tmp" / f"u{u}.{uuid.uuid4().hex[:12]}"
+        checksums: dict[str, str] = {}
+        moves: list[tuple[Path, Path]] = []
+        try:
+            for rel, arr in data.items():
+                src_meta = self.path / rel / "zarr.json"
+                make_dirs(staging / rel)
+                shutil.copyfile(src_meta, staging / rel / "zarr.json")
+                za = zarr.open_array(staging / rel, mode="r+")
+                za[start:stop] = arr.astype(expected[rel][1], copy=False)
+                for f in sorted((staging / rel).rglob("*")):
+                    if f.is_file() and f.name != "zarr.json":
+                        relfile = f.relative_to(staging).as_posix()
+                        checksums[relfile] = sha256_file(f)
+                        moves.append((f, self.path / relfile))
+            if claim is not None and not self.store.owns(claim):
+                raise LostClaim(f"unit {u} of {self.key} was taken over by another worker")
+            for src, dst in moves:
+                make_dirs(dst.parent)
+                _no_world_write(src)
+                os.replace(src, dst)
+            fail_rows = list(failures)
+            if fail_rows:
+                atomic_write(
+                    self.path / "ledger" / f"{u}.jsonl",
+                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fail_rows).encode(),
+                )
+            marker = {
+                "unit": u,
+                "start": start,
+                "stop": stop,
+                "checksums": checksums,
+                "n_failures": len(fail_rows),
+                "by": who(),
+                "at": now_iso(),
+                **(extra or {}),
+            }
+            atomic_write_json(self.done_path(u), marker)
+            return marker
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+class Store:
+    """A cache root: feature sets, aliases, claims, OCR subtitle files."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = cache_root(root)
+        self.sets_dir = self.root / "sets"
+        self.aliases_dir = self.root / "aliases"
+        self.claims_dir = self.root / "claims"
+        self.srt_dir = self.root / "srt"
+
+    # sets --------------------------------------------------------------------------------
+    def has_set(self, key: str) -> bool:
+        return (self.sets_dir / key / "zarr.json").exists()
+
+    def open(self, key: str) -> FeatureSetStore:
+        if not self.has_set(key):
+            raise FileNotFoundError(f"no feature set '{key}' in {self.root}")
+        return FeatureSetStore(self, key)
+
+    def create_set(
+        self,
+        key: str,
+        layout: SetLayout,
+        attrs: dict[str, Any],
+        static: dict[str, np.ndarray],
+    ) -> FeatureSetStore:
+        """Create (or join) feature set `key`; race-safe between processes and machines.
+
+        `static` holds the arrays known from the manifest alone (ids, split, group, label,
+        targets/...), written once here; per-unit arrays are created empty.
+        """
+        if self.has_set(key):
+            return self.open(key)
+        make_dirs(self.sets_dir)
+        tmp = self.sets_dir / f".tmp-{key}-{uuid.uuid4().hex[:12]}"
+        try:
+            group = zarr.open_group(tmp, mode="w", zarr_format=3)
+            comp = _compressors(layout)
+            u = layout.unit_size
+            inner = min(u, layout.inner_chunk)
+            for rel, (shape, dtype) in layout.unit_arrays().items():
+                chunks = (inner, *shape[1:])
+                shards = (u, *shape[1:]) if inner < u else None
+                group.create_array(
+                    rel,
+                    shape=shape,
+                    dtype=dtype,
+                    chunks=chunks,
+                    shards=shards,
+                    compressors=comp,
+                    fill_value=0,
+                )
+            for rel, arr in static.items():
+                if arr.dtype.kind in "OUS":
+                    za = group.create_array(rel, shape=arr.shape, dtype=str, chunks=(max(1, len(arr)),))
+                    za[:] = np.asarray([str(x) for x in arr], dtype=object)
+                else:
+                    za = group.create_array(
+                        rel, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape or (1,), compressors=comp
+                    )
+                    za[...] = arr
+            full = {
+                **attrs,
+                "format": FORMAT,
+                "key": key,
+                "n": layout.n,
+                "unit_size": layout.unit_size,
+                "layout": layout.to_json(),
+                "modalities": {
+                    name: {
+                        "pooled_dim": m.pooled_dim,
+                        "seq_dim": m.seq_dim,
+                        "max_len": m.max_len,
+                        "kind": "sequence" if m.is_sequence else "vector",
+                        "provenance": m.provenance,
+                    }
+                    for name, m in layout.modalities.items()
+                },
+                "created_by": who(),
+                "created_at": now_iso(),
+            }
+            group.attrs["mmemo"] = full
+            header = {
+                p.relative_to(tmp).as_posix(): sha256_file(p)
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            }
+            atomic_write_json(tmp / "units" / "header.done", {"checksums": header, "at": now_iso()})
+            for p in tmp.rglob("*"):
+                _no_world_write(p)
+            try:
+                os.rename(tmp, self.sets_dir / key)
+            except OSError:
+                if not self.has_set(key):
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return self.open(key)
+
+    def list_keys(self) -> list[str]:
+        if not self.sets_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.sets_dir.iterdir() if not p.name.startswith(".") and self.has_set(p.name))
+
+    def remove_set(self, key: str) -> None:
+        """Delete a set: rename it out of the way first so no reader sees a half-deleted set."""
+        src = self.sets_dir / key
+        trash = self.sets_dir / f".trash-{key}-{uuid.uuid4().hex[:8]}"
+        os.rename(src, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(self.claims_dir / key, ignore_errors=True)
+        shutil.rmtree(self.srt_dir / key, ignore_errors=True)
+
+    # aliases -----------------------------------------------------------------------------
+    def alias_path(self, dataset: str, preset: str) -> Path:
+        return self.aliases_dir / dataset / f"{preset}.json"
+
+    def set_alias(self, dataset: str, preset: str, key: str) -> None:
+        atomic_write_json(self.alias_path(dataset, preset), {"key": key, "by": who(), "at": now_iso()})
+
+    def resolve(self, dataset: str, preset: str = "offline") -> str:
+        p = self.alias_path(dataset, preset)
+        if not p.exists():
+            raise FileNotFoundError(
+                f"no feature set for dataset '{dataset}' preset '{preset}' in {self.root} "
+                f"(run `mmemo extract --dataset {dataset} --preset {preset}` first)"
+            )
+        return json.loads(p.read_text())["key"]
+
+    def aliases(self) -> dict[str, str]:
+        out = {}
+        if self.aliases_dir.is_dir():
+            for p in self.aliases_dir.glob("*/*.json"):
+                try:
+                    out[f"{p.parent.name}/{p.stem}"] = json.loads(p.read_text())["key"]
+                except (OSError, ValueError, KeyError):
+                    continue
+        return out
+
+    # claims ------------------------------------------------------------------------------
+    def claim_path(self, key: str, unit: int) -> Path:
+        return self.claims_dir / key / f"{unit}.claim"
+
+    def claim(self, key: str, unit: int, lease_s: float = 3600.0) -> Claim | None:
+        """Try to claim a unit; None if someone else holds a live claim."""
+        path = self.claim_path(key, unit)
+        make_dirs(path.parent)
+        for _ in range(2):
+            token = uuid.uuid4().hex
+            body = json.dumps({"token": token, "by": who(), "pid": os.getpid(), "expires": time.time() + lease_s})
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o664)
+            except FileExistsError:
+                if not self._expired(path, lease_s):
+                    return None
+                stale = path.with_name(f"{path.name}.stale.{token}")
+                try:
+                    os.rename(path, stale)  # only one taker wins this rename
+                except FileNotFoundError:
+                    return None
+                stale.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(body)
+            _no_world_write(path)
+            return Claim(path=path, token=token, unit=unit)
+        return None
+
+    def _expired(self, path: Path, lease_s: float) -> bool:
+        try:
+            body = json.loads(path.read_text() or "{}")
+            expires = float(body["expires"])
+        except (OSError, ValueError, KeyError):
+            # being written right now, or garbage: judge by age
+            try:
+                expires = path.stat().st_mtime + lease_s
+            except FileNotFoundError:
+                return True
+        return time.time() > expires
+
+    def owns(self, claim: Claim) -> bool:
+        try:
+            return json.loads(claim.path.read_text()).get("token") == claim.token
+        except (OSError, ValueError):
+            return False
+
+    def release(self, claim: Claim) -> None:
+        if self.owns(claim):
+            claim.path.unlink(missing_ok=True)
+
+    # subtitles ---------------------------------------------------------------------------
+    def srt_path(self, key: str, clip_id: str) -> Path:
+        return self.srt_dir / key / f"{clip_id}.srt"
