@@ -50,14 +50,17 @@ SEQUENCE_MODALITIES = ("audio", "text", "visual")
 
 
 # --- planning ------------------------------------------------------------------------------
-def build_stages(preset: dict[str, Any], device: str = "cpu") -> list[Stage]:
+def build_stages(preset: dict[str, Any], device: str = "cpu", info: dict[str, Any] | None = None) -> list[Stage]:
+    """The preset's stages in DAG order ('skip' leaves a stage out); models are not loaded."""
     stages = []
     for name in STAGE_ORDER:
         backend, cfg = stage_config(preset, name)
         if backend == "skip":
             continue
         cls = get_backend(name, backend)
-        stages.append(cls(cfg, device=device))
+        stage = cls(cfg, device=device)
+        stage.bind_dataset(info or {})
+        stages.append(stage)
     return stages
 
 
@@ -150,7 +153,7 @@ def plan_extract(
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} is not a directory")
     pre = load_preset(preset, overrides)
-    stages = build_stages(pre, device=device)
+    stages = build_stages(pre, device=device, info=info)
     layout = _layout(pre, stages, len(clips))
     with cf.ThreadPoolExecutor(8) as ex:
         fps = list(ex.map(lambda c: clip_fingerprint(c, root), clips))
@@ -198,11 +201,11 @@ def static_arrays(plan: Plan) -> dict[str, np.ndarray]:
 _STAGE_CACHE: dict[str, list[Stage]] = {}
 
 
-def _stages_for(preset: dict[str, Any], device: str) -> list[Stage]:
+def _stages_for(preset: dict[str, Any], device: str, info: dict[str, Any] | None = None) -> list[Stage]:
     """Stages are built and their models loaded once per worker process."""
-    k = hashlib.sha256(json.dumps([preset, device], sort_keys=True, default=str).encode()).hexdigest()
+    k = hashlib.sha256(json.dumps([preset, device, info], sort_keys=True, default=str).encode()).hexdigest()
     if k not in _STAGE_CACHE:
-        stages = build_stages(preset, device=device)
+        stages = build_stages(preset, device=device, info=info)
         for s in stages:
             s.ensure_loaded()
         _STAGE_CACHE[k] = stages
@@ -387,7 +390,7 @@ def run_unit(task: dict[str, Any]) -> UnitResult:
         if task.get("threads"):
             _limit_threads(int(task["threads"]))
         preset = task["preset"]
-        stages = _stages_for(preset, task.get("device", "cpu"))
+        stages = _stages_for(preset, task.get("device", "cpu"), task.get("info"))
         root = Path(task["root"])
         clips = [Clip.model_validate(c) for c in task["clips"]]
         ctxs = [ClipContext(clip=c, root=root) for c in clips]
@@ -477,6 +480,7 @@ def unit_tasks(plan: Plan, cache: Path, units: list[int], force: bool, batch_siz
                 "root": str(plan.root),
                 "clips": [c.model_dump(mode="json") for c in plan.clips[a:b]],
                 "preset": plan.preset,
+                "info": plan.info,
                 "device": plan.device,
                 "force": force,
                 "batch_size": batch_size,

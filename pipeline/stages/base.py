@@ -144,6 +144,9 @@ class Stage(ABC):
     def load(self) -> None:
         """Load models (once per process). Raise a clear error if weights are missing."""
 
+    def bind_dataset(self, info: dict[str, Any]) -> None:
+        """Receive dataset.json facts (classes, label_derived...) before any clip runs."""
+
     def ensure_loaded(self) -> None:
         if not self._loaded:
             self.load()

@@ -1,0 +1,251 @@
+"""A folder of the user's own videos -> manifests.
+
+Expected layout::
+
+    <root>/labels.csv     optional; columns id,video,audio,text,title,label,speaker,split
+                          (``id`` and one of ``video`` / ``audio`` are required, the rest
+                          optional; any other column goes into ``metadata``, numbers parsed)
+    <root>/classes.txt    optional; one class name per line, fixes the class order
+    <root>/**/*.mp4|.wav  the media, paths in labels.csv relative to <root>
+
+Without ``labels.csv`` every media file under the root is a clip (unlabelled); a video and an
+audio file with the same relative stem make one clip.
+
+Decisions:
+
+* ``text`` becomes the transcript, ``title`` the conditioning text, ``label`` the emotion.
+* Classes: ``classes.txt`` if present (a label not in it is an error naming the line), else the
+  sorted unique labels.
+* Split: the ``split`` column where filled, else a deterministic hash split grouped by speaker
+  (or by id when the row has no speaker); ``group_by`` is ``speaker`` when any row names one.
+* A row whose media is missing, absolute, or escapes the root (``..`` or a symlink out) is
+  reported in ``missing`` and left OUT of the manifest (a typo must not silently become a
+  text-only clip); ``keep_missing=True`` keeps such rows text-only instead. Paths outside the
+  root are never followed.
+* Ids are sanitised (``sanitize_id``); a duplicate id is reported and the later row skipped.
+* ``name`` makes differently named datasets from the same recipe (``sample``, ``ravdess`` ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.manifest import MANIFEST_DIR, Clip, Labels, check_rel_path, sanitize_id
+from pipeline.recipes import (
+    AUDIO_EXTS,
+    VIDEO_EXTS,
+    PrepareResult,
+    dataset_name,
+    grouped_split,
+    relative_to_root,
+    write_result,
+)
+
+KNOWN = ("id", "video", "audio", "text", "title", "label", "speaker", "split")
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def read_text_file(path: Path) -> str:
+    """UTF-8 text (BOM allowed) or a ValueError naming the file, byte and offset."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
+
+
+def read_classes(root: Path) -> list[str] | None:
+    p = root / "classes.txt"
+    if not p.is_file():
+        return None
+    names = [ln.strip() for ln in read_text_file(p).splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{p}: a class name is listed twice")
+    return names
+
+
+def _value(text: str) -> Any:
+    """Metadata cell: int, float or the stripped string."""
+    s = text.strip()
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return s
+
+
+def check_media(value: str, root: Path) -> tuple[str | None, str | None]:
+    """(relative path, None) for a usable media path, else (None, reason). Never follows a
+    path outside the root: absolute and ``..`` paths are rejected before touching the disk."""
+    try:
+        rel = check_rel_path(value)
+    except ValueError as e:
+        return None, str(e)
+    if rel is None:
+        return None, None
+    p = root / rel
+    try:
+        p.resolve().relative_to(root.resolve())
+    except ValueError:
+        return None, f"'{value}' leads outside the dataset root (symlink)"
+    if not p.is_file():
+        return None, f"media file '{value}' not found under {root}"
+    return rel, None
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
+    if reader.fieldnames is None:
+        raise ValueError(f"{path}: empty file, expected a header line")
+    cols = [(c or "").strip().lower() for c in reader.fieldnames]
+    if "id" not in cols or not ({"video", "audio"} & set(cols)):
+        raise ValueError(f"{path}: needs an 'id' column and a 'video' or 'audio' column; "
+                         f"found {cols}")
+    rows: list[tuple[int, dict[str, str]]] = []
+    for raw in reader:
+        row = {(k or "").strip().lower(): (v or "") for k, v in raw.items() if k is not None}
+        rows.append((reader.line_num, row))
+    return cols, rows
+
+
+def _row_clip(
+    row: dict[str, str], line: int, csv_path: Path, root: Path, dataset: str,
+    classes: list[str] | None, keep_missing: bool, fractions: dict[str, float] | None,
+) -> tuple[Clip | None, str | None]:
+    """A clip for one csv row, or (None, reason) when its media cannot be used."""
+    media: dict[str, str | None] = {}
+    problems: list[str] = []
+    for col in ("video", "audio"):
+        rel, why = check_media(row.get(col, ""), root)
+        media[col] = rel
+        if why:
+            problems.append(why)
+    if not problems and not (media["video"] or media["audio"]):
+        problems.append("no video or audio path")
+    if problems and not keep_missing:
+        return None, f"{csv_path.name}:{line}: {'; '.join(problems)}; skipped"
+    stem = Path(row.get("video") or row.get("audio") or "clip").stem
+    cid = sanitize_id(row["id"].strip() or stem)
+    label = row.get("label", "").strip() or None
+    if label is not None and classes is not None and label not in classes:
+        raise ValueError(f"{csv_path}:{line}: field 'label': '{label}' is not in classes.txt "
+                         f"{classes}")
+    split = row.get("split", "").strip()
+    if split and not _SPLIT_RE.match(split):
+        raise ValueError(f"{csv_path}:{line}: field 'split': '{split}' is not a simple name")
+    speaker = row.get("speaker", "").strip() or None
+    clip = Clip(
+        id=cid,
+        dataset=dataset,
+        split=split or grouped_split(speaker or cid, fractions),
+        video=media["video"],
+        audio=media["audio"],
+        transcript=row.get("text", "").strip() or None,
+        title=row.get("title", "").strip() or None,
+        speaker=speaker,
+        labels=Labels(emotion=label,
+                      emotion_idx=classes.index(label) if label and classes else None),
+        metadata={k: _value(v) for k, v in row.items() if k not in KNOWN and v.strip()},
+    )
+    return clip, (f"{csv_path.name}:{line}: {'; '.join(problems)}; kept text-only"
+                  if problems else None)
+
+
+def _from_csv(
+    root: Path, dataset: str, keep_missing: bool, fractions: dict[str, float] | None
+) -> tuple[list[Clip], list[tuple[str, str]], list[str]]:
+    path = root / "labels.csv"
+    _cols, rows = _read_rows(path)
+    classes = read_classes(root)
+    if classes is None:
+        classes = sorted({r.get("label", "").strip() for _, r in rows} - {""})
+    clips: list[Clip] = []
+    missing: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for line, row in rows:
+        clip, problem = _row_clip(row, line, path, root, dataset, classes, keep_missing,
+                                  fractions)
+        cid = clip.id if clip else sanitize_id(row.get("id", "").strip() or f"line{line}")
+        if problem:
+            missing.append((cid, problem))
+        if clip is None:
+            continue
+        if clip.id in seen:
+            missing.append((clip.id, f"{path.name}:{line}: duplicate id '{clip.id}' "
+                            f"(first on line {seen[clip.id]}); skipped"))
+            continue
+        seen[clip.id] = line
+        clips.append(clip)
+    return clips, missing, classes
+
+
+def _from_scan(root: Path, dataset: str, fractions: dict[str, float] | None) -> list[Clip]:
+    """Every media file under root; video + audio with the same relative stem pair up."""
+    pairs: dict[str, dict[str, str]] = {}
+    for p in sorted(root.rglob("*")):
+        ext = p.suffix.lower()
+        if any(part.startswith(".") for part in p.relative_to(root).parts) or not p.is_file():
+            continue
+        kind = "video" if ext in VIDEO_EXTS else "audio" if ext in AUDIO_EXTS else None
+        if kind is None:
+            continue
+        try:
+            rel = relative_to_root(p, root)
+        except ValueError:
+            continue  # a symlink leading out of the root: never followed
+        pairs.setdefault(Path(rel).with_suffix("").as_posix(), {}).setdefault(kind, rel)
+    clips: list[Clip] = []
+    used: set[str] = set()
+    for stem, media in sorted(pairs.items()):
+        base = sanitize_id(stem.replace("/", "_"))
+        cid, n = base, 1
+        while cid in used:
+            n += 1
+            cid = f"{base}_{n}"
+        used.add(cid)
+        clips.append(Clip(id=cid, dataset=dataset, split=grouped_split(cid, fractions),
+                          video=media.get("video"), audio=media.get("audio")))
+    return clips
+
+
+def prepare(
+    root: Path,
+    out: Path = MANIFEST_DIR,
+    name: str | None = None,
+    *,
+    keep_missing: bool = False,
+    split_fractions: dict[str, float] | None = None,
+    label_derived: list[str] | tuple[str, ...] = (),
+) -> PrepareResult:
+    """Write manifests for a folder of videos described by an optional labels.csv."""
+    root = Path(root)
+    dataset = dataset_name(name, root.resolve().name)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} is not a folder")
+    if (root / "labels.csv").is_file():
+        clips, missing, classes = _from_csv(root, dataset, keep_missing, split_fractions)
+    else:
+        clips, missing = _from_scan(root, dataset, split_fractions), []
+        classes = read_classes(root) or []
+    if not clips:
+        raise FileNotFoundError(f"no usable clip under {root} (labels.csv rows or media files)"
+                                + (f"; first problem: {missing[0][1]}" if missing else ""))
+    splits: dict[str, list[Clip]] = {}
+    for c in clips:
+        splits.setdefault(c.split, []).append(c)
+    info = {
+        "classes": classes,
+        "task": "classification" if classes else "none",
+        "group_by": "speaker" if any(c.speaker for c in clips) else "id",
+        "label_derived": list(label_derived),
+    }
+    return write_result(dataset, root, Path(out), splits, missing, info)
