@@ -1,12 +1,2 @@
-"""Stage backends; importing this package registers every backend (see base.REGISTRY)."""
-
-from pipeline.stages import (  # noqa: F401
-    audio,
-    decode,
-    faces,
-    metadata,
-    ocr,
-    separate,
-    text,
-    visual,
-)
+"""Stage backends, one module per stage; `base.get_backend` imports a stage's module on demand
+(so running the offline preset never imports the full backends' heavy dependencies)."""

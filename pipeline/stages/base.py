@@ -202,8 +202,9 @@ def register(cls: type[Stage]) -> type[Stage]:
 
 
 def get_backend(stage: str, backend: str) -> type[Stage]:
-    import pipeline.stages  # noqa: F401 - registers all backends
+    import importlib
 
+    importlib.import_module(f"pipeline.stages.{stage}")  # registers that stage's backends
     try:
         return REGISTRY[(stage, backend)]
     except KeyError:
