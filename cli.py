@@ -20,6 +20,8 @@ import_app = typer.Typer(no_args_is_help=True, help="Import features made by oth
 app.add_typer(cache_app, name="cache")
 app.add_typer(import_app, name="import")
 console = Console()
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CacheOpt = typer.Option(None, "--cache", envvar="MMEMO_CACHE", help="Cache root (default ./cache).")
 ManifestsOpt = typer.Option(Path("manifests"), "--manifests", help="Manifest folder.")
@@ -317,7 +319,7 @@ def import_mmsa(
 
     if not allow_pickle:
         _fail("a .pkl file can run arbitrary code when loaded; pass --allow-pickle if you trust this file")
-    key = do(file, _cache(cache), dataset=dataset)
+    key = do(file, _cache(cache), dataset=dataset, allow_pickle=allow_pickle)
     console.print(f"imported {file} as feature set {key}")
 
 
