@@ -1,0 +1,344 @@
+"""Audio stage: paralinguistic features of the voice (``features['audio']``).
+
+Reads ``ctx.vocals`` when the separate stage produced it, else ``ctx.media.audio``. A clip
+without an audio stream is *absent* (``ctx.absent['audio']``); an audio stream with no
+samples, or with NaN/Inf samples, is a ``ClipError``. Nothing non-finite ever leaves here.
+
+Backends:
+  ``egemaps``  offline: openSMILE eGeMAPSv02 — 25 low-level descriptors every 10 ms (the
+               sequence) and the 88 functionals — plus mean and std of a librosa log-mel
+               spectrogram (pooled = 88 + 2 * n_mels).
+  ``hf-audio`` full: wav2vec2 / WavLM / HuBERT through transformers ``AutoModel``; sequence =
+               one hidden-state layer per 20 ms frame, pooled = its mean over the frames.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import librosa
+import numpy as np
+from pydantic import Field
+
+from pipeline.stages.base import (
+    ClipContext,
+    ClipError,
+    Feature,
+    ModelMissingError,
+    Stage,
+    StageConfig,
+    register,
+)
+
+N_LLD = 25  # eGeMAPSv02 low-level descriptors
+N_FUNCTIONALS = 88  # eGeMAPSv02 functionals
+LLD_FRAME = 0.020  # seconds; eGeMAPS energy/spectral frames (10 ms hop)
+
+
+# --- input ------------------------------------------------------------------------------------
+def voice_signal(ctx: ClipContext) -> tuple[np.ndarray, int] | None:
+    """The signal to describe: separated vocals if any, else the decoded audio.
+
+    Returns None (and marks the modality absent) when the clip has no audio stream at all.
+    """
+    media = ctx.media
+    if media is None or (media.audio is None and ctx.vocals is None):
+        ctx.absent["audio"] = "no audio stream"
+        return None
+    x = ctx.vocals if ctx.vocals is not None else media.audio
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    if x.size == 0:
+        raise ClipError("audio stream has no samples (empty or cut to nothing); nothing to embed")
+    if not np.all(np.isfinite(x)):
+        raise ClipError("audio contains NaN or Inf samples (decoder or separation fault)")
+    return x, int(media.sample_rate)
+
+
+def to_rate(x: np.ndarray, sr: int, target: int) -> np.ndarray:
+    if sr == target:
+        return x
+    return librosa.resample(x, orig_sr=sr, target_sr=target).astype(np.float32)
+
+
+# --- eGeMAPS ----------------------------------------------------------------------------------
+class EgemapsConfig(StageConfig):
+    sample_rate: int = Field(16000, ge=8000, description="features are computed at this rate")
+    n_mels: int = Field(40, ge=1, le=256, description="log-mel bands (pooled mean + std)")
+    # openSMILE returns NaN for every value of a clip shorter than its 60 ms pitch window
+    # ("segment too short"). Shorter clips than this are tiled (repeated) up to it first:
+    # a repeated sound keeps its level, spectral and pitch statistics (what eGeMAPS means and
+    # percentiles measure); only rate features (peaks/s, segment lengths) see the seams.
+    # 0.5 s gives ~50 LLD frames, enough for the 20-80th percentile functionals.
+    min_seconds: float = Field(0.5, gt=0.06)
+
+
+@register
+class EgemapsAudio(Stage):
+    """openSMILE eGeMAPSv02 LLDs + functionals and log-mel statistics."""
+
+    stage: ClassVar[str] = "audio"
+    backend: ClassVar[str] = "egemaps"
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type[StageConfig]] = EgemapsConfig
+    modalities: ClassVar[tuple[str, ...]] = ("audio",)
+    config: EgemapsConfig
+
+    def load(self) -> None:
+        import opensmile
+
+        fs = opensmile.FeatureSet.eGeMAPSv02
+        self._lld = opensmile.Smile(feature_set=fs, feature_level=opensmile.FeatureLevel.LowLevelDescriptors)
+        self._fun = opensmile.Smile(feature_set=fs, feature_level=opensmile.FeatureLevel.Functionals)
+
+    def models(self) -> list[dict[str, str]]:
+        import opensmile
+
+        return [{"id": "opensmile:eGeMAPSv02", "revision": opensmile.__version__}]
+
+    def output_dims(self) -> dict[str, tuple[int, int]]:
+        return {"audio": (N_LLD, N_FUNCTIONALS + 2 * self.config.n_mels)}
+
+    def process_one(self, ctx: ClipContext) -> None:
+        self.ensure_loaded()
+        got = voice_signal(ctx)
+        if got is None:
+            return
+        x = to_rate(*got, self.config.sample_rate)
+        ctx.features["audio"] = self.describe(x, ctx)
+
+    def describe(self, x: np.ndarray, ctx: ClipContext | None = None) -> Feature:
+        """Features of one signal at `config.sample_rate`; notes go to ctx.status['audio']."""
+        sr = self.config.sample_rate
+        notes: list[str] = []
+        duration = len(x) / sr
+        need = int(math.ceil(self.config.min_seconds * sr))
+        if len(x) < need:
+            x = np.resize(x, need)  # tiles the clip
+            notes.append(f"{duration:.3f} s clip tiled to {self.config.min_seconds} s for openSMILE")
+        lld = self._lld.process_signal(x, sr)
+        starts = lld.index.get_level_values("start").total_seconds().to_numpy()
+        keep = max(1, int(np.sum(starts < duration)))  # frames of the real (untiled) clip
+        seq = lld.to_numpy(dtype=np.float32)[:keep]
+        times = (starts[:keep] + LLD_FRAME / 2).astype(np.float32)  # frame centres
+        fun = self._fun.process_signal(x, sr).to_numpy(dtype=np.float32).reshape(-1)
+        pooled = np.concatenate([fun, logmel_stats(x, sr, self.config.n_mels)])
+        seq, pooled = _finite(seq, notes, "LLD"), _finite(pooled, notes, "pooled")
+        if ctx is not None and notes:
+            ctx.status["audio"] = "; ".join(notes)
+        return Feature(pooled=pooled, seq=seq, times=times)
+
+
+def logmel_stats(x: np.ndarray, sr: int, n_mels: int) -> np.ndarray:
+    """Mean and std over time of a log-mel spectrogram (25 ms window, 10 ms hop), in dB with a
+    fixed -100 dB floor so silence is a finite, level-comparable value."""
+    n_fft = int(2 ** math.ceil(math.log2(0.025 * sr)))
+    mel = librosa.feature.melspectrogram(
+        y=x, sr=sr, n_fft=n_fft, hop_length=int(0.010 * sr), win_length=int(0.025 * sr),
+        n_mels=n_mels, power=2.0,
+    )  # fmt: skip
+    db = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
+    return np.concatenate([db.mean(axis=1), db.std(axis=1)]).astype(np.float32)
+
+
+def _finite(a: np.ndarray, notes: list[str], what: str) -> np.ndarray:
+    """Last guard: openSMILE marks undefined values (e.g. F0 of unvoiced frames) as 0, so a
+    stray NaN/Inf becomes 0 too, and the count is reported in the clip's status."""
+    bad = ~np.isfinite(a)
+    if bad.any():
+        notes.append(f"{int(bad.sum())} non-finite {what} values set to 0")
+        a = np.where(bad, 0.0, a).astype(np.float32)
+    return a
+
+
+# --- transformers (wav2vec2 / WavLM / HuBERT) -------------------------------------------------
+class HfAudioConfig(StageConfig):
+    model: str = "facebook/wav2vec2-base"  # hub id or a local save_pretrained directory
+    revision: str | None = None  # hub commit/tag; None = the default branch
+    layer: int = -1  # index into hidden_states (0 = CNN features, -1 = last layer)
+    batch_size: int = Field(8, ge=1)
+    max_seconds: float = Field(20.0, gt=0, description="longer clips run in windows of this")
+
+
+def _missing_model(model: str, revision: str | None, err: BaseException) -> ModelMissingError:
+    import os
+
+    rev = f" (revision {revision})" if revision else ""
+    why = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    return ModelMissingError(
+        f"audio model '{model}'{rev} is not available locally ({why}); download it once with "
+        f"`hf download {model}` into HF_HOME={home}, or set audio.model=<local dir saved with "
+        "save_pretrained>"
+    )
+
+
+def frames_for(n_samples: int, kernels: list[int], strides: list[int]) -> int:
+    """Number of frames the convolutional feature encoder makes from n samples."""
+    n = n_samples
+    for k, s in zip(kernels, strides, strict=True):
+        n = (n - k) // s + 1 if n >= k else 0
+    return n
+
+
+@register
+class HfAudio(Stage):
+    """Self-supervised speech encoders through transformers, batched across clips.
+
+    Models whose feature encoder normalises over the whole input (``feat_extract_norm =
+    "group"``, e.g. wav2vec2-base) give different outputs when zero-padded, which is why
+    their feature extractor does not return an attention mask: such models only batch
+    windows of equal length. Layer-norm models (``"layer"``: wav2vec2-large-lv60, WavLM-large,
+    HuBERT-large) batch any lengths with an attention mask.
+    """
+
+    stage: ClassVar[str] = "audio"
+    backend: ClassVar[str] = "hf-audio"
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type[StageConfig]] = HfAudioConfig
+    modalities: ClassVar[tuple[str, ...]] = ("audio",)
+    config: HfAudioConfig
+
+    _model_config: Any = None
+
+    def _hf_config(self) -> Any:
+        if self._model_config is None:
+            from transformers import AutoConfig
+
+            c = self.config
+            try:
+                self._model_config = AutoConfig.from_pretrained(c.model, revision=c.revision)
+            except (OSError, ValueError) as e:
+                raise _missing_model(c.model, c.revision, e) from None
+        return self._model_config
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoFeatureExtractor, AutoModel
+
+        c = self.config
+        hc = self._hf_config()
+        n_states = hc.num_hidden_layers + 1
+        if not -n_states <= c.layer < n_states:
+            raise ValueError(f"audio.layer={c.layer} out of range for '{c.model}' ({n_states} hidden states)")
+        try:
+            self.extractor = AutoFeatureExtractor.from_pretrained(c.model, revision=c.revision)
+            self.model = AutoModel.from_pretrained(c.model, revision=c.revision)
+        except (OSError, ValueError) as e:
+            raise _missing_model(c.model, c.revision, e) from None
+        self.model.eval().to(self.device)
+        torch.set_grad_enabled(False)
+        self.sr = int(self.extractor.sampling_rate)
+        self.kernels, self.strides = list(hc.conv_kernel), list(hc.conv_stride)
+        self.receptive = frames_needed(self.kernels, self.strides)
+        self.hop = int(np.prod(self.strides))
+        self.pad_ok = bool(getattr(self.extractor, "return_attention_mask", False)) and (
+            getattr(hc, "feat_extract_norm", "layer") == "layer"
+        )
+
+    def models(self) -> list[dict[str, str]]:
+        c = self.config
+        local = Path(c.model).expanduser().is_dir()
+        return [{"id": c.model, "revision": c.revision or ("local" if local else "default")}]
+
+    def output_dims(self) -> dict[str, tuple[int, int]]:
+        d = int(self._hf_config().hidden_size)
+        return {"audio": (d, d)}
+
+    # --- batching ------------------------------------------------------------------------------
+    def process(self, batch: list[ClipContext]) -> list[BaseException | None]:
+        self.ensure_loaded()
+        errors: list[BaseException | None] = [None] * len(batch)
+        windows: list[tuple[int, int, np.ndarray]] = []  # (clip index, start sample, signal)
+        for i, ctx in enumerate(batch):
+            try:
+                got = voice_signal(ctx)
+                if got is not None:
+                    windows += [(i, s, w) for s, w in self._windows(to_rate(*got, self.sr))]
+            except ClipError as e:
+                errors[i] = e
+        try:
+            outs = self._run_windows([w for _, _, w in windows])
+        except Exception as e:  # noqa: BLE001 - retry clip by clip so the error lands on its clip
+            if len({i for i, _, _ in windows}) <= 1:
+                for i, _, _ in windows:
+                    errors[i] = e
+                return errors
+            return super().process(batch)
+        per_clip: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for (i, start, _), hidden in zip(windows, outs, strict=True):
+            per_clip.setdefault(i, []).append((start, hidden))
+        for i, parts in per_clip.items():
+            try:
+                batch[i].features["audio"] = self._feature(parts)
+            except ClipError as e:
+                errors[i] = e
+        return errors
+
+    def process_one(self, ctx: ClipContext) -> None:
+        err = self.process([ctx])[0]
+        if err is not None:
+            raise err
+
+    def _windows(self, x: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Bounded-memory windows of max_seconds; a clip shorter than the encoder's receptive
+        field (25 ms) is zero-padded to it so that it yields one frame."""
+        if len(x) < self.receptive:
+            x = np.pad(x, (0, self.receptive - len(x)))
+        step = max(self.receptive, int(self.config.max_seconds * self.sr))
+        starts = range(0, len(x), step)
+        wins = [(s, x[s : s + step]) for s in starts]
+        if len(wins) > 1 and len(wins[-1][1]) < self.receptive:
+            wins = wins[:-1]  # a sliver shorter than one frame adds nothing
+        return wins
+
+    def _groups(self, lengths: list[int]) -> list[list[int]]:
+        """Indices batched together: by length order, equal lengths only unless padding is safe."""
+        order = sorted(range(len(lengths)), key=lambda k: lengths[k])
+        groups: list[list[int]] = []
+        for k in order:
+            g = groups[-1] if groups else None
+            if g and len(g) < self.config.batch_size and (self.pad_ok or lengths[g[0]] == lengths[k]):
+                g.append(k)
+            else:
+                groups.append([k])
+        return groups
+
+    def _run_windows(self, signals: list[np.ndarray]) -> list[np.ndarray]:
+        """Hidden states [frames, D] (float32) of the configured layer for each signal."""
+        import torch
+
+        out: list[np.ndarray | None] = [None] * len(signals)
+        for group in self._groups([len(s) for s in signals]):
+            inputs = self.extractor(
+                [signals[k] for k in group], sampling_rate=self.sr, return_tensors="pt",
+                padding=True, return_attention_mask=self.pad_ok,
+            )  # fmt: skip
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            with torch.inference_mode():
+                states = self.model(**inputs, output_hidden_states=True).hidden_states
+            hidden = states[self.config.layer].float().cpu().numpy()
+            for row, k in enumerate(group):
+                n = frames_for(len(signals[k]), self.kernels, self.strides)
+                out[k] = hidden[row, :n]
+        return out  # type: ignore[return-value]
+
+    def _feature(self, parts: list[tuple[int, np.ndarray]]) -> Feature:
+        parts.sort(key=lambda p: p[0])
+        seq = np.concatenate([h for _, h in parts]).astype(np.float32)
+        times = np.concatenate(
+            [(s + np.arange(len(h)) * self.hop + self.receptive / 2) / self.sr for s, h in parts]
+        ).astype(np.float32)
+        if not np.all(np.isfinite(seq)):
+            raise ClipError("the audio model produced NaN/Inf hidden states for this clip")
+        return Feature(pooled=seq.mean(axis=0), seq=seq, times=times)
+
+
+def frames_needed(kernels: list[int], strides: list[int]) -> int:
+    """Receptive field in samples of one output frame of the conv feature encoder."""
+    field, jump = 1, 1
+    for k, s in zip(kernels, strides, strict=True):
+        field += (k - 1) * jump
+        jump *= s
+    return field
