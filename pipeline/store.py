@@ -40,6 +40,29 @@ FORMAT = 1
 DEFAULT_CACHE = Path("cache")
 
 
+def safe_name(value: str, what: str = "name", leading_dot: bool = False) -> str:
+    """A single path component built from outside input (key, dataset, preset, clip id).
+
+    Every path the store makes from a name goes through here, so no name can point outside
+    the cache root: no separators, no `..`, no control characters, and (unless allowed) no
+    leading dot, which the store keeps for its own temporaries.
+    """
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise ValueError(f"unsafe {what} {value!r}: must be a non-empty string of at most 255 characters")
+    if (
+        "/" in value
+        or "\\" in value
+        or ".." in value
+        or (value.startswith(".") and not leading_dot)
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        raise ValueError(
+            f"unsafe {what} {value!r}: no path separators, '..', leading dot or control "
+            "characters (it becomes a file name in the cache)"
+        )
+    return value
+
+
 def cache_root(path: str | os.PathLike | None = None) -> Path:
     """--cache, else $MMEMO_CACHE, else ./cache."""
     return Path(path or os.environ.get("MMEMO_CACHE") or DEFAULT_CACHE)
@@ -287,7 +310,9 @@ class FeatureSetStore:
                 src_meta = self.path / rel / "zarr.json"
                 make_dirs(staging / rel)
                 shutil.copyfile(src_meta, staging / rel / "zarr.json")
-                za = zarr.open_array(staging / rel, mode="r+")
+                # every chunk file is written, even all-fill-value ones: a recommit (repair,
+                # --force) must replace the old file, and the marker must list every file
+                za = zarr.open_array(staging / rel, mode="r+").with_config({"write_empty_chunks": True})
                 za[start:stop] = arr.astype(expected[rel][1], copy=False)
                 for f in sorted((staging / rel).rglob("*")):
                     if f.is_file() and f.name != "zarr.json":
@@ -334,6 +359,10 @@ class Store:
 
     # sets --------------------------------------------------------------------------------
     def has_set(self, key: str) -> bool:
+        try:
+            safe_name(key, "feature set key")
+        except ValueError:
+            return False  # a name that could leave the cache is never a set
         return (self.sets_dir / key / "zarr.json").exists()
 
     def open(self, key: str) -> FeatureSetStore:
@@ -353,6 +382,7 @@ class Store:
         `static` holds the arrays known from the manifest alone (ids, split, group, label,
         targets/...), written once here; per-unit arrays are created empty.
         """
+        safe_name(key, "feature set key")
         if self.has_set(key):
             return self.open(key)
         make_dirs(self.sets_dir)
@@ -410,7 +440,7 @@ class Store:
                 if p.is_file()
             }
             atomic_write_json(tmp / "units" / "header.done", {"checksums": header, "at": now_iso()})
-            for p in tmp.rglob("*"):
+            for p in [tmp, *tmp.rglob("*")]:
                 _no_world_write(p)
             try:
                 os.rename(tmp, self.sets_dir / key)
@@ -429,7 +459,7 @@ class Store:
 
     def remove_set(self, key: str) -> None:
         """Delete a set: rename it out of the way first so no reader sees a half-deleted set."""
-        src = self.sets_dir / key
+        src = self.sets_dir / safe_name(key, "feature set key")
         trash = self.sets_dir / f".trash-{key}-{uuid.uuid4().hex[:8]}"
         os.rename(src, trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -438,9 +468,10 @@ class Store:
 
     # aliases -----------------------------------------------------------------------------
     def alias_path(self, dataset: str, preset: str) -> Path:
-        return self.aliases_dir / dataset / f"{preset}.json"
+        return self.aliases_dir / safe_name(dataset, "dataset name") / f"{safe_name(preset, 'preset name')}.json"
 
     def set_alias(self, dataset: str, preset: str, key: str) -> None:
+        safe_name(key, "feature set key")
         atomic_write_json(self.alias_path(dataset, preset), {"key": key, "by": who(), "at": now_iso()})
 
     def resolve(self, dataset: str, preset: str = "offline") -> str:
@@ -464,7 +495,7 @@ class Store:
 
     # claims ------------------------------------------------------------------------------
     def claim_path(self, key: str, unit: int) -> Path:
-        return self.claims_dir / key / f"{unit}.claim"
+        return self.claims_dir / safe_name(key, "feature set key") / f"{int(unit)}.claim"
 
     def claim(self, key: str, unit: int, lease_s: float = 3600.0) -> Claim | None:
         """Try to claim a unit; None if someone else holds a live claim."""
@@ -515,4 +546,4 @@ class Store:
 
     # subtitles ---------------------------------------------------------------------------
     def srt_path(self, key: str, clip_id: str) -> Path:
-        return self.srt_dir / key / f"{clip_id}.srt"
+        return self.srt_dir / safe_name(key, "feature set key") / f"{safe_name(clip_id, 'clip id', leading_dot=True)}.srt"
