@@ -57,6 +57,7 @@ def prepare(
     recipe: str = typer.Argument(..., help="Recipe: avamerg, folder, meld, ravdess."),
     root: Path = typer.Option(..., "--root", help="Dataset root folder."),
     name: str = typer.Option(None, "--name", help="Dataset name (default: the recipe's)."),
+    labels: Path = typer.Option(None, "--labels", help="folder recipe: a labels.csv kept outside the root."),
     out: Path = ManifestsOpt,
 ) -> None:
     """Write JSONL manifests for a dataset on disk."""
@@ -64,7 +65,11 @@ def prepare(
 
     if recipe not in RECIPES:
         _fail(f"unknown recipe '{recipe}' (known: {', '.join(sorted(RECIPES))})")
-    res = RECIPES[recipe](root=root, out=out, name=name)
+    extra = {"labels": labels} if labels is not None else {}
+    try:
+        res = RECIPES[recipe](root=root, out=out, name=name, **extra)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
     t = Table(title=f"manifests for '{res.dataset}'")
     t.add_column("split")
     t.add_column("clips", justify="right")

@@ -129,8 +129,16 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[Clip]:
     """Read a JSONL manifest; an invalid row raises ManifestError(file, line, field)."""
     path = Path(path)
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw_line in enumerate(f, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ManifestError(
+                    path, lineno, "<encoding>",
+                    f"not valid UTF-8 (byte 0x{raw_line[e.start]:02x} at column {e.start + 1}); "
+                    "manifests are UTF-8 JSON lines, re-encode the text (e.g. from Latin-1)",
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -101,6 +102,6 @@ def print_summary(summary: Summary, store: Store, console: Console) -> None:
         t.add_row("clips/s", f"{summary.n_clips / summary.seconds:.2f}")
     console.print(t)
     for f in summary.failures[:10]:
-        console.print(f"[yellow]ledger[/yellow] {f['id']} [{f['stage']}] {f['error']}: {f['message']}")
+        console.print(f"[yellow]ledger[/yellow] " + escape(f"{f['id']} [{f['stage']}] {f['error']}: {f['message']}"))
     if len(summary.failures) > 10:
         console.print(f"[yellow]... {len(summary.failures) - 10} more in {fs.path}/ledger/[/yellow]")

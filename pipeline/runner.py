@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import re
+import stat
 import threading
 import time
 from collections import Counter
@@ -65,15 +66,34 @@ def build_stages(preset: dict[str, Any], device: str = "cpu", info: dict[str, An
     return stages
 
 
-def media_fingerprint(path: Path) -> str:
-    """size + mtime + hash of the first and last 64 KiB: cheap on NFS, catches re-encodes."""
+def media_fingerprint(path: Path, root: Path | None = None) -> str:
+    """size + mtime + hash of the first and last 64 KiB: cheap on NFS, catches re-encodes.
+
+    Only regular files inside `root` (after following symlinks) are opened: a FIFO or device
+    would block or never end, and a link out of the dataset root must not be read. Those get
+    a marker instead; the decode stage then fails the clip with a ledger line.
+    """
     try:
         st = path.stat()
     except (FileNotFoundError, NotADirectoryError, OSError) as e:
         return f"missing:{type(e).__name__}"
+    except RuntimeError:  # symlink loop (Python < 3.13)
+        return "missing:loop"
+    if not stat.S_ISREG(st.st_mode):
+        return f"special:{stat.S_IFMT(st.st_mode):o}"
+    if root is not None:
+        try:
+            if not path.resolve(strict=True).is_relative_to(Path(root).resolve()):
+                return "outside-root"
+        except (OSError, RuntimeError) as e:
+            return f"unresolvable:{type(e).__name__}"
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: if the path was swapped for a FIFO since stat(), open must not hang
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return "special:changed"
             h.update(f.read(FP_BYTES))
             if st.st_size > 2 * FP_BYTES:
                 f.seek(-FP_BYTES, os.SEEK_END)
@@ -86,7 +106,7 @@ def media_fingerprint(path: Path) -> str:
 def clip_fingerprint(clip: Clip, root: Path) -> str:
     parts = []
     for rel in (clip.video, clip.audio):
-        parts.append(media_fingerprint(root / rel) if rel else "-")
+        parts.append(media_fingerprint(root / rel, root) if rel else "-")
     return "|".join(parts)
 
 

@@ -161,11 +161,12 @@ def _row_clip(
 
 
 def _from_csv(
-    root: Path, dataset: str, keep_missing: bool, fractions: dict[str, float] | None
+    root: Path, dataset: str, keep_missing: bool, fractions: dict[str, float] | None,
+    path: Path | None = None,
 ) -> tuple[list[Clip], list[tuple[str, str]], list[str]]:
-    path = root / "labels.csv"
+    path = path or root / "labels.csv"
     _cols, rows = _read_rows(path)
-    classes = read_classes(root)
+    classes = read_classes(path.parent) or read_classes(root)
     if classes is None:
         classes = sorted({r.get("label", "").strip() for _, r in rows} - {""})
     clips: list[Clip] = []
@@ -225,14 +226,22 @@ def prepare(
     keep_missing: bool = False,
     split_fractions: dict[str, float] | None = None,
     label_derived: list[str] | tuple[str, ...] = (),
+    labels: Path | None = None,
 ) -> PrepareResult:
-    """Write manifests for a folder of videos described by an optional labels.csv."""
+    """Write manifests for a folder of videos described by an optional labels.csv.
+
+    `labels` points at a labels.csv kept elsewhere (a read-only dataset share); its media
+    paths are still relative to `root`.
+    """
     root = Path(root)
+    if labels is not None and not Path(labels).is_file():
+        raise FileNotFoundError(f"labels file {labels} not found")
     dataset = dataset_name(name, root.resolve().name)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} is not a folder")
-    if (root / "labels.csv").is_file():
-        clips, missing, classes = _from_csv(root, dataset, keep_missing, split_fractions)
+    if labels is not None or (root / "labels.csv").is_file():
+        clips, missing, classes = _from_csv(root, dataset, keep_missing, split_fractions,
+                                            Path(labels) if labels else None)
     else:
         clips, missing = _from_scan(root, dataset, split_fractions), []
         classes = read_classes(root) or []

@@ -14,6 +14,7 @@ the dataset root) is a `ClipError` naming the file and the reason.
 from __future__ import annotations
 
 import math
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,11 @@ def _check_file(path: Path) -> None:
         raise ClipError(f"{path}: media file not found")
     if path.is_dir():
         raise ClipError(f"{path}: is a directory, not a media file")
-    if path.stat().st_size == 0:
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        # a FIFO or device would block ffmpeg forever (or never end)
+        raise ClipError(f"{path}: not a regular file (a FIFO, socket or device); refusing to read it")
+    if st.st_size == 0:
         raise ClipError(f"{path}: file is empty (0 bytes)")
 
 
@@ -514,6 +519,13 @@ class PyAVDecode(Stage):
 
     def process_one(self, ctx: ClipContext) -> None:
         ctx.media = decode_clip(ctx.root, ctx.clip, self.config)  # type: ignore[arg-type]
+        notes = []
+        if ctx.media.info.get("truncated"):
+            notes.append(f"truncated ({ctx.media.info.get('truncated_reason', 'media ends early')})")
+        if ctx.media.info.get("duration_capped"):
+            notes.append(str(ctx.media.info["duration_capped"]))
+        if notes:  # the clip is used, but a person should know it was partial
+            ctx.status["decode"] = "; ".join(notes)
 
 
 def decode_clip(root: Path, clip, config: DecodeConfig) -> Media:

@@ -1,0 +1,101 @@
+"""Extraction throughput: clips/s and media-seconds per wall-second, beside the decode-only floor.
+
+    .venv/bin/python bench/extract.py [--n 40] [--preset offline] [--workers 1] [--real]
+
+Builds the synthetic sample (or, with --real, a folder dataset over ../shared/data/video),
+times a full `run_extract` into a fresh cache, then times decode alone over the same clips
+(the floor: no stage can make extraction faster than reading the media). Prints per-stage
+seconds too, so the slow stage is obvious.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.manifest import load_dataset  # noqa: E402
+from pipeline.recipes import RECIPES  # noqa: E402
+from pipeline.runner import plan_extract, run_extract  # noqa: E402
+from pipeline.stages.base import ClipContext  # noqa: E402
+from pipeline.stages.decode import DecodeConfig, decode_media  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "video"
+
+
+def build_dataset(tmp: Path, n: int, real: bool) -> tuple[str, Path, Path]:
+    man = tmp / "manifests"
+    if real:
+        root = tmp / "real"
+        root.mkdir()
+        rows = ["id,video"]
+        for v in sorted(REAL.glob("*.mp4")):
+            (root / v.name).symlink_to(v)
+            rows.append(f"{v.stem},{v.name}")
+        (root / "labels.csv").write_text("\n".join(rows) + "\n")
+        RECIPES["folder"](root=root, out=man, name="benchreal")
+        return "benchreal", root, man
+    from pipeline.sample import make_sample
+
+    root = make_sample(tmp / "sample", n=n, seed=0)
+    RECIPES["folder"](root=root, out=man, name="benchsample")
+    return "benchsample", root, man
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--preset", default="offline")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--real", action="store_true", help="the real videos in ../shared/data/video")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        name, root, man = build_dataset(tmp, args.n, args.real)
+        clips = load_dataset(name, man)
+        plan = plan_extract(name, root, args.preset, manifests=man, device=args.device)
+
+        # decode-only floor (same decode config as the preset)
+        dcfg = DecodeConfig(**{k: v for k, v in plan.preset["decode"].items() if k != "backend"})
+        t0 = time.perf_counter()
+        media_s = 0.0
+        for c in clips:
+            ctx = ClipContext(clip=c, root=root)
+            m = decode_media(root / (c.video or c.audio), dcfg)
+            media_s += m.duration
+            del ctx
+        t_decode = time.perf_counter() - t0
+
+        # warm start: load models once outside the timing (a batch job pays this once)
+        from pipeline.runner import _stages_for
+
+        t0 = time.perf_counter()
+        _stages_for(plan.preset, args.device)
+        t_load = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        summary = run_extract(plan, cache=tmp / "cache", workers=args.workers)
+        t_full = time.perf_counter() - t0
+
+    n = len(clips)
+    print(f"dataset: {name} ({n} clips, {media_s:.1f} s of media), preset {args.preset}, "
+          f"workers {args.workers}, device {args.device}")
+    print(f"model load (once per worker): {t_load:.1f} s")
+    print(f"full extract : {t_full:7.2f} s  {n / t_full:6.2f} clips/s  {media_s / t_full:6.2f} media-s per wall-s")
+    print(f"decode floor : {t_decode:7.2f} s  {n / t_decode:6.2f} clips/s  {media_s / t_decode:6.2f} media-s per wall-s")
+    print("per-stage seconds (sum over clips):")
+    for stage, sec in summary.stage_seconds.most_common():
+        print(f"  {stage:10s} {sec:7.2f} s  ({sec / n * 1000:.0f} ms/clip)")
+    print(f"failures: {len(summary.failures)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Robustness suite: broken and hostile inputs through the extractor and the trainer."""
