@@ -1,0 +1,55 @@
+"""Fusion heads: the registry the trainer builds heads from.
+
+Every head is `Head(spec: InputSpec, n_out: int, hidden=128, dropout=0.2, **head_options)` with
+`forward(batch) -> [B, n_out]`; see fusion/heads/base.py for the batch format.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from fusion.heads.base import InputSpec, ModalitySpec
+from fusion.heads.cfnsr import CrossFusionSR
+from fusion.heads.cquery import ConditionalQueryFusion
+from fusion.heads.early import EarlyFusion
+from fusion.heads.hybrid import HybridFusion
+from fusion.heads.late import LateFusion
+from fusion.heads.mult import MulTLite
+from fusion.heads.tfn import TensorFusion
+
+HEADS: dict[str, type[nn.Module]] = {
+    "early": EarlyFusion,
+    "late": LateFusion,
+    "hybrid": HybridFusion,
+    "cquery": ConditionalQueryFusion,
+    "tfn": TensorFusion,
+    "mult": MulTLite,
+    "cfnsr": CrossFusionSR,
+}
+
+
+def head_options(name: str) -> dict[str, object]:
+    """The options head `name` accepts, with their defaults (spec and n_out excluded)."""
+    params = inspect.signature(HEADS[name].__init__).parameters
+    return {k: p.default for k, p in params.items() if k not in ("self", "spec", "n_out")}
+
+
+def build_head(name: str, spec: InputSpec, n_out: int, **options) -> nn.Module:
+    """Build head `name`; an unknown head or option is a ValueError naming what is valid."""
+    if name not in HEADS:
+        raise ValueError(f"unknown fusion head {name!r}; known heads: {', '.join(HEADS)}")
+    valid = head_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for head {name!r}; "
+            f"valid options: {', '.join(f'{k}={v!r}' for k, v in valid.items())}"
+        )
+    if n_out < 1:
+        raise ValueError(f"n_out must be >= 1, got {n_out}")
+    return HEADS[name](spec, n_out, **options)
+
+
+__all__ = ["HEADS", "InputSpec", "ModalitySpec", "build_head", "head_options"]

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
 
 @dataclass(frozen=True)
 class ModalitySpec:
@@ -38,3 +42,235 @@ class InputSpec:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks shared by the heads. Two rules run through all of them:
+#  * data that is not data (absent rows, positions at or after `len`) is excluded by masks: it is
+#    zeroed (masked_fill) or given weight exactly 0 (window averages), and the zeros are never
+#    counted as input — absent rows get learned "absent" embeddings, means divide by valid counts;
+#  * no attention or softmax ever sees a row with every key masked: attention layers carry a
+#    learned "null" key/value and masked softmaxes return zeros for empty rows.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_spec(spec: InputSpec) -> None:
+    """Fail early with a readable message on an unusable spec."""
+    if not spec.modalities:
+        raise ValueError("InputSpec.modalities is empty: a head needs at least one modality")
+    names = spec.names
+    if len(set(names)) != len(names):
+        raise ValueError(f"InputSpec.modalities has duplicate names: {names}")
+    if "cond" in names:
+        raise ValueError("'cond' is reserved for InputSpec.cond, not a modality name")
+
+
+def presence(x: dict, ref: Tensor) -> Tensor:
+    """The [B] bool `present` mask of one modality's batch entry (on ref's device)."""
+    return x["present"].to(device=ref.device, dtype=torch.bool)
+
+
+def valid_positions(x: dict) -> Tensor:
+    """[B, T] bool: True at real time steps (row present and position < len)."""
+    seq = x["seq"]
+    t = torch.arange(seq.shape[1], device=seq.device)
+    return presence(x, seq)[:, None] & (t[None, :] < x["len"].to(seq.device)[:, None])
+
+
+def clean_pooled(x: dict, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(pooled with absent rows zeroed, present [B]) for a vector input."""
+    v = x["pooled"].to(dtype)
+    present = presence(x, v)
+    return v.masked_fill(~present[:, None], 0.0), present
+
+
+def clean_seq(x: dict, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(seq with non-data zeroed, valid [B, T], present [B]) for a sequence input.
+
+    A row marked present but with len == 0 has no data and is reported as not present.
+    """
+    seq = x["seq"].to(dtype)
+    valid = valid_positions(x)
+    return seq.masked_fill(~valid[..., None], 0.0), valid, valid.any(dim=1)
+
+
+def masked_mean(x: Tensor, valid: Tensor) -> Tensor:
+    """Mean of x [B, L, D] over positions where valid [B, L]; zeros for rows with none."""
+    n = valid.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)
+    return x.masked_fill(~valid[..., None], 0.0).sum(dim=1) / n
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over entries where mask is True; exactly 0 elsewhere and for all-masked rows."""
+    any_ = mask.any(dim=dim, keepdim=True)
+    s = scores.masked_fill(~mask, float("-inf"))
+    s = torch.where(any_, s, torch.zeros_like(s))  # empty rows: finite, zeroed below
+    w = torch.softmax(s, dim=dim)
+    return torch.where(mask, w, torch.zeros_like(w))
+
+
+def fill_absent(z: Tensor, present: Tensor, token: Tensor) -> Tensor:
+    """Rows of z [B, H] where present is False are replaced by the learned token [H]."""
+    return torch.where(present[:, None], z, token.expand_as(z))
+
+
+def mlp(d_in: int, hidden: int, n_out: int, dropout: float) -> nn.Sequential:
+    """LayerNorm -> Linear -> GELU -> Dropout -> Linear: the classifier every head ends with."""
+    return nn.Sequential(
+        nn.LayerNorm(d_in),
+        nn.Linear(d_in, hidden),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, n_out),
+    )
+
+
+class AttentionPool(nn.Module):
+    """Learned attention pooling over time: score_t = w . tanh(W x_t), masked softmax, sum."""
+
+    def __init__(self, dim: int, attn_dim: int = 64):
+        super().__init__()
+        self.proj = nn.Linear(dim, attn_dim)
+        self.score = nn.Linear(attn_dim, 1, bias=False)
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        w = masked_softmax(self.score(torch.tanh(self.proj(x))).squeeze(-1), valid)
+        return (w[..., None] * x.masked_fill(~valid[..., None], 0.0)).sum(dim=1)
+
+
+class VectorEncoder(nn.Module):
+    """A vector input -> [B, hidden]: LayerNorm + Linear, a learned embedding for absent rows."""
+
+    def __init__(self, d_in: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden))
+        self.absent = nn.Parameter(torch.randn(hidden) * 0.02)
+
+    def forward(self, x: dict) -> tuple[Tensor, Tensor]:
+        v, present = clean_pooled(x, self.absent.dtype)
+        return fill_absent(self.proj(v), present, self.absent), present
+
+
+def window_weights(valid: Tensor, window: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Weights [B, T', T] that average the valid steps of each window, and valid [B, T'].
+
+    Window j covers steps [j*w, (j+1)*w), whatever T is, so trailing padding never shifts
+    windows; a window with no valid step is invalid (all-zero weights). `weights @ seq` reads
+    the sequence once and gives every non-data step weight exactly 0.
+    """
+    t = valid.shape[1]
+    n = -(-t // window)
+    steps = torch.arange(t, device=valid.device)
+    member = (steps[None, :] // window) == torch.arange(n, device=valid.device)[:, None]
+    member = member[None] & valid[:, None, :]  # [B, T', T]
+    count = member.sum(dim=-1)
+    return member.to(dtype) / count.clamp(min=1)[..., None].to(dtype), count > 0
+
+
+class Tokens(nn.Module):
+    """One modality as tokens: ([B, L, hidden], pad [B, L] True = ignore, present [B]).
+
+    A sequence modality gives its time steps — averaged over fixed windows of valid steps when
+    max_len exceeds `max_tokens`, so attention stays cheap — through LayerNorm + Linear plus
+    learned positions; a vector modality (or use_seq=False) gives a single token from the pooled
+    vector. Absent rows and padding are zeroed and flagged in `pad`, so attention and pooling
+    skip them.
+    """
+
+    def __init__(
+        self, m: ModalitySpec, hidden: int, use_seq: bool = True, max_tokens: int | None = None
+    ):
+        super().__init__()
+        self.name = m.name
+        self.use_seq = use_seq and m.is_sequence
+        self.max_len = m.max_len
+        self.window = 1
+        if self.use_seq and max_tokens is not None:
+            if max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+            self.window = -(-m.max_len // max_tokens)  # ceil
+        d_in = m.seq_dim if self.use_seq else m.pooled_dim
+        self.proj = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden))
+        if self.use_seq:
+            self.pos = nn.Parameter(torch.randn(-(-m.max_len // self.window), hidden) * 0.02)
+
+    def forward(self, x: dict) -> tuple[Tensor, Tensor, Tensor]:
+        dtype = self.proj[1].weight.dtype
+        if not self.use_seq:
+            v, present = clean_pooled(x, dtype)
+            return self.proj(v)[:, None, :], ~present[:, None], present
+        t = x["seq"].shape[1]
+        if t > self.max_len:
+            raise ValueError(f"{self.name}: sequence length {t} exceeds max_len {self.max_len}")
+        if self.window == 1:
+            seq, valid, present = clean_seq(x, dtype)
+        else:
+            valid = valid_positions(x)
+            present = valid.any(dim=1)
+            weights, valid = window_weights(valid, self.window, dtype)
+            seq = weights @ x["seq"].to(dtype)
+        return self.proj(seq) + self.pos[: seq.shape[1]], ~valid, present
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x [B, Lq, H] over keys/values ctx [B, Lk, H].
+
+    Keys where ctx_pad [B, Lk] is True are masked. A learned "null" key/value pair is always
+    attendable, so a row whose keys are all masked (an absent modality) reads the null value
+    instead of producing NaN — and a query that finds nothing relevant has somewhere to go.
+    """
+
+    def __init__(self, dim: int, heads: int = 4):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"hidden={dim} must be divisible by heads={heads}")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.null_kv = nn.Parameter(torch.randn(2, 1, 1, dim) * 0.02)
+
+    def forward(self, x: Tensor, ctx: Tensor, ctx_pad: Tensor) -> Tensor:
+        b, lq, dim = x.shape
+        k, v = self.kv(ctx).chunk(2, dim=-1)
+        k = torch.cat([self.null_kv[0].expand(b, 1, dim), k], dim=1)
+        v = torch.cat([self.null_kv[1].expand(b, 1, dim), v], dim=1)
+        keep = torch.cat([torch.ones_like(ctx_pad[:, :1]), ~ctx_pad], dim=1)  # [B, 1 + Lk]
+
+        def split(t: Tensor) -> Tensor:  # [B, L, H] -> [B, heads, L, H / heads]
+            return t.view(b, t.shape[1], self.heads, dim // self.heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            split(self.q(x)), split(k), split(v), attn_mask=keep[:, None, None, :]
+        )
+        return self.out(y.transpose(1, 2).reshape(b, lq, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention then feed-forward, both residual.
+
+    Self-attention when `ctx` is None, otherwise cross-attention (queries from x, keys and
+    values from ctx, masked by ctx_pad). `pad` marks x's own padding (its keys in
+    self-attention); outputs at padded positions are meaningless and must be masked by callers.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, dropout: float = 0.1, cross: bool = False):
+        super().__init__()
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_kv = nn.LayerNorm(dim) if cross else None
+        self.attn = Attention(dim, heads)
+        self.drop = nn.Dropout(dropout)
+        self.ln_ff = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(
+        self, x: Tensor, pad: Tensor, ctx: Tensor | None = None, ctx_pad: Tensor | None = None
+    ) -> Tensor:
+        q = self.ln_q(x)
+        if ctx is None:
+            kv, kv_pad = q, pad
+        else:
+            assert self.ln_kv is not None and ctx_pad is not None, "cross block needs ctx_pad"
+            kv, kv_pad = self.ln_kv(ctx), ctx_pad
+        x = x + self.drop(self.attn(q, kv, kv_pad))
+        return x + self.drop(self.ff(self.ln_ff(x)))
