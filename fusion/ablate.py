@@ -1,0 +1,277 @@
+"""Ablation grids: every fusion head × every modality subset, each cell a full `fit`.
+
+Cells run in parallel (processes, or a Dask cluster given its scheduler address) and are
+resumable: a cell whose `runs/<name>/<cell>/metrics.json` exists is read back, not rerun, so
+an interrupted grid continues where it stopped. The summary is `runs/<name>/ablation.csv`,
+`ablation.md` (mean ± std per metric beside the trivial baseline) and `ablation.png`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fusion.data import open_set
+from fusion.report import CLASSIFICATION_COLUMNS, REGRESSION_COLUMNS, fmt_pm, markdown_table
+
+log = logging.getLogger(__name__)
+
+ModalitySets = Sequence[Sequence[str]] | str
+
+
+def modality_subsets(available: Sequence[str], sets: ModalitySets) -> list[list[str]]:
+    """Expand a modality-set spec against the set's modalities.
+
+    "all-subsets": every non-empty subset; "all,singles": all together plus each one alone;
+    "all" / "singles": either half; a list of lists (or "a+b" strings) is taken as given.
+    """
+    avail = list(available)
+    if isinstance(sets, str):
+        words = {w.strip() for w in sets.split(",")} if sets != "all-subsets" else {"all-subsets"}
+        out: list[list[str]] = []
+        if "all-subsets" in words:
+            out = [list(c) for r in range(1, len(avail) + 1)
+                   for c in itertools.combinations(avail, r)]
+        if "all" in words:
+            out.append(avail)
+        if "singles" in words:
+            out += [[m] for m in avail]
+        unknown = words - {"all-subsets", "all", "singles"}
+        if unknown:
+            raise ValueError(f"modality sets {sorted(unknown)}: use 'all-subsets', 'all,singles', "
+                             "'all', 'singles' or a list of lists")
+    else:
+        out = [s.split("+") if isinstance(s, str) else list(s) for s in sets]
+    seen, uniq = set(), []
+    for s in out:  # de-duplicate (e.g. 'all' == the single modality of a one-modality set)
+        k = tuple(s)
+        if k not in seen:
+            seen.add(k)
+            uniq.append(list(s))
+    return uniq
+
+
+def cell_name(fusion: str, mods: Sequence[str]) -> str:
+    return f"{fusion}__{'+'.join(mods)}"
+
+
+def _run_cell(cache_root: str, dataset: str | None, fusion: str, mods: list[str], seeds: Any,
+              cell: str, runs_dir: str, fit_kwargs: dict) -> str:
+    """Worker entry point (module level so process pools and Dask can pickle it)."""
+    from fusion.train import fit
+
+    fit(cache_root, dataset, fusion, mods, seeds=seeds, name=cell, runs_dir=Path(runs_dir),
+        **fit_kwargs)
+    return cell
+
+
+def ablate(
+    cache_root: Path | str,
+    dataset: str | None,
+    fusions: list[str],
+    modality_sets: ModalitySets = "all,singles",
+    seeds: int | list[int] = 3,
+    name: str = "ablation",
+    runs_dir: Path | str = Path("runs"),
+    workers: int = 1,
+    scheduler: str | None = None,
+    preset: str = "offline",
+    key: str | None = None,
+    **fit_kwargs: Any,
+) -> pd.DataFrame:
+    """Run (or resume) the fusion × modality-subset grid; write and return the summary table.
+
+    A failing cell (e.g. a DataError for one subset) is recorded in the table's `error`
+    column and the grid goes on.
+    """
+    t0 = time.perf_counter()
+    fs = open_set(cache_root, dataset, preset=preset, key=key)
+    subsets = [fs.resolve(s) for s in modality_subsets(fs.modalities, modality_sets)]
+    out_dir = Path(runs_dir) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = [(f, mods, cell_name(f, mods)) for f in fusions for mods in subsets]
+    done = {c for _, _, c in cells if (out_dir / c / "metrics.json").is_file()}
+    todo = [c for c in cells if c[2] not in done]
+    log.info("ablation %s: %d cells, %d already done, %d to run", name, len(cells), len(done),
+             len(todo))
+    kwargs = {"preset": preset, "key": fs.key, **fit_kwargs}
+    errors = _execute(todo, str(cache_root), dataset, seeds, str(out_dir), kwargs, workers,
+                      scheduler)
+    df = summary_table(out_dir, cells, done, errors)
+    write_outputs(out_dir, df, title=f"{fs.attrs.get('dataset')}/{preset} ({fs.key})",
+                  elapsed=time.perf_counter() - t0)
+    return df
+
+
+def _execute(todo: list, cache_root: str, dataset: str | None, seeds: Any, out_dir: str,
+             kwargs: dict, workers: int, scheduler: str | None) -> dict[str, str]:
+    """Run the cells; returns {cell: error message} for the ones that failed."""
+    errors: dict[str, str] = {}
+    if not todo:
+        return errors
+    if scheduler:
+        return _execute_dask(todo, cache_root, dataset, seeds, out_dir, kwargs, scheduler)
+    if workers <= 1:
+        for f, mods, c in todo:
+            try:
+                _run_cell(cache_root, dataset, f, mods, seeds, c, out_dir, kwargs)
+            except Exception as e:  # one bad cell must not lose the grid
+                errors[c] = _err(c, e)
+        return errors
+    # Each process gets a fair share of the cores: oversubscribed BLAS threads are far slower.
+    kw = {"threads": max(1, (os.cpu_count() or 1) // workers), **kwargs}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futs = {pool.submit(_run_cell, cache_root, dataset, f, mods, seeds, c, out_dir, kw): c
+                for f, mods, c in todo}
+        for fut in as_completed(futs):
+            try:
+                fut.result()
+            except Exception as e:
+                errors[futs[fut]] = _err(futs[fut], e)
+    return errors
+
+
+def _execute_dask(todo: list, cache_root: str, dataset: str | None, seeds: Any, out_dir: str,
+                  kwargs: dict, scheduler: str) -> dict[str, str]:
+    from distributed import Client
+    from distributed import as_completed as dask_completed
+
+    errors: dict[str, str] = {}
+    with Client(scheduler) as client:
+        futs = {client.submit(_run_cell, cache_root, dataset, f, mods, seeds, c, out_dir, kwargs,
+                              pure=False, key=f"mmemo-{c}-{time.time_ns()}"): c
+                for f, mods, c in todo}
+        for fut in dask_completed(list(futs)):
+            try:
+                fut.result()
+            except Exception as e:
+                errors[futs[fut]] = _err(futs[fut], e)
+    return errors
+
+
+def _err(cell: str, e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}"
+    log.warning("ablation cell %s failed: %s", cell, msg)
+    return msg
+
+
+def summary_table(out_dir: Path, cells: list, resumed: set[str], errors: dict[str, str]
+                  ) -> pd.DataFrame:
+    """One row per cell from its metrics.json: mean/std per metric, baseline, sizes."""
+    rows = []
+    for f, mods, c in cells:
+        row: dict[str, Any] = {"fusion": f, "modalities": "+".join(mods), "cell": c,
+                               "resumed": c in resumed, "error": errors.get(c, "")}
+        mpath = out_dir / c / "metrics.json"
+        if mpath.is_file() and not row["error"]:
+            row |= _metric_columns(json.loads(mpath.read_text()))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _metric_columns(m: dict) -> dict[str, Any]:
+    regression = m.get("task") == "regression"
+    cols = REGRESSION_COLUMNS if regression else CLASSIFICATION_COLUMNS
+    keys = [k for k, _ in cols] + ([] if regression else ["weighted_f1"])
+    out: dict[str, Any] = {"task": m.get("task", "classification")}
+    for k in keys:
+        out[f"{k}_mean"] = m["mean"].get(k, m.get(k))
+        out[f"{k}_std"] = m["std"].get(k, 0.0)
+    base = m.get("mean_baseline" if regression else "majority_baseline") or {}
+    prefix = "mean_baseline" if regression else "majority"
+    for k, _ in cols:
+        if k in base:
+            out[f"{prefix}_{k}"] = base[k]
+    out |= {"n_train": m.get("n_train"), "n_test": m.get("n_test"),
+            "n_seeds": m.get("n_seeds"), "elapsed_s": m.get("elapsed_s"),
+            "warnings": len(m.get("warnings", []))}
+    return out
+
+
+def write_outputs(out_dir: Path, df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -> None:
+    """ablation.csv, ablation.md and ablation.png from the summary table."""
+    df.to_csv(out_dir / "ablation.csv", index=False)
+    (out_dir / "ablation.md").write_text(ablation_markdown(df, title, elapsed))
+    plot_ablation(df, out_dir / "ablation.png", title)
+
+
+def ablation_markdown(df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -> str:
+    regression = "task" in df and (df["task"] == "regression").any()
+    cols = REGRESSION_COLUMNS if regression else CLASSIFICATION_COLUMNS
+    prefix = "mean_baseline" if regression else "majority"
+    rows = []
+    for r in df.to_dict(orient="records"):
+        row = {"fusion": r["fusion"], "modalities": r["modalities"]}
+        for k, label in cols:
+            row[label] = (fmt_pm(_num(r.get(f"{k}_mean")), _num(r.get(f"{k}_std")))
+                          if not r.get("error") else "failed")
+        for k, label in cols[:3]:
+            v = _num(r.get(f"{prefix}_{k}"))
+            row[f"{prefix} {label}"] = "—" if v is None else f"{v:.3f}"
+        rows.append(row)
+    head = f"# Ablation: {title}\n\n" if title else "# Ablation\n\n"
+    seeds = df["n_seeds"].dropna().unique().tolist() if "n_seeds" in df else []
+    note = (f"Mean ± std over {', '.join(str(int(s)) for s in seeds) or '?'} seed(s); "
+            f"`{prefix}` columns: the trivial predictor on the same test rows. "
+            f"{len(df)} cells ({int(df['resumed'].sum())} resumed), {elapsed:.1f} s.\n\n")
+    fails = [f"- {r['cell']}: {r['error']}" for r in df.to_dict(orient="records") if r.get("error")]
+    tail = ("\n## Failed cells\n\n" + "\n".join(fails) + "\n") if fails else ""
+    return head + note + markdown_table(rows) + tail
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(f) else f
+
+
+def plot_ablation(df: pd.DataFrame, path: Path, title: str = "") -> None:
+    """Grouped bars (subsets × fusions) with std error bars; the baseline as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regression = "task" in df and (df["task"] == "regression").any()
+    panels = [("acc2", "Acc-2"), ("corr", "corr")] if regression else [
+        ("accuracy", "accuracy"), ("macro_f1", "macro F1")]
+    prefix = "mean_baseline" if regression else "majority"
+    ok = df[df["error"] == ""] if "error" in df else df
+    subsets = list(dict.fromkeys(ok["modalities"])) if len(ok) else []
+    fusions = list(dict.fromkeys(ok["fusion"])) if len(ok) else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 1.2 * len(subsets) * len(panels) + 2), 4),
+                             dpi=100, squeeze=False)
+    width = 0.8 / max(1, len(fusions))
+    for ax, (k, label) in zip(axes[0], panels, strict=True):
+        for i, f in enumerate(fusions):
+            sub = ok[ok["fusion"] == f].set_index("modalities").reindex(subsets)
+            x = np.arange(len(subsets)) + (i - (len(fusions) - 1) / 2) * width
+            ax.bar(x, sub.get(f"{k}_mean", pd.Series(np.nan, index=subsets)).astype(float),
+                   width, yerr=sub.get(f"{k}_std", pd.Series(0.0, index=subsets)).astype(float),
+                   capsize=3, label=f)
+        bcol = f"{prefix}_{k}"
+        if bcol in ok and ok[bcol].notna().any():
+            ax.axhline(float(ok[bcol].dropna().mean()), color="k", ls="--", lw=1,
+                       label=f"{prefix} baseline")
+        ax.set_xticks(np.arange(len(subsets)), subsets, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_title(label, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,381 @@
+"""Read-only access to one cached feature set (the Zarr v3 group described in ARCHITECTURE.md).
+
+This module is the trainer's only door to data: it never imports `pipeline` (the cache layout
+is the contract) and never touches media or encoders. It reads only the rows of work units
+that carry a `units/<u>.done` marker — anything else may be half written — and only the
+arrays a fit asks for. Problems that would make a fit meaningless (a mixed or inconsistent
+set, an empty split, one class, a modality with no data or non-finite values) raise
+`DataError` naming the set, before any training starts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from fusion.heads.base import InputSpec, ModalitySpec
+
+log = logging.getLogger(__name__)
+
+COND = "cond"  # the conditioning vector: stored like a modality, never a fusion input
+SUPPORTED_FORMATS = (1,)
+
+
+class DataError(ValueError):
+    """A feature set cannot be used as asked; the message names the set and the problem."""
+
+
+def open_set(
+    cache_root: Path | str,
+    dataset: str | None = None,
+    preset: str = "offline",
+    key: str | None = None,
+) -> FeatureSet:
+    """Open a feature set by content key, or by its alias `aliases/<dataset>/<preset>.json`."""
+    root = Path(cache_root)
+    if key is None:
+        if dataset is None:
+            raise DataError("open_set needs a key, or a dataset (and preset) to look up an alias")
+        key = _resolve_alias(root, dataset, preset)
+    path = root / "sets" / key
+    if not (path / "zarr.json").is_file():
+        known = sorted(p.name for p in (root / "sets").glob("*") if p.is_dir())
+        raise DataError(f"feature set {key!r} not found under {root / 'sets'} (known: {known})")
+    return FeatureSet(path)
+
+
+def _resolve_alias(root: Path, dataset: str, preset: str) -> str:
+    alias = root / "aliases" / dataset / f"{preset}.json"
+    if not alias.is_file():
+        have = sorted(p.stem for p in (root / "aliases" / dataset).glob("*.json"))
+        hint = f"presets extracted for {dataset!r}: {have}" if have else "run `mmemo extract` first"
+        raise DataError(f"no feature set for dataset {dataset!r}, preset {preset!r} in {root} ({hint})")
+    try:
+        return str(json.loads(alias.read_text())["key"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"alias file {alias} is not {{'key': ...}} JSON: {e}") from e
+
+
+def _read_rows(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """Rows of a chunked-along-N array, touching only the chunks that hold them.
+
+    Dense selections (the usual case: whole completed units) read one bounding slice;
+    sparse ones use orthogonal indexing so unrelated chunks are never decoded.
+    """
+    if len(rows) == 0:
+        return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    if len(rows) == hi - lo:
+        return np.asarray(arr[lo:hi])
+    if len(rows) * 2 >= hi - lo:
+        return np.asarray(arr[lo:hi])[rows - lo]
+    return np.asarray(arr.oindex[rows])
+
+
+@dataclass
+class FeatureSet:
+    """One feature set opened read-only. Row arrays cover all N rows; use `complete` to mask."""
+
+    path: Path
+    _group: zarr.Group = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self._group = zarr.open_group(str(self.path), mode="r")
+        attrs = dict(self._group.attrs.asdict()).get("mmemo")
+        if not isinstance(attrs, dict):
+            raise DataError(f"{self.path} is not an mmemo feature set (no attrs['mmemo'])")
+        self.attrs: dict = attrs
+        if attrs.get("format") not in SUPPORTED_FORMATS:
+            raise DataError(f"feature set {self.name}: format {attrs.get('format')!r} is not "
+                            f"supported (this mmemo reads {SUPPORTED_FORMATS})")
+
+    # --- identity and metadata -------------------------------------------------------
+    @property
+    def key(self) -> str:
+        return str(self.attrs.get("key") or self.path.name)
+
+    @property
+    def name(self) -> str:
+        """How errors name the set: dataset/preset and the key."""
+        return f"{self.attrs.get('dataset', '?')}/{self.attrs.get('preset', '?')} ({self.path.name})"
+
+    @property
+    def n(self) -> int:
+        return int(self._group["ids"].shape[0])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs.get("classes") or [])
+
+    @property
+    def task(self) -> str:
+        return str(self.attrs.get("task", "classification"))
+
+    @property
+    def group_by(self) -> str | None:
+        return self.attrs.get("group_by")
+
+    @property
+    def label_derived(self) -> list[str]:
+        return list(self.attrs.get("label_derived") or [])
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Fusion inputs: every stored modality except the conditioning vector."""
+        return tuple(m for m in self.attrs.get("modalities", {}) if m != COND)
+
+    @property
+    def has_cond(self) -> bool:
+        return COND in self.attrs.get("modalities", {})
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.attrs.get("targets") or [])
+
+    # --- row arrays (small, read whole) -----------------------------------------------
+    @cached_property
+    def ids(self) -> np.ndarray:
+        return _strings(self._group["ids"])
+
+    @cached_property
+    def split(self) -> np.ndarray:
+        return _strings(self._group["split"])
+
+    @cached_property
+    def group(self) -> np.ndarray:
+        return _strings(self._group["group"])
+
+    @cached_property
+    def label(self) -> np.ndarray:
+        return np.asarray(self._group["label"][:], dtype=np.int64)
+
+    @cached_property
+    def targets(self) -> dict[str, np.ndarray]:
+        """Regression targets by name, float32 with NaN where the target is not present."""
+        out = {}
+        for t in self.target_names:
+            v = np.asarray(self._group[f"targets/{t}/value"][:], dtype=np.float32)
+            p = np.asarray(self._group[f"targets/{t}/present"][:], dtype=bool)
+            out[t] = np.where(p, v, np.float32(np.nan)).astype(np.float32)
+        return out
+
+    @cached_property
+    def units(self) -> list[dict]:
+        """The completion markers of finished work units (header excluded), by start row."""
+        udir = self.path / "units"
+        markers = []
+        for f in sorted(udir.glob("*.done")) if udir.is_dir() else []:
+            if f.name == "header.done":
+                continue
+            try:
+                m = json.loads(f.read_text())
+            except ValueError as e:
+                raise DataError(f"feature set {self.name}: unreadable marker {f.name}: {e}") from e
+            m.setdefault("unit", f.name[: -len(".done")])
+            if "start" not in m or "stop" not in m:
+                size = int(self.attrs.get("unit_size", 0))
+                try:
+                    u = int(str(m["unit"]).lstrip("u"))
+                except ValueError as e:
+                    raise DataError(f"feature set {self.name}: marker {f.name} has no "
+                                    "start/stop and its unit name is not an index") from e
+                m["start"], m["stop"] = u * size, min((u + 1) * size, self.n)
+            markers.append(m)
+        return sorted(markers, key=lambda m: int(m["start"]))
+
+    @cached_property
+    def complete(self) -> np.ndarray:
+        """Rows whose unit has a `.done` marker (and whose header finished): the only usable rows."""
+        mask = np.zeros(self.n, dtype=bool)
+        if not (self.path / "units" / "header.done").is_file():
+            return mask
+        for m in self.units:
+            mask[max(0, int(m["start"])): min(self.n, int(m["stop"]))] = True
+        return mask
+
+    # --- inputs ----------------------------------------------------------------------
+    def resolve(self, modalities: list[str] | tuple[str, ...] | str) -> list[str]:
+        """'all' → every input modality; otherwise check the names exist."""
+        if isinstance(modalities, str):
+            modalities = list(self.modalities) if modalities == "all" else modalities.split(",")
+        mods = [m.strip() for m in modalities if m.strip()]
+        if not mods:
+            raise DataError(f"feature set {self.name}: no modalities asked for")
+        unknown = [m for m in mods if m not in self.modalities]
+        if unknown:
+            raise DataError(f"feature set {self.name} has no modality {unknown} "
+                            f"(it has {list(self.modalities)})")
+        return mods
+
+    def modality_spec(self, m: str) -> ModalitySpec:
+        info = self.attrs["modalities"][m]
+        seq = int(info.get("seq_dim", 0) or 0) if info.get("kind", "sequence") == "sequence" else 0
+        return ModalitySpec(name=m, pooled_dim=int(info["pooled_dim"]), seq_dim=seq,
+                            max_len=int(info.get("max_len", 0) or 0) if seq else 0)
+
+    def spec(self, modalities: list[str] | str) -> InputSpec:
+        mods = self.resolve(modalities)
+        cond = self.modality_spec(COND) if self.has_cond else None
+        return InputSpec(modalities=tuple(self.modality_spec(m) for m in mods), cond=cond,
+                         extra={"dataset": self.attrs.get("dataset"), "key": self.key,
+                                "classes": self.classes})
+
+    def load(self, modalities: list[str] | str, rows: np.ndarray, cond: bool = True) -> dict:
+        """The batch-format dict (numpy, float32) for `rows` of the asked modalities.
+
+        Reads only those modalities' arrays and the chunks holding `rows`. Rows must be
+        complete; present rows must be finite (else DataError).
+        """
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        if len(rows) and not self.complete[rows].all():
+            raise DataError(f"feature set {self.name}: asked for rows of unfinished units")
+        names = self.resolve(modalities) + ([COND] if cond and self.has_cond else [])
+        return {m: self._load_modality(m, rows) for m in names}
+
+    def _load_modality(self, m: str, rows: np.ndarray) -> dict:
+        spec = self.modality_spec(m)
+        g = self._group
+        out = {"present": _read_rows(g[f"{m}/present"], rows).astype(bool),
+               "pooled": _f32(_read_rows(g[f"{m}/pooled"], rows))}
+        if spec.is_sequence:
+            out["seq"] = _f32(_read_rows(g[f"{m}/seq"], rows))
+            out["len"] = _read_rows(g[f"{m}/len"], rows).astype(np.int64)
+        pres = out["present"]
+        for part in ("pooled", "seq"):
+            if part in out and not _all_finite(out[part]) and not _all_finite(out[part][pres]):
+                bad = ~np.isfinite(out[part][pres].reshape(int(pres.sum()), -1)).all(axis=1)
+                first = self.ids[rows[pres][bad][0]]
+                raise DataError(f"feature set {self.name}: modality {m!r} has non-finite "
+                                f"{part} values in {int(bad.sum())} present rows (first: {first})")
+        return out
+
+    # --- pre-training checks ----------------------------------------------------------
+    def check(self, modalities: list[str] | str, rows: np.ndarray | None = None) -> list[str]:
+        """Everything that can be checked before loading features; returns warnings.
+
+        Raises DataError for: arrays whose length or dims disagree with attrs, modalities
+        built by different stage configurations, no completed rows, a modality absent on
+        every used row. Warns when label-derived metadata is among the inputs.
+        """
+        mods = self.resolve(modalities)
+        self._check_shapes(mods + ([COND] if self.has_cond else []))
+        self._check_provenance(mods)
+        if rows is None:
+            rows = np.flatnonzero(self.complete)
+        if len(rows) == 0:
+            raise DataError(f"feature set {self.name}: no completed rows (no unit has a "
+                            ".done marker, or header.done is missing)")
+        for m in mods:
+            if not _read_rows(self._group[f"{m}/present"], np.sort(rows)).any():
+                raise DataError(f"feature set {self.name}: modality {m!r} is absent on every "
+                                f"one of the {len(rows)} rows used (see the set's ledger)")
+        fields = self.label_derived_inputs(mods)
+        if fields:
+            msg = (f"inputs include metadata derived from the label annotation: {fields} "
+                   f"(feature set {self.name}); scores will overstate what the model infers")
+            log.warning(msg)
+            return [msg]
+        return []
+
+    def _check_shapes(self, mods: list[str]) -> None:
+        n = int(self.attrs.get("n", self.n))
+        for name in ("ids", "split", "group", "label"):
+            if self._group[name].shape[0] != n:
+                raise DataError(f"feature set {self.name}: {name} has "
+                                f"{self._group[name].shape[0]} rows, attrs say n={n}")
+        for m in mods:
+            spec = self.modality_spec(m)
+            want = {"pooled": (n, spec.pooled_dim), "present": (n,)}
+            if spec.is_sequence:
+                want |= {"seq": (n, spec.max_len, spec.seq_dim), "len": (n,)}
+            for part, shape in want.items():
+                try:
+                    got = tuple(self._group[f"{m}/{part}"].shape)
+                except KeyError as e:
+                    raise DataError(f"feature set {self.name}: array {m}/{part} is missing") from e
+                if got != shape:
+                    raise DataError(f"feature set {self.name}: {m}/{part} has shape {got} but "
+                                    f"attrs say {shape} (seq_dim/pooled_dim/max_len mismatch)")
+
+    def _check_provenance(self, mods: list[str]) -> None:
+        """Modalities must come from one configuration of each stage (no mixed versions)."""
+        by_stage: dict[str, dict] = {}
+        for s in self.attrs.get("stages") or []:
+            name = s.get("stage")
+            if name in by_stage and by_stage[name] != s:
+                raise DataError(f"feature set {self.name}: stage {name!r} is recorded with two "
+                                f"configurations ({_diff(by_stage[name], s)}); re-extract")
+            by_stage[name] = s
+        for m in mods:
+            prov = self.attrs["modalities"][m].get("provenance") or {}
+            ref = by_stage.get(prov.get("stage"))
+            if ref is None:
+                continue
+            d = _diff(ref, prov, only_shared=True)
+            if d:
+                raise DataError(f"feature set {self.name}: modality {m!r} was built by a "
+                                f"different {prov['stage']!r} stage configuration than the set "
+                                f"records ({d}); mixed configurations, re-extract")
+        seen: dict | None = None
+        for u in self.units:
+            stamp = u.get("stages")
+            if stamp is None:
+                continue
+            if seen is not None and stamp != seen:
+                raise DataError(f"feature set {self.name}: unit {u['unit']} was written by "
+                                f"different stage versions than earlier units "
+                                f"({_diff(seen, stamp)}); mixed configurations, re-extract")
+            seen = stamp
+
+    def label_derived_inputs(self, mods: list[str]) -> list[str]:
+        """Label-derived metadata fields among the inputs (per the set's `label_derived`).
+
+        A metadata modality whose provenance lists its `fields` is matched field by field;
+        without that list every label-derived pattern counts, to err on the loud side.
+        """
+        if not self.label_derived:
+            return []
+        hits: list[str] = []
+        for m in mods:
+            prov = self.attrs["modalities"][m].get("provenance") or {}
+            if m != "meta" and prov.get("stage") != "metadata":
+                continue
+            fields = prov.get("fields")
+            if fields is None:
+                hits += [p for p in self.label_derived if p not in hits]
+                continue
+            hits += [f for f in fields
+                     if any(fnmatch.fnmatchcase(f, p) for p in self.label_derived)
+                     and f not in hits]
+        return hits
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    """float16 -> float32 through torch (vectorised; numpy's f16 cast is several times slower)."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).numpy()
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """True when every value is finite: one reduction (NaN/Inf propagate through a sum, and
+    float16-range values cannot overflow a float32 sum of this size)."""
+    return bool(torch.isfinite(torch.from_numpy(x).sum())) if x.size else True
+
+
+def _strings(arr: zarr.Array) -> np.ndarray:
+    """A zarr string array as a numpy unicode array (zarr 3 returns StringDType/object)."""
+    return np.asarray(arr[:], dtype=object).astype(str)
+
+
+def _diff(a: dict, b: dict, only_shared: bool = False) -> str:
+    keys = (a.keys() & b.keys()) if only_shared else (a.keys() | b.keys())
+    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(keys)
+                     if a.get(k) != b.get(k))

@@ -1,0 +1,87 @@
+"""ablate(): the grid, its outputs, resumability, parallel workers; report() and print_table()."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from fusion.ablate import ablate, modality_subsets
+from fusion.report import print_table, report
+from tests.fusion.conftest import write_feature_set
+
+FAST = {"epochs": 3, "patience": 2, "threads": 1, "head_options": {"hidden": 16}}
+
+
+def test_modality_subsets_forms() -> None:
+    mods = ["audio", "text", "visual"]
+    assert modality_subsets(mods, "all,singles") == [mods, ["audio"], ["text"], ["visual"]]
+    subs = modality_subsets(mods, "all-subsets")
+    assert len(subs) == 7 and ["audio", "visual"] in subs and mods in subs
+    assert modality_subsets(["audio"], "all,singles") == [["audio"]]  # deduplicated
+    assert modality_subsets(mods, ["audio+text", ["visual"]]) == [["audio", "text"], ["visual"]]
+    with pytest.raises(ValueError, match="pairs"):
+        modality_subsets(mods, "pairs")
+
+
+def test_ablate_grid_outputs_and_resume(tmp_path: Path) -> None:
+    write_feature_set(tmp_path, n=200, n_groups=20)
+    runs = tmp_path / "runs"
+    df = ablate(tmp_path, "synth", ["early", "late"], "all,singles", seeds=2, name="g",
+                runs_dir=runs, **FAST)
+    assert len(df) == 8 and not df["resumed"].any() and (df["error"] == "").all()
+    assert {"accuracy_mean", "accuracy_std", "macro_f1_mean", "uar_mean", "majority_accuracy",
+            "n_test", "n_seeds"} <= set(df.columns)
+    assert (df["n_seeds"] == 2).all()
+    out = runs / "g"
+    for f in ("ablation.csv", "ablation.md", "ablation.png"):
+        assert (out / f).is_file(), f
+    assert len(pd.read_csv(out / "ablation.csv")) == 8
+    md = (out / "ablation.md").read_text()
+    assert "| early | audio+text+visual |" in md and " ± " in md and "majority accuracy" in md
+    mtimes = {c: (out / c / "metrics.json").stat().st_mtime_ns for c in df["cell"]}
+
+    # Remove one cell: the second call reruns only that one and reads the rest back.
+    (out / "late__text" / "metrics.json").unlink()
+    df2 = ablate(tmp_path, "synth", ["early", "late"], "all,singles", seeds=2, name="g",
+                 runs_dir=runs, **FAST)
+    assert df2.set_index("cell")["resumed"].to_dict() == {c: c != "late__text" for c in df["cell"]}
+    for c, t in mtimes.items():
+        if c != "late__text":
+            assert (out / c / "metrics.json").stat().st_mtime_ns == t
+    pd.testing.assert_series_equal(df2["accuracy_mean"].drop(5), df["accuracy_mean"].drop(5))
+
+
+def test_ablate_failed_cell_is_recorded_not_fatal(tmp_path: Path) -> None:
+    write_feature_set(tmp_path, n=120, n_groups=12)
+    df = ablate(tmp_path, "synth", ["early", "nosuchhead"], [["audio"]], seeds=1, name="f",
+                runs_dir=tmp_path / "runs", **FAST)
+    errs = df.set_index("fusion")["error"]
+    assert errs["early"] == "" and "unknown fusion head 'nosuchhead'" in errs["nosuchhead"]
+    assert "Failed cells" in (tmp_path / "runs" / "f" / "ablation.md").read_text()
+
+
+def test_ablate_parallel_processes(tmp_path: Path) -> None:
+    write_feature_set(tmp_path, n=120, n_groups=12)
+    df = ablate(tmp_path, "synth", ["early"], [["audio"], ["text"]], seeds=1, name="p",
+                runs_dir=tmp_path / "runs", workers=2, **FAST)
+    assert (df["error"] == "").all() and df["accuracy_mean"].notna().all()
+
+
+def test_report_side_by_side_and_print_table(tmp_path: Path) -> None:
+    write_feature_set(tmp_path, n=160, n_groups=16)
+    runs = tmp_path / "runs"
+    df = ablate(tmp_path, "synth", ["early"], [["audio"], ["visual"]], seeds=2, name="r",
+                runs_dir=runs, **FAST)
+    md = report([runs / "r" / "early__audio", runs / "r" / "early__visual"])
+    assert md.count("| early |") == 2 and "majority" in md and " ± " in md
+    assert report([runs / "r"]).count("| early |") == 2  # an ablation dir expands to its cells
+    with pytest.raises(FileNotFoundError):
+        report([tmp_path / "nothing"])
+    buf = io.StringIO()
+    print_table(df[["fusion", "modalities", "accuracy_mean"]], title="t",
+                console=Console(file=buf, width=120))
+    assert "early" in buf.getvalue() and "accuracy_mean" in buf.getvalue()

@@ -1,0 +1,230 @@
+"""fit(): learns known signal, writes every output, seeds, grouped splits, no media imports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fusion.data import DataError, open_set
+from fusion.heads import build_head
+from fusion.train import (
+    Task,
+    _groups,
+    _plan,
+    drop_modalities,
+    fit,
+    standardise,
+    to_tensors,
+)
+from tests.fusion.conftest import TinyHead, tiny_head, write_feature_set
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK = {"epochs": 15, "patience": 4, "threads": 1, "head_options": {"hidden": 32}}
+
+
+@pytest.fixture(scope="module")
+def signal_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cache")
+    write_feature_set(root, n=360, n_groups=30, cond_dim=4, scale=200.0,
+                      class_probs=[0.5, 0.3, 0.2])
+    return root
+
+
+@pytest.fixture(scope="module")
+def early_run(signal_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    runs = tmp_path_factory.mktemp("runs")
+    return fit(signal_cache, "synth", "early", "all", seeds=3, runs_dir=runs, name="e", **QUICK)
+
+
+def test_fit_beats_majority_and_writes_outputs(early_run) -> None:
+    m, d = early_run.metrics, early_run.run_dir
+    assert {p.name for p in d.iterdir()} >= {"metrics.json", "config.toml", "model.safetensors",
+                                             "confusion.png", "log.csv"}
+    on_disk = json.loads((d / "metrics.json").read_text())
+    for k in ("accuracy", "macro_f1", "weighted_f1", "uar", "majority_baseline", "per_class",
+              "confusion", "n_train", "n_test", "mean", "std", "seeds", "fusion", "modalities",
+              "feature_set", "warnings", "elapsed_s"):
+        assert k in on_disk, k
+    assert set(on_disk["majority_baseline"]) >= {"accuracy", "macro_f1", "uar"}
+    # Features carry class signal (audio, text): far above the majority floor.
+    assert m["macro_f1"] > m["majority_baseline"]["macro_f1"] + 0.3
+    assert m["accuracy"] > m["majority_baseline"]["accuracy"] + 0.2
+    assert m["modalities"] == ["audio", "text", "visual"] and m["fusion"] == "early"
+    assert len(m["feature_set"]) == 16
+    assert sum(sum(r) for r in m["confusion"]) == 3 * m["n_test"]  # pooled over 3 seeds
+    assert (d / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seeds_mean_std_and_per_seed(early_run) -> None:
+    m = early_run.metrics
+    accs = [s["accuracy"] for s in m["seeds"]]
+    assert [s["seed"] for s in m["seeds"]] == [0, 1, 2]
+    assert m["mean"]["accuracy"] == pytest.approx(np.mean(accs)) == pytest.approx(m["accuracy"])
+    assert m["std"]["accuracy"] == pytest.approx(np.std(accs, ddof=1))
+    assert m["std"]["macro_f1"] >= 0 and len(set(accs)) > 1  # seeds really differ
+
+
+def test_log_config_and_model_files(early_run) -> None:
+    d = early_run.run_dir
+    rows = list(csv.DictReader((d / "log.csv").open()))
+    assert set(rows[0]) == {"seed", "fold", "epoch", "train_loss", "val_loss", "val_metric",
+                           "epoch_s"}
+    assert {r["seed"] for r in rows} == {"0", "1", "2"}
+    cfg = tomllib.loads((d / "config.toml").read_text())
+    assert cfg["fusion"] == "early" and cfg["seeds"] == [0, 1, 2] and cfg["epochs"] == 15
+    state = load_file(str(d / "model.safetensors"))
+    fs = open_set(cfg["cache_root"], key=cfg["feature_set"])
+    model = build_head("early", fs.spec(cfg["modalities"]), 3, hidden=32)
+    model.load_state_dict(state)  # strict: the file is exactly the head's state
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert f.metadata()["feature_set"] == fs.key
+
+
+def test_deterministic_given_seed(signal_cache: Path, tmp_path: Path) -> None:
+    kw = {"seeds": [5], "runs_dir": tmp_path, "epochs": 4, "patience": 10, "threads": 1}
+    a = fit(signal_cache, "synth", tiny_head, ["audio", "text"], name="a", **kw).metrics
+    b = fit(signal_cache, "synth", tiny_head, ["audio", "text"], name="b", **kw).metrics
+    assert a["confusion"] == b["confusion"] and a["accuracy"] == b["accuracy"]
+    la, lb = (list(csv.DictReader((tmp_path / x / "log.csv").open())) for x in "ab")
+    for row in la + lb:
+        row.pop("epoch_s")  # wall-clock time is the one column that may differ
+    assert la == lb
+
+
+def test_noise_modality_stays_near_baseline_and_regression_target(signal_cache: Path,
+                                                                  tmp_path: Path) -> None:
+    kw = {"runs_dir": tmp_path, "threads": 1, "epochs": 15, "patience": 4}
+    noise = fit(signal_cache, "synth", tiny_head, ["visual"], seeds=2, **kw).metrics
+    assert noise["macro_f1"] < 0.55  # no signal in visual: no miracle either
+    reg = fit(signal_cache, "synth", "early", ["audio", "text"], seeds=1, runs_dir=tmp_path,
+              target="sentiment", **QUICK).metrics
+    assert reg["task"] == "regression"
+    assert set(reg["mean"]) >= {"mae", "corr", "acc2", "acc2_nonzero", "acc7", "f1"}
+    assert reg["mae"] < reg["mean_baseline"]["mae"] - 0.2 and reg["corr"] > 0.5
+
+
+def test_after_fit_hook_gets_validation_rows(signal_cache: Path, tmp_path: Path) -> None:
+    made: list[TinyHead] = []
+
+    def factory(spec, n_out, **opts):
+        made.append(TinyHead(spec, n_out, **opts))
+        return made[-1]
+
+    m = fit(signal_cache, "synth", factory, ["audio"], seeds=2, runs_dir=tmp_path, epochs=2,
+            threads=1).metrics
+    assert [h.after_fit_calls for h in made] == [1, 1]
+    assert m["n_val"] > 0
+
+
+def test_late_head_reports_branch_metrics_and_aux_loss(signal_cache: Path, tmp_path: Path) -> None:
+    m = fit(signal_cache, "synth", "late", ["audio", "visual"], seeds=1, runs_dir=tmp_path,
+            aux_weight=0.5, **QUICK).metrics
+    assert set(m["aux"]) >= {"audio", "visual"}
+    assert m["aux"]["audio"]["macro_f1"] > m["aux"]["visual"]["macro_f1"]
+    assert m["aux"]["visual"]["n"] < m["n_test"]  # branches are scored on rows they saw
+
+
+def test_saved_state_includes_after_fit_changes(signal_cache: Path, tmp_path: Path) -> None:
+    opts = {**QUICK, "head_options": {"hidden": 32, "combine": "stacking"}}
+    r = fit(signal_cache, "synth", "late", ["audio", "text"], seeds=1, runs_dir=tmp_path, **opts)
+    state = load_file(str(r.run_dir / "model.safetensors"))
+    assert state["stack_w"].abs().sum() > 0  # the meta-learner fit in after_fit was saved
+    assert r.metrics["macro_f1"] > r.metrics["majority_baseline"]["macro_f1"] + 0.3
+
+
+@pytest.mark.parametrize("split", ["official", "kfold"])
+def test_grouped_splits_never_share_a_group(tmp_path: Path, split: str) -> None:
+    key = write_feature_set(tmp_path, n=300, n_groups=20, splits=None if split == "kfold" else (1, 0, 1))
+    fs = open_set(tmp_path, key=key)
+    task = Task("label", "classification", fs.label, fs.classes)
+    usable = np.flatnonzero(fs.complete)
+    groups = _groups(fs, None)
+    plan = _plan(fs, task, usable, groups, split, 4, 0.15)
+    assert len(plan) == (4 if split == "kfold" else 1)
+    tested = []
+    for f in plan:
+        tr, va, te = (set(groups[x]) for x in (f.train, f.val, f.test))
+        assert not tr & te and not tr & va and not va & te
+        assert len(va) >= 1  # carved from train by whole groups (no official valid here)
+        tested += list(f.test)
+    if split == "kfold":
+        assert sorted(tested) == list(usable)  # each row tested exactly once
+
+
+def test_ungrouped_when_asked(tmp_path: Path) -> None:
+    key = write_feature_set(tmp_path, n_groups=2, splits=(1, 0, 1))  # one speaker in train
+    fs = open_set(tmp_path, key=key)
+    task = Task("label", "classification", fs.label, fs.classes)
+    usable = np.flatnonzero(fs.complete)
+    with pytest.raises(DataError, match="training rows hold 1 group.*group_by='none'"):
+        _plan(fs, task, usable, _groups(fs, None), "official", 5, 0.15)
+    with pytest.raises(DataError, match="3-fold needs at least 3 groups, there are 2"):
+        _plan(fs, task, usable, _groups(fs, None), "kfold", 3, 0.15)
+    (f,) = _plan(fs, task, usable, _groups(fs, "none"), "official", 5, 0.15)
+    assert len(f.val) > 0 and not set(f.val) & set(f.train)  # row-level carve-out, as asked
+    assert len(_plan(fs, task, usable, _groups(fs, "none"), "kfold", 3, 0.15)) == 3
+
+
+def test_standardise_uses_train_stats_and_keeps_absent_zero(tmp_path: Path) -> None:
+    key = write_feature_set(tmp_path, scale=1000.0)
+    fs = open_set(tmp_path, key=key)
+    rows = np.arange(fs.n)
+    raw = fs.load(["audio"], rows)
+    train = rows[fs.split == "train"]
+    data, stats = standardise(to_tensors(raw), train)
+    out = {k: v.numpy() for k, v in data["audio"].items()}
+    assert raw["audio"]["pooled"].max() > 1000  # the input really is eGeMAPS-scale
+    pres = raw["audio"]["present"]
+    tp = out["pooled"][train][pres[train]]
+    assert np.abs(tp.mean(0)).max() < 1e-3 and np.abs(tp.std(0) - 1).max() < 1e-2
+    assert (out["pooled"][~pres] == 0).all()
+    valid = pres[:, None] & (np.arange(8)[None] < raw["audio"]["len"][:, None])
+    assert (out["seq"][~valid] == 0).all()
+    assert np.abs(out["seq"][train][valid[train]].mean(0)).max() < 1e-3
+
+
+def test_modality_dropout_never_empties_a_row() -> None:
+    g = torch.Generator().manual_seed(0)
+    b = {m: {"present": torch.rand(4000, generator=g) > 0.3} for m in ("a", "b", "c")}
+    before = torch.stack([b[m]["present"] for m in "abc"])
+    out = drop_modalities(b, ["a", "b", "c"], 0.5, g)
+    after = torch.stack([out[m]["present"] for m in "abc"])
+    assert not (after & ~before).any()  # only ever flips present -> absent
+    assert (after.any(0) == before.any(0)).all()  # a row with input keeps some input
+    rate = 1 - after.sum() / before.sum()
+    assert 0.2 < float(rate) < 0.5
+    assert drop_modalities(b, ["a"], 0.5, g) is b  # a single modality is never dropped
+
+
+def test_label_derived_warning_in_metrics(tmp_path: Path) -> None:
+    write_feature_set(tmp_path, meta_dim=3, label_derived=["chain_of_empathy.*"],
+                      meta_fields=["chain_of_empathy.cause"])
+    m = fit(tmp_path, "synth", tiny_head, ["audio", "meta"], seeds=1, runs_dir=tmp_path / "r",
+            epochs=2, threads=1).metrics
+    assert len(m["warnings"]) == 1 and "chain_of_empathy.cause" in m["warnings"][0]
+
+
+def test_fit_imports_no_media_or_encoder(signal_cache: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys, json\n"
+        "from fusion.train import fit\n"
+        f"fit({str(signal_cache)!r}, 'synth', 'late', 'all', seeds=1, epochs=2, threads=1, "
+        f"runs_dir={str(tmp_path)!r})\n"
+        "bad = ['pipeline', 'av', 'opensmile', 'transformers', 'sentence_transformers', 'cv2',"
+        " 'librosa', 'demucs', 'rapidocr']\n"
+        "print(json.dumps([m for m in bad if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
