@@ -26,9 +26,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/mmemo sample --out $(DEMO)/data --n 160 --seed 0
 	$(BIN)/mmemo prepare folder --root $(DEMO)/data --name sample
-	$(BIN)/mmemo extract --dataset sample --root $(DEMO)/data --preset offline
-	$(BIN)/mmemo ablate --dataset sample --fusion early,late --modalities all,singles \
-	    --seeds 3 --name demo
+	$(BIN)/mmemo extract --dataset sample --root $(DEMO)/data --preset offline --workers 2
+	$(BIN)/mmemo ablate --dataset sample --fusion early,late,hybrid,cquery --modalities all,singles \
+	    --split kfold --folds 5 --seeds 3 --name demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

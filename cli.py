@@ -140,7 +140,7 @@ def fit(
 ) -> None:
     """Fit a fusion head on cached features (never touches media or encoders)."""
     from fusion.data import DataError
-    from fusion.report import print_table
+    from fusion.report import load_run, print_table, run_row
     from fusion.train import fit as do_fit
 
     mods = "all" if modalities == "all" else _split_list(modalities)
@@ -152,7 +152,11 @@ def fit(
         )
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(str(e))
-    print_table([res.run_dir])
+    m = load_run(res.run_dir)
+    print_table([run_row(m)], title=f"{dataset}: {fusion} on {'+'.join(m.get('modalities', []))}")
+    for w in m.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    console.print(f"[dim]{res.run_dir}/metrics.json, config.toml, model.safetensors, confusion.png, log.csv[/dim]")
 
 
 @app.command()
@@ -166,7 +170,8 @@ def ablate(
     preset: str = typer.Option("offline", "--preset"),
     workers: int = typer.Option(1, "--workers"),
     scheduler: str = typer.Option(None, "--scheduler"),
-    split: str = typer.Option("official", "--split"),
+    split: str = typer.Option("official", "--split", help="official | kfold (grouped)"),
+    folds: int = typer.Option(5, "--folds"),
     epochs: int = typer.Option(60, "--epochs"),
     runs: Path = typer.Option(Path("runs"), "--runs"),
 ) -> None:
@@ -182,12 +187,20 @@ def ablate(
         df = do_ablate(
             cache_root=_cache(cache), dataset=dataset, fusions=_split_list(fusion), modality_sets=msets,
             seeds=seeds, name=name, workers=workers, scheduler=scheduler, runs_dir=runs, preset=preset,
-            split=split, epochs=epochs,
+            split=split, folds=folds, epochs=epochs,
         )
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(str(e))
-    md = runs / name / "ablation.md"
-    console.print(md.read_text() if md.exists() else df.to_string())
+    from fusion.report import collect, print_table, run_row
+
+    cells = [runs / name / c for c in df["cell"]] if "cell" in df else []
+    rows = [run_row(m) for m in collect([c for c in cells if (c / "metrics.json").exists()])]
+    for r in rows:
+        r.pop("run", None)
+    print_table(rows, title=f"{dataset}: fusion × modalities (mean ± std over seeds; majority = baseline)")
+    for r in df.to_dict(orient="records"):
+        if r.get("error"):
+            console.print(f"[red]failed[/red] {r['cell']}: {r['error']}")
     console.print(f"[dim]{runs / name}/ablation.csv, ablation.md, ablation.png[/dim]")
 
 

@@ -97,7 +97,7 @@ def ablate(
     """
     t0 = time.perf_counter()
     fs = open_set(cache_root, dataset, preset=preset, key=key)
-    subsets = [fs.resolve(s) for s in modality_subsets(fs.modalities, modality_sets)]
+    subsets = [fs.resolve(s) for s in modality_subsets(fs.available, modality_sets)]
     out_dir = Path(runs_dir) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = [(f, mods, cell_name(f, mods)) for f in fusions for mods in subsets]

@@ -133,6 +133,21 @@ class FeatureSet:
         """Fusion inputs: every stored modality except the conditioning vector."""
         return tuple(m for m in self.attrs.get("modalities", {}) if m != COND)
 
+    @cached_property
+    def available(self) -> tuple[str, ...]:
+        """Modalities present on at least one completed row: what 'all' means.
+
+        A modality the extractor could not produce for any clip (audio-only data has no
+        visual; a folder dataset without metadata fields has no meta) is left out of 'all'
+        and of ablation grids instead of failing them; naming it explicitly still errors.
+        """
+        rows = np.flatnonzero(self.complete)
+        out = []
+        for m in self.modalities:
+            if len(rows) and _read_rows(self._group[f"{m}/present"], rows).any():
+                out.append(m)
+        return tuple(out)
+
     @property
     def has_cond(self) -> bool:
         return COND in self.attrs.get("modalities", {})
@@ -206,7 +221,7 @@ class FeatureSet:
     def resolve(self, modalities: list[str] | tuple[str, ...] | str) -> list[str]:
         """'all' → every input modality; otherwise check the names exist."""
         if isinstance(modalities, str):
-            modalities = list(self.modalities) if modalities == "all" else modalities.split(",")
+            modalities = list(self.available) if modalities == "all" else modalities.split(",")
         mods = [m.strip() for m in modalities if m.strip()]
         if not mods:
             raise DataError(f"feature set {self.name}: no modalities asked for")
