@@ -1,0 +1,95 @@
+"""Apply a trained run to clips of a feature set: class probabilities and modality shares.
+
+Reads a run folder (config.toml, model.safetensors, norm.safetensors) and a feature set
+through the cache contract only — the same door training uses. `mmemo predict` first extracts
+the new video into a small feature set (pipeline side), then calls `predict_set`.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fusion.data import open_set
+from fusion.heads import build_head
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """(config, model state, normalisation stats, model metadata) of a run folder."""
+    run_dir = Path(run_dir)
+    for f in ("config.toml", "model.safetensors", "norm.safetensors"):
+        if not (run_dir / f).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a complete run: {f} is missing")
+    cfg = tomllib.loads((run_dir / "config.toml").read_text())
+    with safe_open(str(run_dir / "model.safetensors"), "pt") as s:
+        meta = dict(s.metadata() or {})
+    return cfg, load_file(str(run_dir / "model.safetensors")), load_file(str(run_dir / "norm.safetensors")), meta
+
+
+def _standardise(batch: dict[str, dict[str, torch.Tensor]], stats: dict[str, torch.Tensor]) -> None:
+    """Scale with the training statistics; absent rows and padding stay exactly zero."""
+    for m, d in batch.items():
+        parts = [("pooled", d["present"])]
+        if "seq" in d:
+            t = torch.arange(d["seq"].shape[1])
+            parts.append(("seq", d["present"][:, None] & (t[None, :] < d["len"][:, None])))
+        for part, valid in parts:
+            mean, std = stats.get(f"{m}.{part}.mean"), stats.get(f"{m}.{part}.std")
+            if mean is None:
+                continue
+            d[part] = (d[part] - mean) / std * valid.unsqueeze(-1)
+
+
+def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Per clip: probabilities per class and each present modality's share of the decision.
+
+    A modality's share is how much the top class's probability drops when that modality is
+    marked absent (the heads treat absence exactly like missing data), normalised to sum to 1
+    over the present modalities.
+    """
+    cfg, state, stats, meta = load_run(run_dir)
+    classes = json.loads(meta.get("classes", "[]"))
+    mods = list(cfg["modalities"])
+    fs = open_set(cache_root, key=key)
+    rows = np.flatnonzero(fs.complete) if rows is None else np.asarray(rows)
+    spec = fs.spec(mods)
+    n_out = len(classes) if classes else 1
+    head = build_head(cfg["fusion"], spec, n_out, **(cfg.get("head_options") or {}))
+    head.load_state_dict(state)
+    head.eval()
+    data = fs.load(mods, rows)
+    batch = {m: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()} for m, d in data.items()}
+    _standardise(batch, stats)
+
+    def probs(b: dict) -> torch.Tensor:
+        with torch.no_grad():
+            out = head(b)
+        return torch.softmax(out, -1) if n_out > 1 else out
+
+    base = probs(batch)
+    results = []
+    top = base.argmax(-1) if n_out > 1 else None
+    drops: dict[str, torch.Tensor] = {}
+    for m in mods:
+        masked = {k: dict(v) for k, v in batch.items()}
+        masked[m]["present"] = torch.zeros_like(masked[m]["present"])
+        p = probs(masked)
+        drops[m] = (base.gather(1, top[:, None])[:, 0] - p.gather(1, top[:, None])[:, 0]) if n_out > 1 else (base - p).abs()[:, 0]
+    for i, r in enumerate(rows):
+        present = {m: bool(batch[m]["present"][i]) for m in mods}
+        raw = {m: max(0.0, float(drops[m][i])) if present[m] else 0.0 for m in mods}
+        total = sum(raw.values())
+        shares = {m: {"present": present[m], "share": (raw[m] / total) if total > 0 else 0.0} for m in mods}
+        if n_out > 1:
+            pr = {c: float(base[i, j]) for j, c in enumerate(classes)}
+        else:
+            pr = {"score": float(base[i, 0])}
+        results.append({"id": fs.ids[r], "probs": pr, "shares": shares})
+    return results

@@ -1,0 +1,65 @@
+"""`mmemo predict VIDEO --run RUN`: extract one new video exactly as the run's training set was
+extracted (same stage configs, read from that feature set's attributes), into a private
+temporary cache, then hand the cache to `fusion.predict` — the cache stays the only contract.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from pipeline.manifest import Clip, write_dataset_info, write_manifest
+from pipeline.runner import plan_extract, run_extract
+from pipeline.store import cache_root as default_cache
+
+
+def _training_preset(run_cfg: dict[str, Any]) -> dict[str, Any]:
+    cache = Path(run_cfg.get("cache_root") or default_cache())
+    key = run_cfg.get("feature_set")
+    path = cache / "sets" / str(key)
+    if not (path / "zarr.json").exists():
+        raise FileNotFoundError(
+            f"the run's feature set {key} is not in {cache}; pass --preset to extract with a preset instead"
+        )
+    attrs = zarr.open_group(path, mode="r").attrs["mmemo"]
+    return dict(attrs["preset_config"]), dict(attrs)
+
+
+def predict_file(video: Path, run: Path, text: str | None = None, title: str | None = None,
+                 preset: str | None = None) -> dict[str, Any]:
+    import tomli_w
+
+    from fusion.predict import predict_set
+
+    video = Path(video).resolve()
+    if not video.is_file():
+        raise FileNotFoundError(f"{video} not found")
+    run_cfg = tomllib.loads((Path(run) / "config.toml").read_text())
+    if preset is None:
+        preset_cfg, attrs = _training_preset(run_cfg)
+    else:
+        preset_cfg, attrs = None, {}
+    with tempfile.TemporaryDirectory(prefix="mmemo-predict-") as d:
+        tmp = Path(d)
+        is_audio = video.suffix.lower() in (".wav", ".flac", ".mp3", ".ogg", ".m4a")
+        clip = Clip(id="predict", dataset="predict", split="test",
+                    video=None if is_audio else video.name, audio=video.name if is_audio else None,
+                    transcript=text, title=title)
+        write_manifest([clip], tmp / "manifests" / "predict" / "test.jsonl")
+        info = {"name": "predict", "root": str(video.parent), "classes": attrs.get("classes", []),
+                "label_derived": attrs.get("label_derived", []), "group_by": attrs.get("group_by")}
+        write_dataset_info("predict", info, tmp / "manifests")
+        if preset_cfg is not None:
+            preset_path = tmp / "preset.toml"
+            preset_cfg["name"] = "predict"
+            preset_path.write_bytes(tomli_w.dumps(preset_cfg).encode())
+            preset = str(preset_path)
+        plan = plan_extract("predict", video.parent, preset, manifests=tmp / "manifests")
+        summary = run_extract(plan, cache=tmp / "cache")
+        out = predict_set(Path(run), tmp / "cache", plan.key)[0]
+        out["failures"] = summary.failures
+        return out
