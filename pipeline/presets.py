@@ -9,10 +9,9 @@ to a plain string.
 from __future__ import annotations
 
 import copy
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 PRESET_DIR = Path(__file__).parent / "presets"
 STAGE_ORDER = ("decode", "separate", "ocr", "faces", "audio", "text", "visual", "metadata")
