@@ -562,7 +562,13 @@ def run_extract(
     summary.skipped = len(all_units) - len(pending)
     if executor == "auto":
         executor = "dask" if scheduler else ("inline" if workers <= 1 else "process")
-    threads = None if executor == "inline" else max(1, (os.cpu_count() or 1) // max(1, workers))
+    # torch threads per worker: results are bitwise reproducible only at a fixed thread count,
+    # so MMEMO_THREADS pins it (tests, cross-executor comparisons); else share the cores.
+    env_threads = os.environ.get("MMEMO_THREADS")
+    if env_threads:
+        threads: int | None = max(1, int(env_threads))
+    else:
+        threads = None if executor == "inline" else max(1, (os.cpu_count() or 1) // max(1, workers))
 
     def absorb(res: UnitResult) -> None:
         if res.status == "done":

@@ -140,9 +140,11 @@ def _units_done_now(output: str) -> int:
 
 
 @pytest.mark.slow
-def test_four_extractors_and_a_dask_run_on_one_cache(toy, reference, tmp_path):
+def test_four_extractors_and_a_dask_run_on_one_cache(toy, reference, tmp_path, monkeypatch):
     """4 CLI processes and a Dask LocalCluster extract the same set into one cache at once."""
     from pipeline.runner import run_extract
+
+    monkeypatch.setenv("MMEMO_THREADS", "1")  # the reference ran with one torch thread
 
     key, _, want = reference
     cache = tmp_path / "shared-cache"
