@@ -34,7 +34,10 @@ def _split_list(value: str | None) -> list[str] | None:
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {msg}")
+    # one line whatever the terminal width (no wrapping), and the message is text, not markup
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -244,9 +247,9 @@ def predict(
 
 # --- cache -----------------------------------------------------------------------------------
 def _cache(cache: Path | None) -> Path:
-    from pipeline.store import cache_root
-
-    return cache_root(cache) if cache is None else cache
+    """--cache, else $MMEMO_CACHE (typer reads it), else ./cache. No pipeline import: `mmemo fit`
+    must load nothing but fusion."""
+    return cache if cache is not None else Path(os.environ.get("MMEMO_CACHE") or "cache")
 
 
 @cache_app.command("ls")

@@ -102,6 +102,6 @@ def print_summary(summary: Summary, store: Store, console: Console) -> None:
         t.add_row("clips/s", f"{summary.n_clips / summary.seconds:.2f}")
     console.print(t)
     for f in summary.failures[:10]:
-        console.print(f"[yellow]ledger[/yellow] " + escape(f"{f['id']} [{f['stage']}] {f['error']}: {f['message']}"))
+        console.print("[yellow]ledger[/yellow] " + escape(f"{f['id']} [{f['stage']}] {f['error']}: {f['message']}"))
     if len(summary.failures) > 10:
         console.print(f"[yellow]... {len(summary.failures) - 10} more in {fs.path}/ledger/[/yellow]")

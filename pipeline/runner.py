@@ -345,12 +345,23 @@ def process_clips(
     failures: list[dict[str, Any]] = []
     decode = stages[0] if stages and stages[0].stage == "decode" else None
     rest = stages[1:] if decode else stages
-    futs = _decode_all(decode, ctxs, decode_workers) if decode else None
+    # transcript-only clips (no media in the manifest) are text/metadata data by design,
+    # not failures: they skip decode and their media modalities are absent with a reason
+    for c in ctxs:
+        if c.clip.media is None:
+            c.status["decode"] = "no media in the manifest"
+            c.failed["decode"] = "no media"
+    futs = _decode_all(decode, [c for c in ctxs if c.clip.media is not None], decode_workers) if decode else None
+    if futs is not None:
+        it = iter(futs)
+        futs = [next(it) if c.clip.media is not None else None for c in ctxs]
     for b0 in range(0, len(ctxs), max(1, batch_size)):
         batch = ctxs[b0 : b0 + batch_size]
         if futs is not None:
             t0 = time.perf_counter()
             for ctx, fut in zip(batch, futs[b0 : b0 + batch_size]):
+                if fut is None:
+                    continue
                 try:
                     fut.result(timeout=clip_timeout)
                 except cf.TimeoutError:
@@ -369,8 +380,9 @@ def process_clips(
             todo = ok if needs_media else list(batch)
             for c in batch:
                 if needs_media and c not in ok:
+                    why = "no media in the manifest" if c.clip.media is None else "media could not be decoded"
                     for mod in stage.output_dims():
-                        c.absent.setdefault(mod, "media could not be decoded")
+                        c.absent.setdefault(mod, why)
             if not todo:
                 continue
             t0 = time.perf_counter()

@@ -166,6 +166,8 @@ def _missing_model(model: str, revision: str | None, err: BaseException) -> Mode
 
     rev = f" (revision {revision})" if revision else ""
     why = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        why = "no such local directory"  # not the hub's "Repo id must be in the form ..."
     home = os.environ.get("HF_HOME", "~/.cache/huggingface")
     return ModelMissingError(
         f"audio model '{model}'{rev} is not available locally ({why}); download it once with "

@@ -169,6 +169,8 @@ def _hf_home() -> str:
 
 def missing_model(model: str, error: BaseException) -> ModelMissingError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        first = "no such local directory"  # not the hub's "Repo id must be in the form ..."
     return ModelMissingError(
         f"text model '{model}' is not available ({first[:160]}); provide it with "
         f"--set text.model=/local/dir (a save_pretrained folder) or download it into "

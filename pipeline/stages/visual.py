@@ -323,6 +323,8 @@ class FaceGeometryVisual(_VisualStage):
 
 # --- full: transformers image encoder -------------------------------------------------------
 def _missing(model: str, key: str, why: str) -> ModelMissingError:
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        why = "no such local directory"  # not the hub's "Repo id must be in the form ..."
     return ModelMissingError(
         f"visual model '{model}' is not available locally ({why}); download it where there is "
         f"network access (or into HF_HOME) and pass --set visual.{key}=/local/dir"

@@ -367,8 +367,10 @@ def make_corpus(root: Path, outside: Path, dataset: str = "corpus") -> list[Case
     add(Case("inf_samples", "ledger", stage="separate|audio", reason=r"NaN or Inf",
              description="float WAV holding +Inf samples"), audio="media/inf.wav")
 
-    add(Case("no_media_paths", "ledger", stage="decode", reason=r"neither a video nor an audio",
-             description="a row with neither video nor audio"))
+    add(Case("no_media_paths", "ok", present={"audio": False, "text": True, "meta": True},
+             status=r"decode: no media",
+             description="a transcript-only row (MELD without media): text and metadata only, "
+                         "no ledger line"), transcript="a transcript with no media at all")
 
     add(Case("segment_beyond_end", "ledger", stage="decode", reason=r"beyond the end of the media",
              description="start/end past the media's end"), video="media/ref.mp4", start=50.0, end=52.0)

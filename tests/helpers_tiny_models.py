@@ -1,0 +1,92 @@
+"""Tiny random-initialised models of the full preset's real architectures, saved locally.
+
+The full preset's encoders (wav2vec2, BERT, CLIP vision) are loaded exactly as real
+checkpoints are (``from_pretrained`` on a ``save_pretrained`` folder), but with a few
+thousand random weights so that the whole path runs on a CPU in seconds and needs no
+network. Hidden sizes differ per modality, so a test can tell which model made which array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+AUDIO_DIM = 32  # wav2vec2 hidden size
+TEXT_DIM = 24  # BERT hidden size
+VISION_DIM = 40  # CLIP vision tower hidden size
+
+# a small WordPiece vocabulary: specials, a few English words, pieces, and the CJK
+# characters of the real clips' subtitles that a BERT tokenizer splits one by one
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+         "i", "am", "so", "happy", "sad", "we", "won", "lost", "it", "is", "ok", "not",
+         "good", "hello", "world", "the", "game", "today", "what", "a", "day", "you",
+         "want", "some", "milk", "going", "shopping", ".", "!", "?", ",", "'",
+         "##s", "##ed", "##ing", "##ly",
+         "我", "你", "的", "是", "不", "了", "在", "有", "这", "一", "个", "人"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    audio: Path
+    text: Path
+    vision: Path
+
+    def overrides(self) -> list[str]:
+        """`--set` strings that point the full preset at these folders."""
+        return [f'audio.model="{self.audio}"', f'text.model="{self.text}"',
+                f'visual.model="{self.vision}"']  # fmt: skip
+
+
+def save_wav2vec2(path: Path, sample_rate: int = 16000) -> Path:
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    cfg = Wav2Vec2Config(
+        hidden_size=AUDIO_DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer", do_stable_layer_norm=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Wav2Vec2Model(cfg).eval().save_pretrained(path)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=sample_rate, padding_value=0.0, do_normalize=True,
+        return_attention_mask=True,
+    ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def save_bert(path: Path) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=TEXT_DIM, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=48, max_position_embeddings=160)  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(cfg).eval().save_pretrained(path)
+    return path
+
+
+def save_clip_vision(path: Path) -> Path:
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)  # fmt: skip
+    torch.manual_seed(0)
+    CLIPVisionModel(cfg).eval().save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32},
+                          crop_size={"height": 32, "width": 32}).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def save_tiny_models(root: Path) -> TinyModels:
+    """wav2vec2 + BERT + CLIP vision tower under `root` (one save_pretrained folder each)."""
+    root = Path(root)
+    return TinyModels(
+        audio=save_wav2vec2(root / "wav2vec2"),
+        text=save_bert(root / "bert"),
+        vision=save_clip_vision(root / "clip_vision"),
+    )

@@ -1,0 +1,216 @@
+"""End to end: the demo path through the CLI, fusion vs single modalities on the sample,
+real RAVDESS speech (actor-disjoint) and real MELD dev transcripts; and the proof that a fit
+reads only the cache (media moved away; no extractor library imported)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, shared_path
+
+EXTRACTOR_MODULES = ("pipeline", "av", "opensmile", "transformers")
+METRIC_KEYS = ("accuracy", "macro_f1", "weighted_f1", "uar", "majority_baseline", "per_class",
+               "confusion", "n_train", "n_test", "mean", "std")  # fmt: skip
+# Runs the CLI, then records which extractor packages the process had imported.
+# argv: <report.json> <comma-separated module names> <mmemo arguments...>
+_PROBE = """
+import json, sys
+from cli import app
+out, names, sys.argv = sys.argv[1], sys.argv[2].split(","), ["mmemo", *sys.argv[3:]]
+code = 0
+try:
+    app()
+except SystemExit as e:
+    code = e.code or 0
+loaded = {m.split(".")[0] for m in sys.modules}
+json.dump({m: m in loaded for m in names}, open(out, "w"))
+sys.exit(code)
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "200"}  # fmt: skip
+
+
+def mmemo(*args: str, cwd: Path, timeout: int = 600) -> str:
+    """The installed console script (the venv's), as a user runs it; stdout on success."""
+    exe = Path(sys.executable).parent / "mmemo"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from cli import app; app()"]
+    proc = subprocess.run([*cmd, *args], cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, f"mmemo {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+# --- issue 2: the demo path, small -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("demo")
+    data, man, cache = tmp / "data", tmp / "manifests", tmp / "cache"
+    mmemo("sample", "--out", str(data), "--n", "48", "--seed", "0", cwd=tmp)
+    mmemo("prepare", "folder", "--root", str(data), "--name", "sample", "--manifests", str(man), cwd=tmp)
+    mmemo("extract", "--dataset", "sample", "--cache", str(cache), "--manifests", str(man),
+          "--workers", "2", cwd=tmp)  # fmt: skip
+    key = json.loads((cache / "aliases" / "sample" / "offline.json").read_text())["key"]
+    return {"tmp": tmp, "data": data, "manifests": man, "cache": cache, "key": key}
+
+
+@pytest.mark.slow  # ~100 s: 48 real mp4 clips through every offline stage on 2 cores
+def test_demo_path_sample_extract_fit_from_the_cache_only(demo) -> None:
+    tmp, cache, key = demo["tmp"], demo["cache"], demo["key"]
+    ids = [r["id"] for r in csv.DictReader((demo["data"] / "labels.csv").open(encoding="utf-8"))]
+    assert len(ids) == 48
+    # OCR wrote one .srt per clip (the sample's subtitles are burned in)
+    for cid in ids:
+        srt = cache / "srt" / key / f"{cid}.srt"
+        assert srt.is_file() and srt.stat().st_size > 0, srt
+        assert "-->" in srt.read_text(encoding="utf-8")
+
+    # the fit runs with the media and manifests out of reach: it reads only the cache
+    moved = {p: p.with_name(p.name + ".moved") for p in (demo["data"], demo["manifests"])}
+    report = tmp / "modules.json"
+    for a, b in moved.items():
+        a.rename(b)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(report), ",".join(EXTRACTOR_MODULES), "fit", "--dataset", "sample",
+             "--fusion", "early", "--split", "kfold", "--folds", "4", "--seeds", "2",
+             "--cache", str(cache), "--runs", str(tmp / "runs"), "--name", "demo"],
+            cwd=tmp, env=_env(), capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    finally:
+        for a, b in moved.items():
+            b.rename(a)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(report.read_text()) == {m: False for m in EXTRACTOR_MODULES}
+
+    run = tmp / "runs" / "demo"
+    for f in ("metrics.json", "model.safetensors", "confusion.png", "log.csv", "config.toml"):
+        assert (run / f).is_file() and (run / f).stat().st_size > 0, f
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(METRIC_KEYS) <= set(m)
+    assert {"audio", "text", "visual"} <= set(m["modalities"])  # all the modalities present
+    assert m["n_test"] == 48 and m["n_seeds"] == 2 and m["folds"] == 4
+    assert set(m["per_class"]) == {"happy", "sad", "angry", "neutral"}
+    assert np.asarray(m["confusion"]).sum() == 48 * 2  # pooled over the 2 seeds
+    assert {"accuracy", "macro_f1"} <= set(m["mean"]) and {"accuracy", "macro_f1"} <= set(m["std"])
+    base = m["majority_baseline"]
+    assert m["accuracy"] > base["accuracy"] + 0.1, (m["accuracy"], base)  # measured 0.52 vs 0.25
+    assert m["macro_f1"] > base["macro_f1"] + 0.1, (m["macro_f1"], base)
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    assert cfg["fusion"] == "early" and cfg["split"] == "kfold" and cfg["folds"] == 4
+    assert cfg["feature_set"] == key
+    with (run / "log.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {int(r["seed"]) for r in rows} == {0, 1} and {int(r["fold"]) for r in rows} == {0, 1, 2, 3}
+
+
+# --- issue 5: fusion beats the best single modality on the sample ----------------------------
+@pytest.mark.slow  # ~2-3 min: 120 clips extracted (OCR skipped), 8 heads x 5 folds x 3 seeds
+def test_hybrid_and_cquery_on_all_modalities_beat_each_single_modality(tmp_path) -> None:
+    """120 sample clips (48 are too few for the weaker audio/text cues to be learnt), grouped
+    5-fold by speaker, 3 seeds. OCR is skipped to save time: the text modality comes from the
+    transcript. Measured (accuracy): hybrid all 0.569 vs its best single (visual) 0.542;
+    cquery all 0.550 vs 0.475; the best single modality of any head is early/visual 0.544,
+    which cquery beats by less than a seed's std (so that comparison is not asserted)."""
+    from fusion.ablate import ablate
+    from pipeline.recipes import RECIPES
+    from pipeline.runner import plan_extract, run_extract
+    from pipeline.sample import make_sample
+
+    data = make_sample(tmp_path / "data", n=120, seed=0)
+    RECIPES["folder"](root=data, out=tmp_path / "manifests", name="sample120")
+    plan = plan_extract("sample120", preset="offline", manifests=tmp_path / "manifests",
+                        overrides=['ocr.backend="skip"', "store.unit_size=30"])  # fmt: skip
+    s = run_extract(plan, cache=tmp_path / "cache", workers=2)
+    assert s.done == plan.layout.n_units and not s.failures, s.failures[:3]
+    df = ablate(tmp_path / "cache", "sample120", ["hybrid", "cquery"], "all,singles", seeds=3,
+                runs_dir=tmp_path / "runs", split="kfold", folds=5)  # fmt: skip
+    assert not df["error"].fillna("").astype(bool).any(), df["error"].tolist()
+    cells = {r["cell"]: r for r in df.to_dict(orient="records")}
+    singles = ("audio", "text", "visual")
+    for head in ("hybrid", "cquery"):
+        every = cells[f"{head}__audio+text+visual"]
+        for metric in ("accuracy_mean", "macro_f1_mean"):
+            best = max(cells[f"{head}__{m}"][metric] for m in singles)
+            assert every[metric] > best, (head, metric, every[metric], {m: cells[f"{head}__{m}"][metric] for m in singles})
+        assert every["accuracy_mean"] > every["majority_accuracy"] + 0.2
+
+
+# --- real RAVDESS speech, actor-disjoint -----------------------------------------------------
+@pytest.mark.slow  # ~30 s: two extractions of the 30 real clips, 2 x 3 fits
+def test_ravdess_speech_actor_disjoint_beats_majority(tmp_path) -> None:
+    """The 30 real clips (2 actors) through the ravdess recipe; each actor is held out in turn
+    (the two folds of an actor-grouped 2-fold). Grouped k-fold itself cannot run here: the
+    training fold holds one actor, and the trainer carves validation from whole groups only,
+    so validation is carved within the training actor through the manifest (strong-intensity
+    clips) and the held-out actor is the official test split."""
+    from fusion.train import fit
+    from pipeline.manifest import load_dataset, write_manifest
+    from pipeline.recipes import RECIPES
+    from pipeline.runner import plan_extract, run_extract
+
+    root = shared_path("ravdess-speech")
+    man, cache = tmp_path / "manifests", tmp_path / "cache"
+    accs = []
+    for held_out in (2, 1):
+        name = f"ravdess_test{held_out}"
+        RECIPES["ravdess"](root=root, out=man, name=name, test_actors=[held_out])
+        clips = load_dataset(name, man)
+        assert len(clips) == 30 and {c.speaker for c in clips} == {"Actor_01", "Actor_02"}
+        for c in clips:
+            if c.split == "train" and c.metadata["intensity"] == "strong":
+                c.split = "valid"
+        for f in (man / name).glob("*.jsonl"):
+            f.unlink()
+        for sp in ("train", "valid", "test"):
+            write_manifest([c for c in clips if c.split == sp], man / name / f"{sp}.jsonl")
+        plan = plan_extract(name, preset="offline", manifests=man)
+        s = run_extract(plan, cache=cache)
+        assert s.done == plan.layout.n_units and not s.failures, s.failures[:3]
+        r = fit(cache, name, "early", ["audio"], seeds=3, split="official", runs_dir=tmp_path / "runs")
+        m = json.loads((r.run_dir / "metrics.json").read_text())
+        assert m["n_test"] == 15 and m["n_seeds"] == 3 and len(m["seeds"]) == 3
+        assert {"accuracy", "macro_f1"} <= set(m["mean"]) and {"accuracy", "macro_f1"} <= set(m["std"])
+        assert m["accuracy"] > m["majority_baseline"]["accuracy"], (held_out, m["accuracy"], m["majority_baseline"])
+        assert m["macro_f1"] > m["majority_baseline"]["macro_f1"]
+        accs.append(m["accuracy"])
+    # measured 0.244 and 0.222 across genders; chance with 8 classes is 0.125
+    assert np.mean(accs) > 1 / 8, accs
+
+
+# --- real MELD dev transcripts, text only ----------------------------------------------------
+def test_meld_dev_text_beats_majority_macro_f1(tmp_path) -> None:
+    """The official MELD dev annotations (no media: transcript-only clips), the first 200
+    utterances, grouped 5-fold by dialogue, 3 seeds; only the text modality exists."""
+    from fusion.train import fit
+    from pipeline.recipes import RECIPES
+    from pipeline.runner import plan_extract, run_extract
+
+    root = shared_path("meld", "dev_sent_emo.csv").parent
+    man, cache = tmp_path / "manifests", tmp_path / "cache"
+    RECIPES["meld"](root=root, out=man)
+    (man / "meld" / "train.jsonl").unlink()  # the train head300 excerpt: dev only here
+    plan = plan_extract("meld", preset="offline", manifests=man, limit=200,
+                        overrides=["text.cond=false"])  # fmt: skip
+    assert {c.split for c in plan.clips} == {"dev"}
+    run_extract(plan, cache=cache)
+    import zarr
+
+    g = zarr.open_group(cache / "sets" / plan.key, mode="r")
+    assert g["text/present"][:].all() and not g["audio/present"][:].any() and not g["visual/present"][:].any()
+    r = fit(cache, "meld", "early", ["text"], seeds=3, split="kfold", folds=5, runs_dir=tmp_path / "runs")
+    m = r.metrics
+    assert m["modalities"] == ["text"] and m["n_test"] == 200
+    base = m["majority_baseline"]["macro_f1"]
+    assert m["macro_f1"] > base + 0.05, (m["macro_f1"], base)  # measured 0.30 vs 0.08 on 300
