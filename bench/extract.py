@@ -32,15 +32,11 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "video"
 def build_dataset(tmp: Path, n: int, real: bool) -> tuple[str, Path, Path]:
     man = tmp / "manifests"
     if real:
-        root = tmp / "real"
-        root.mkdir()
-        rows = ["id,video"]
-        for v in sorted(REAL.glob("*.mp4")):
-            (root / v.name).symlink_to(v)
-            rows.append(f"{v.stem},{v.name}")
-        (root / "labels.csv").write_text("\n".join(rows) + "\n")
-        RECIPES["folder"](root=root, out=man, name="benchreal")
-        return "benchreal", root, man
+        rows = ["id,video"] + [f"{v.stem},{v.name}" for v in sorted(REAL.glob("*.mp4"))]
+        labels = tmp / "labels.csv"  # the media is read in place; the labels file lives here
+        labels.write_text("\n".join(rows) + "\n")
+        RECIPES["folder"](root=REAL, out=man, name="benchreal", labels=labels)
+        return "benchreal", REAL, man
     from pipeline.sample import make_sample
 
     root = make_sample(tmp / "sample", n=n, seed=0)
