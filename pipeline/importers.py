@@ -43,35 +43,13 @@ import numpy as np
 import zarr
 
 from pipeline.manifest import sanitize_id
-from pipeline.store import ModalityLayout, SetLayout, Store
+from pipeline.stages.base import pad_or_pool  # lightweight: stage backends load on demand
+from pipeline.store import ModalityLayout, SetLayout, Store, sha256_file
 
 IMPORTER_VERSION = "1"
 F16_MAX = 65000.0
 MMSA_NAMES = {"text": "text", "audio": "audio", "vision": "visual"}  # MMSA key -> modality
 MMSA_SPLITS = {"valid": "valid", "val": "valid", "dev": "valid"}  # set split -> pkl key
-
-
-def pad_or_pool(seq: np.ndarray, max_len: int) -> tuple[np.ndarray, int]:
-    """Fit [t, D] into [max_len, D] exactly as the extractor does (pipeline.stages.base.pad_or_pool:
-    zero-pad a short sequence, average-pool a long one into max_len equal segments). Re-stated
-    here because importing pipeline.stages loads every stage backend and its models' libraries."""
-    t, d = seq.shape
-    out = np.zeros((max_len, d), dtype=np.float32)
-    if t <= max_len:
-        out[:t] = seq
-        return out, t
-    edges = np.linspace(0, t, max_len + 1).astype(int)
-    for i in range(max_len):
-        out[i] = seq[edges[i] : max(edges[i + 1], edges[i] + 1)].mean(axis=0)
-    return out, max_len
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _key(dataset: str, parts: list[Any]) -> str:
@@ -238,7 +216,7 @@ def import_csd(
     rows: dict[str, np.ndarray] = {}
     mods: dict[str, ModalityLayout] = {}
     targets: list[str] = []
-    sources = [{"file": path.name, "sha256": _file_hash(path), "root": root_name, "metadata": meta}]
+    sources = [{"file": path.name, "sha256": sha256_file(path), "root": root_name, "metadata": meta}]
 
     seg_source: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
     if _is_labels(root_name, data):
@@ -247,7 +225,7 @@ def import_csd(
         lroot, lmeta, ldata = _read_csd(Path(labels))
         if not _is_labels(lroot, ldata):
             raise ValueError(f"{labels}: not a labels computational sequence (root '{lroot}')")
-        sources.append({"file": Path(labels).name, "sha256": _file_hash(Path(labels)), "root": lroot,
+        sources.append({"file": Path(labels).name, "sha256": sha256_file(Path(labels)), "root": lroot,
                         "metadata": lmeta})
         seg_source, feat_source = ldata, (root_name, data)
     else:
@@ -354,7 +332,7 @@ def import_mmsa_pkl(
                          "pass allow_pickle=True (CLI: --allow-pickle) only for files you trust")
     path = Path(file)
     dataset = _simple_name(dataset or path.stem, "mmsa")
-    digest = _file_hash(path)
+    digest = sha256_file(path)
     with open(path, "rb") as f:
         obj = pickle.load(f)  # noqa: S301 - explicit opt-in above
     if not isinstance(obj, dict):
