@@ -20,6 +20,8 @@ import_app = typer.Typer(no_args_is_help=True, help="Import features made by oth
 app.add_typer(cache_app, name="cache")
 app.add_typer(import_app, name="import")
 console = Console()
+# tables are wide; when output is not a terminal (make, CI logs) do not wrap them at 80 columns
+table_console = console if console.is_terminal else Console(width=160)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -136,7 +138,7 @@ def fit(
     split: str = typer.Option("official", "--split", help="official | kfold"),
     folds: int = typer.Option(5, "--folds"),
     group_by: str = typer.Option(None, "--group-by"),
-    epochs: int = typer.Option(60, "--epochs"),
+    epochs: int = typer.Option(40, "--epochs", help="Most epochs (early stopping on validation)."),
     target: str = typer.Option("label", "--target", help="label | sentiment | valence | arousal"),
     device: str = typer.Option("cpu", "--device"),
     runs: Path = typer.Option(Path("runs"), "--runs"),
@@ -156,7 +158,8 @@ def fit(
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(str(e))
     m = load_run(res.run_dir)
-    print_table([run_row(m)], title=f"{dataset}: {fusion} on {'+'.join(m.get('modalities', []))}")
+    print_table([run_row(m)], title=f"{dataset}: {fusion} on {'+'.join(m.get('modalities', []))}",
+                console=table_console)
     for w in m.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"[dim]{res.run_dir}/metrics.json, config.toml, model.safetensors, confusion.png, log.csv[/dim]")
@@ -175,7 +178,7 @@ def ablate(
     scheduler: str = typer.Option(None, "--scheduler"),
     split: str = typer.Option("official", "--split", help="official | kfold (grouped)"),
     folds: int = typer.Option(5, "--folds"),
-    epochs: int = typer.Option(60, "--epochs"),
+    epochs: int = typer.Option(40, "--epochs", help="Most epochs (early stopping on validation)."),
     runs: Path = typer.Option(Path("runs"), "--runs"),
 ) -> None:
     """Run a fusion × modality-subset × seed grid; resumable; writes csv, Markdown, plot."""
@@ -200,7 +203,8 @@ def ablate(
     rows = [run_row(m) for m in collect([c for c in cells if (c / "metrics.json").exists()])]
     for r in rows:
         r.pop("run", None)
-    print_table(rows, title=f"{dataset}: fusion × modalities (mean ± std over seeds; majority = baseline)")
+    print_table(rows, title=f"{dataset}: fusion × modalities (mean ± std over seeds; majority = baseline)",
+                console=table_console)
     for r in df.to_dict(orient="records"):
         if r.get("error"):
             console.print(f"[red]failed[/red] {r['cell']}: {r['error']}")

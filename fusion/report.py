@@ -66,7 +66,9 @@ def run_row(m: dict) -> dict[str, Any]:
         row[label] = fmt_pm(mean.get(key, m.get(key)), std.get(key))
     base = m.get("mean_baseline" if regression else "majority_baseline") or {}
     name = "mean baseline" if regression else "majority"
-    row[name] = " / ".join(f"{base[k]:.3f}" for k, _ in cols[:3] if k in base) or "—"
+    shown = [(k, label) for k, label in cols[:3] if k in base]
+    row[f"{name} ({' / '.join(label for _, label in shown)})" if shown else name] = (
+        " / ".join(f"{base[k]:.3f}" for k, _ in shown) or "—")
     return row
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion import metrics as M
-from fusion.data import DataError, FeatureSet, open_set
+from fusion.data import COND, DataError, FeatureSet, _all_finite, _f32, _read_rows, open_set
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,10 @@ def fit(
     split: Literal["official", "kfold"] = "official",
     folds: int = 5,
     group_by: str | None = None,
-    epochs: int = 60,
-    batch_size: int = 128,
+    epochs: int = 40,
+    batch_size: int | None = None,
     lr: float = 2e-3,
-    patience: int = 8,
+    patience: int = 5,
     modality_dropout: float = 0.1,
     class_weight: bool = True,
     device: str = "cpu",
@@ -108,8 +108,12 @@ def fit(
     `fusion` is a registered head name (fusion.heads.HEADS) or a factory
     `(spec, n_out, **options) -> nn.Module`. `group_by=None` uses the set's grouping;
     "none" asks for row-level (ungrouped) validation and folds. `aux_weight` > 0 adds the
-    loss of the head's `aux_logits` branches (late / hybrid heads). Raises DataError before
-    training when the data cannot support the fit.
+    loss of the head's `aux_logits` branches (late / hybrid heads). `batch_size=None` picks
+    128 rows, or more on large training sets so that an epoch is at most MAX_STEPS optimiser
+    steps; `lr` is then scaled by sqrt(batch / 128) (see `auto_batch`). A head's optional
+    `seq_inputs` and `prepare` hooks (fusion/heads/base.py) decide which sequences are loaded
+    and what is precomputed once per fold. Raises DataError before training when the data
+    cannot support the fit.
     """
     t0 = time.perf_counter()
     torch.set_num_threads(threads or default_threads())
@@ -129,9 +133,16 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
 
     rows = np.unique(np.concatenate([np.concatenate([f.train, f.val, f.test]) for f in plan]))
-    raw = fs.load(mods, rows)
     spec = fs.spec(mods)
-    hp = _Hyper(epochs, batch_size, lr, weight_decay, patience, modality_dropout, class_weight,
+    # The first seed's head, built first: it says what to load (its seq_inputs) and prepares
+    # the data once per fold; then it is the head trained for the first (fold, seed).
+    torch.manual_seed(seed_list[0])
+    probe = _make_head(fusion, spec, task.n_out, head_options or {})
+    fresh: tuple[nn.Module, Tensor] | None = (probe, torch.get_rng_state())
+    raw = load_inputs(fs, mods, rows, getattr(probe, "seq_inputs", None))
+    n_train = int(round(np.mean([len(f.train) for f in plan])))
+    bs, lr_used = (batch_size, lr) if batch_size else auto_batch(n_train, lr)
+    hp = _Hyper(epochs, bs, lr_used, weight_decay, patience, modality_dropout, class_weight,
                 aux_weight)
     trainer = _Trainer(fusion, spec, task, hp, torch.device(device), head_options or {})
     trainer.labels = task.y[rows]
@@ -142,9 +153,12 @@ def fit(
     for fold in plan:  # fold-major: each fold is standardised once, for every seed
         pos = _positions(rows, fold)
         data, stats = standardise(raw_t, pos.train, inplace=len(plan) == 1)
+        if hasattr(probe, "prepare"):  # parameter-free work done once, shared by every seed
+            data = probe.prepare(data)
         data = {m: {k: v.to(trainer.device) for k, v in d.items()} for m, d in data.items()}
         for seed in seed_list:
-            out = trainer.run(data, pos, task, seed, fold.index, logs)
+            out = trainer.run(data, pos, task, seed, fold.index, logs, fresh)
+            fresh = None
             state = out.pop("state")
             if first_state is None:
                 first_state = (state, stats)
@@ -157,7 +171,7 @@ def fit(
     _write_outputs(run_dir, metrics, logs, first_state, task, fs, mods, fusion_name, locals_cfg={
         "dataset": dataset, "fusion": fusion_name, "modalities": mods, "seeds": seed_list,
         "split": split, "folds": folds, "group_by": group_by, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "patience": patience,
+        "batch_size": bs, "lr": lr_used, "patience": patience,
         "modality_dropout": modality_dropout, "class_weight": class_weight, "device": device,
         "target": target, "preset": preset, "weight_decay": weight_decay,
         "val_fraction": val_fraction, "aux_weight": aux_weight, "head_options": head_options or {},
@@ -166,10 +180,62 @@ def fit(
     return RunResult(name=name, run_dir=run_dir, metrics=metrics, log=logs)
 
 
+MAX_STEPS = 20  # auto batch size: at most this many optimiser steps per epoch
+BASE_BATCH = 128
+
+
+def auto_batch(n_train: int, lr: float, max_steps: int = MAX_STEPS) -> tuple[int, float]:
+    """(batch size, learning rate) for `n_train` training rows when none is given.
+
+    128 rows (at `lr`) while an epoch takes at most `max_steps` steps; beyond, the batch grows
+    (a multiple of 32) to keep an epoch at `max_steps` steps, and the learning rate grows by
+    sqrt(batch / 128), the usual rule for Adam. Fewer, larger steps cut the per-step overhead
+    that dominates small heads on a CPU.
+    """
+    need = -(-n_train // max_steps)
+    if need <= BASE_BATCH:
+        return BASE_BATCH, lr
+    bs = 32 * -(-need // 32)
+    return bs, lr * math.sqrt(bs / BASE_BATCH)
+
+
 def default_threads() -> int:
     """Intra-op threads: half the cores, at most 4. The heads are small, so more threads buy
     little, and oversubscribed (or shared) cores make spinning BLAS threads much slower."""
     return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def load_inputs(fs: FeatureSet, mods: list[str], rows: np.ndarray,
+                seq_inputs: tuple[str, ...] | None) -> dict:
+    """fs.load(mods, rows), reading the sequences only of the modalities in `seq_inputs`.
+
+    `None` (a head that does not say what it reads) loads everything. The sequences are most
+    of a set's bytes, so a head that reads pooled vectors only loads in a fraction of the time.
+    """
+    if seq_inputs is None:
+        return fs.load(mods, rows)
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    with_seq = [m for m in mods if m in seq_inputs]
+    out = fs.load(with_seq, rows) if with_seq else {}
+    names = mods + ([COND] if fs.has_cond else [])
+    if len(rows) and not fs.complete[rows].all():
+        raise DataError(f"feature set {fs.name}: asked for rows of unfinished units")
+    for m in names:
+        if m not in out:
+            out[m] = _load_vector(fs, m, rows)
+    return {m: out[m] for m in names}
+
+
+def _load_vector(fs: FeatureSet, m: str, rows: np.ndarray) -> dict:
+    """present + pooled of one modality at sorted `rows` (float32), without its sequence."""
+    g = fs._group
+    present = _read_rows(g[f"{m}/present"], rows).astype(bool)
+    pooled = _f32(_read_rows(g[f"{m}/pooled"], rows))
+    if not _all_finite(pooled) and not _all_finite(pooled[present]):
+        bad = ~np.isfinite(pooled[present]).all(axis=1)
+        raise DataError(f"feature set {fs.name}: modality {m!r} has non-finite pooled values in "
+                        f"{int(bad.sum())} present rows (first: {fs.ids[rows[present][bad][0]]})")
+    return {"present": present, "pooled": pooled}
 
 
 # --- task, groups, splits ---------------------------------------------------------------
@@ -492,12 +558,22 @@ class _Trainer:
             return M.classification_metrics(y, p, self.task.n_out)["macro_f1"]
         return -float(np.mean(np.abs(pred.cpu().numpy() - y)))
 
-    def run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict]) -> dict:
-        """Train with early stopping, restore the best state, call after_fit, predict test."""
-        torch.manual_seed(seed)
+    def run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict],
+            fresh: tuple[nn.Module, Tensor] | None = None) -> dict:
+        """Train with early stopping, restore the best state, call after_fit, predict test.
+
+        `fresh` is an untrained head built just after torch.manual_seed(seed), with the RNG
+        state that followed; training it is the same as building one here.
+        """
+        if fresh is None:
+            torch.manual_seed(seed)
+            model = _make_head(self.fusion, self.spec, task.n_out, self.options)
+        else:
+            model, rng = fresh
+            torch.set_rng_state(rng)
+        model = model.to(self.device)
         gen = torch.Generator().manual_seed(seed)
         y_tr, y_va = self.labels[f.train], self.labels[f.val]
-        model = _make_head(self.fusion, self.spec, task.n_out, self.options).to(self.device)
         opt = torch.optim.AdamW(model.parameters(), lr=self.hp.lr, weight_decay=self.hp.weight_decay)
         loss_fn = self._loss_fn(y_tr)
         yt, yv = self._y(y_tr), self._y(y_va)
@@ -529,7 +605,7 @@ class _Trainer:
                          "val_metric": round(score if task.kind == "classification" else -score, 6),
                          "epoch_s": round(time.perf_counter() - t_epoch, 4)})
             if score > best_score + 1e-4 or (abs(score - best_score) <= 1e-4
-                                             and val_loss < best_loss):
+                                             and val_loss < best_loss - loss_min_delta(best_loss)):
                 best_score, best_loss = score, val_loss
                 best_state, best_epoch, bad = _state(model), epoch, 0
             else:
@@ -545,6 +621,15 @@ class _Trainer:
                 "aux": {k: (v.cpu().numpy(), p.cpu().numpy()) for k, (v, p) in aux.items()},
                 "best_epoch": best_epoch, "epochs_run": epoch,
                 "state": _state(model)}  # after after_fit: what was evaluated is what is saved
+
+
+def loss_min_delta(best_loss: float) -> float:
+    """How much lower a tied epoch's validation loss must be to count as progress: 1e-3 or 1%.
+
+    Once the metric saturates (e.g. F1 0.9995 on easy data) the loss keeps creeping down by
+    noise-sized steps; counting those reset patience for tens of epochs that change nothing.
+    """
+    return max(1e-3, 1e-2 * best_loss) if math.isfinite(best_loss) else 0.0
 
 
 def _state(model: nn.Module) -> dict[str, Tensor]:

@@ -1,7 +1,9 @@
 """Fusion heads: the registry the trainer builds heads from.
 
-Every head is `Head(spec: InputSpec, n_out: int, hidden=128, dropout=0.2, **head_options)` with
-`forward(batch) -> [B, n_out]`; see fusion/heads/base.py for the batch format.
+Every head is `Head(spec: InputSpec, n_out: int, hidden=..., dropout=0.2, **head_options)`
+(hidden 128 for early / late, 64 for the token and tensor heads, sized for a CPU) with
+`forward(batch) -> [B, n_out]`; see fusion/heads/base.py for the batch format and the optional
+`seq_inputs` / `prepare` hooks.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ from fusion.heads.base import (
     fill_absent,
     masked_mean,
     mlp,
+    prepare_tokens,
+    token_inputs,
 )
 
 
@@ -35,10 +37,10 @@ class CrossFusionSR(nn.Module):
         self,
         spec: InputSpec,
         n_out: int,
-        hidden: int = 128,
+        hidden: int = 64,
         dropout: float = 0.2,
         heads: int = 4,
-        max_tokens: int = 16,
+        max_tokens: int = 8,
         anchor: str = "audio",
         layers: int = 1,
     ):
@@ -54,6 +56,7 @@ class CrossFusionSR(nn.Module):
         self.tokens = nn.ModuleDict(
             {m.name: Tokens(m, hidden, max_tokens=max_tokens) for m in spec.modalities}
         )
+        self.seq_inputs = token_inputs(self.tokens)
         self.self_attn = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(layers))
         self.cross = nn.ModuleList(
             Block(hidden, heads, dropout, cross=True) for _ in range(layers if self.others else 0)
@@ -63,6 +66,10 @@ class CrossFusionSR(nn.Module):
         self.cond = VectorEncoder(spec.cond.pooled_dim, hidden) if spec.cond else None
         n_in = len(names) + (self.cond is not None)
         self.head = mlp(n_in * hidden, hidden, n_out, dropout)
+
+    def prepare(self, data: dict) -> dict:
+        """Window-average every sequence once for all rows (see Tokens.prepare)."""
+        return prepare_tokens(self.tokens, data)
 
     def forward(self, batch: dict) -> Tensor:
         xa, pa, ya = self.tokens[self.anchor](batch[self.anchor])

@@ -26,6 +26,8 @@ from fusion.heads.base import (
     clean_pooled,
     fill_absent,
     mlp,
+    prepare_tokens,
+    token_inputs,
 )
 
 
@@ -34,10 +36,10 @@ class ConditionalQueryFusion(nn.Module):
         self,
         spec: InputSpec,
         n_out: int,
-        hidden: int = 128,
+        hidden: int = 64,
         dropout: float = 0.2,
         heads: int = 4,
-        max_tokens: int = 16,
+        max_tokens: int = 8,
     ):
         super().__init__()
         check_spec(spec)
@@ -50,6 +52,7 @@ class ConditionalQueryFusion(nn.Module):
         self.tokens = nn.ModuleDict(
             {m.name: Tokens(m, hidden, max_tokens=max_tokens) for m in spec.modalities}
         )
+        self.seq_inputs = token_inputs(self.tokens)
         self.ln_kv = nn.ModuleDict({name: nn.LayerNorm(hidden) for name in self.names})
         self.attn = nn.ModuleDict({name: Attention(hidden, heads) for name in self.names})
         self.absent = nn.ParameterDict(
@@ -64,6 +67,10 @@ class ConditionalQueryFusion(nn.Module):
             return self.learned_query.expand(b, -1)
         c, present = clean_pooled(batch["cond"], self.learned_query.dtype)
         return fill_absent(self.query_proj(c), present, self.learned_query)
+
+    def prepare(self, data: dict) -> dict:
+        """Window-average every sequence once for all rows (see Tokens.prepare)."""
+        return prepare_tokens(self.tokens, data)
 
     def forward(self, batch: dict) -> Tensor:
         q = self.query(batch)

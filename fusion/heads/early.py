@@ -45,6 +45,7 @@ class EarlyFusion(nn.Module):
         self.names = spec.names
         # Which modalities are summarised from their sequence (vector modalities always pooled).
         self.from_seq = {m.name: pool != "pooled" and m.is_sequence for m in spec.modalities}
+        self.seq_inputs = tuple(n for n, from_seq in self.from_seq.items() if from_seq)
         self.proj = nn.ModuleDict()
         self.absent = nn.ParameterDict()
         self.attn_pool = nn.ModuleDict()

@@ -31,6 +31,8 @@ from fusion.heads.base import (
     masked_mean,
     masked_softmax,
     mlp,
+    prepare_tokens,
+    token_inputs,
 )
 
 PAIRS = (("text", "visual"), ("visual", "audio"))
@@ -41,11 +43,11 @@ class HybridFusion(nn.Module):
         self,
         spec: InputSpec,
         n_out: int,
-        hidden: int = 128,
+        hidden: int = 64,
         dropout: float = 0.2,
         layers: int = 1,
         heads: int = 4,
-        max_tokens: int = 16,
+        max_tokens: int = 8,
         pairs: tuple[tuple[str, str], ...] = PAIRS,
     ):
         super().__init__()
@@ -58,6 +60,7 @@ class HybridFusion(nn.Module):
         self.tokens = nn.ModuleDict(
             {m.name: Tokens(m, hidden, max_tokens=max_tokens) for m in spec.modalities}
         )
+        self.seq_inputs = token_inputs(self.tokens)
         self.encoder = nn.ModuleDict(
             {
                 m.name: nn.ModuleList(Block(hidden, heads, dropout) for _ in range(layers))
@@ -83,6 +86,10 @@ class HybridFusion(nn.Module):
         self.prior = nn.Parameter(torch.zeros(n_out))
         self.aux_logits: dict[str, Tensor] = {}
         self.aux_present: dict[str, Tensor] = {}
+
+    def prepare(self, data: dict) -> dict:
+        """Window-average every sequence once for all rows (see Tokens.prepare)."""
+        return prepare_tokens(self.tokens, data)
 
     def forward(self, batch: dict) -> Tensor:
         enc: dict[str, tuple[Tensor, Tensor, Tensor]] = {}

@@ -54,6 +54,7 @@ class LateFusion(nn.Module):
         if spec.cond is not None:
             inputs.append(("cond", spec.cond.pooled_dim))
         self.names = tuple(name for name, _ in inputs)
+        self.seq_inputs: tuple[str, ...] = ()  # pooled vectors only: no sequence is loaded
         self.clf = nn.ModuleDict({name: mlp(d, hidden, n_out, dropout) for name, d in inputs})
         self.prior = nn.Parameter(torch.zeros(n_out))  # answer when nothing is present
         k = len(inputs)

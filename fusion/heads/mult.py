@@ -25,6 +25,8 @@ from fusion.heads.base import (
     fill_absent,
     masked_mean,
     mlp,
+    prepare_tokens,
+    token_inputs,
 )
 
 
@@ -33,10 +35,10 @@ class MulTLite(nn.Module):
         self,
         spec: InputSpec,
         n_out: int,
-        hidden: int = 128,
+        hidden: int = 64,
         dropout: float = 0.2,
         heads: int = 4,
-        max_tokens: int = 16,
+        max_tokens: int = 8,
     ):
         super().__init__()
         check_spec(spec)
@@ -44,6 +46,7 @@ class MulTLite(nn.Module):
         self.tokens = nn.ModuleDict(
             {m.name: Tokens(m, hidden, max_tokens=max_tokens) for m in spec.modalities}
         )
+        self.seq_inputs = token_inputs(self.tokens)
         self.cross = nn.ModuleDict(
             {
                 f"{t}<-{s}": Block(hidden, heads, dropout, cross=True)
@@ -63,6 +66,10 @@ class MulTLite(nn.Module):
         self.cond = VectorEncoder(spec.cond.pooled_dim, hidden) if spec.cond else None
         n_in = k + (self.cond is not None)
         self.head = mlp(n_in * hidden, hidden, n_out, dropout)
+
+    def prepare(self, data: dict) -> dict:
+        """Window-average every sequence once for all rows (see Tokens.prepare)."""
+        return prepare_tokens(self.tokens, data)
 
     def forward(self, batch: dict) -> Tensor:
         toks = {name: self.tokens[name](batch[name]) for name in self.names}

@@ -91,7 +91,11 @@ def test_registry_has_the_interface_heads():
     assert set(HEADS) == {"early", "late", "hybrid", "cquery", "tfn", "mult", "cfnsr"}
     for name in HEADS:
         opts = head_options(name)
-        assert opts["hidden"] == 128 and opts["dropout"] == 0.2
+        # the token and tensor heads are sized for a CPU fit of a 10k-clip set in seconds
+        assert opts["hidden"] == (128 if name in ("early", "late") else 64), name
+        assert opts["dropout"] == 0.2
+        if "max_tokens" in opts:
+            assert opts["max_tokens"] == 8, name
 
 
 def test_build_head_rejects_unknown_name_and_options():
@@ -244,6 +248,67 @@ def test_window_weights_average_valid_steps_per_window():
     w, ok = window_weights(valid, 3, torch.float32)
     assert ok.tolist() == [[True, True, False], [True, False, False]]
     assert (w @ seq)[..., 0].tolist() == [[1.0, 3.5, 0.0], [0.0, 0.0, 0.0]]
+
+
+TOKEN_HEADS = ["hybrid", "cquery", "mult", "cfnsr"]
+
+
+@pytest.mark.parametrize("name", TOKEN_HEADS)
+@pytest.mark.parametrize("max_tokens", [4, 12])  # windows of 2-3 steps, and no windows (w=1)
+def test_prepared_rows_give_the_same_outputs(name, max_tokens):
+    """prepare() (once, all rows) then any rows == the raw rows, dropout-marked absent too."""
+    g = torch.Generator().manual_seed(15)
+    spec = make_spec()
+    head = make_head(name, {"max_tokens": max_tokens}, spec)
+    assert set(head.seq_inputs) == {"audio", "text", "visual"}  # meta is a vector modality
+    batch = make_batch(spec, 10, g, p_absent=0.3)
+    for m in ("audio", "visual"):  # garbage in the padding, which prepare must mask as well
+        x = batch[m]
+        after = torch.arange(x["seq"].shape[1])[None, :] >= x["len"][:, None]
+        x["seq"][after] = 9.0
+    prepared = head.prepare(batch)
+    windowed = max_tokens == 4
+    for m in ("audio", "text", "visual"):
+        assert ("seq" in prepared[m]) != windowed, m  # the raw steps are gone when windowed
+        assert any(k.startswith("seq@") for k in prepared[m]) == windowed, m
+    torch.testing.assert_close(run(head, prepared), run(head, batch))
+    rows = torch.tensor([7, 2, 2, 5])
+    sub = {k: {kk: v[rows] for kk, v in x.items()} for k, x in prepared.items()}
+    torch.testing.assert_close(run(head, sub), run(head, take(batch, rows)))
+    # a row marked absent after preparing (modality dropout) is absent, not stale data
+    sub["audio"]["present"][0] = False
+    dropped = take(batch, rows)
+    dropped["audio"]["present"][0] = False
+    torch.testing.assert_close(run(head, sub), run(head, dropped))
+
+
+def test_pooled_only_heads_read_no_sequence():
+    spec = make_spec()
+    assert make_head("late", {}, spec).seq_inputs == ()
+    assert make_head("tfn", {}, spec).seq_inputs == ()
+    assert make_head("early", {"pool": "pooled"}, spec).seq_inputs == ()
+    assert make_head("early", {"pool": "mean"}, spec).seq_inputs == ("audio", "text", "visual")
+    # ...and they answer the same without the sequences
+    g = torch.Generator().manual_seed(16)
+    batch = make_batch(spec, 6, g, p_absent=0.2)
+    bare = {k: {kk: v for kk, v in x.items() if kk not in ("seq", "len")} for k, x in batch.items()}
+    for name, opts in (("late", {}), ("tfn", {}), ("early", {})):
+        head = make_head(name, opts, spec)
+        torch.testing.assert_close(run(head, bare), run(head, batch))
+
+
+def test_fast_dropout_keeps_the_expectation():
+    from fusion.heads.base import Dropout
+
+    drop = Dropout(0.25).train()
+    torch.manual_seed(0)
+    y = drop(torch.ones(200_000))
+    zeros = float((y == 0).float().mean())
+    assert 0.24 < zeros < 0.26
+    torch.testing.assert_close(y.unique(), torch.tensor([0.0, 4 / 3]))
+    assert abs(float(y.mean()) - 1.0) < 0.01
+    assert torch.equal(drop.eval()(y), y)
+    assert torch.equal(Dropout(1.0).train()(torch.ones(3)), torch.zeros(3))
 
 
 # ---- gradients ------------------------------------------------------------------------------
@@ -428,7 +493,8 @@ def test_tfn_dim_keeps_the_tensor_small():
     for k in range(1, 6):
         assert (auto_dim(k, 8192) + 1) ** k <= 8192
     head = make_head("tfn", {}, make_spec())  # 4 modalities + cond
-    assert head.dim == auto_dim(5, 8192) and head.dim >= 4
+    assert head.dim == auto_dim(5, 2048) == 3  # the default max_tensor: 4 ** 5 = 1024 entries
+    assert make_head("tfn", {"max_tensor": 8192}, make_spec()).dim == auto_dim(5, 8192) == 5
     with pytest.raises(ValueError, match="lower dim"):
         build_head("tfn", make_spec(), 3, dim=16)
 

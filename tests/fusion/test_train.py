@@ -6,11 +6,11 @@ import csv
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -21,8 +21,11 @@ from fusion.train import (
     Task,
     _groups,
     _plan,
+    auto_batch,
     drop_modalities,
     fit,
+    load_inputs,
+    loss_min_delta,
     standardise,
     to_tensors,
 )
@@ -228,3 +231,49 @@ def test_fit_imports_no_media_or_encoder(signal_cache: Path, tmp_path: Path) -> 
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_auto_batch_keeps_epochs_short_and_scales_lr() -> None:
+    assert auto_batch(200, 2e-3) == (128, 2e-3)  # small sets: the usual 128
+    assert auto_batch(20 * 128, 2e-3) == (128, 2e-3)
+    bs, lr = auto_batch(8500, 2e-3)
+    assert bs % 32 == 0 and -(-8500 // bs) <= 20 and bs - 8500 / 20 < 32  # just big enough
+    assert lr == pytest.approx(2e-3 * (bs / 128) ** 0.5)
+
+
+def test_loss_tie_break_needs_a_real_improvement() -> None:
+    assert loss_min_delta(float("inf")) == 0.0  # the first epoch always counts
+    assert loss_min_delta(0.0006) == 1e-3  # noise-sized creeping of a saturated model: no
+    assert loss_min_delta(0.5) == pytest.approx(5e-3)
+
+
+def test_load_inputs_reads_only_the_sequences_a_head_uses(signal_cache: Path) -> None:
+    fs = open_set(signal_cache, "synth")
+    rows = np.flatnonzero(fs.complete)
+    full = fs.load(["audio", "text"], rows)
+    part = load_inputs(fs, ["audio", "text"], rows, ("text",))
+    assert list(part) == list(full) == ["audio", "text", "cond"]
+    assert set(part["audio"]) == {"present", "pooled"} and "seq" in part["text"]
+    for m in part:
+        for k, v in part[m].items():
+            np.testing.assert_array_equal(v, full[m][k])
+    assert {k for d in load_inputs(fs, ["audio"], rows, ()).values() for k in d} == {
+        "present", "pooled"}
+    assert load_inputs(fs, ["audio"], rows, None)["audio"].keys() == full["audio"].keys()
+
+
+def test_token_head_fit_prepares_once_and_learns(signal_cache: Path, tmp_path: Path) -> None:
+    calls: list[int] = []
+    made = []
+
+    def factory(spec, n_out, **opts):
+        head = build_head("cquery", spec, n_out, **opts)
+        inner = head.prepare
+        head.prepare = lambda data: calls.append(1) or inner(data)
+        made.append(head)
+        return head
+
+    m = fit(signal_cache, "synth", factory, ["audio", "text"], seeds=2, runs_dir=tmp_path,
+            **{**QUICK, "head_options": {"hidden": 32, "max_tokens": 4}}).metrics
+    assert len(calls) == 1 and len(made) == 2  # once per fold, not per seed; no spare head
+    assert m["macro_f1"] > m["majority_baseline"]["macro_f1"] + 0.3
