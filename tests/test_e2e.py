@@ -185,6 +185,14 @@ def test_ravdess_speech_actor_disjoint_beats_majority(tmp_path) -> None:
         assert m["accuracy"] > m["majority_baseline"]["accuracy"], (held_out, m["accuracy"], m["majority_baseline"])
         assert m["macro_f1"] > m["majority_baseline"]["macro_f1"]
         accs.append(m["accuracy"])
+        if held_out == 2:  # every head trains on these real cached features (all = audio + meta)
+            from fusion.heads import HEADS
+
+            for head in sorted(HEADS):
+                r = fit(cache, name, head, "all", seeds=1, epochs=4, split="official",
+                        runs_dir=tmp_path / "runs", name=f"rav-{head}")
+                assert r.metrics["n_test"] == 15 and np.isfinite(r.metrics["accuracy"]), head
+                assert (r.run_dir / "model.safetensors").is_file(), head
     # measured 0.244 and 0.222 across genders; chance with 8 classes is 0.125
     assert np.mean(accs) > 1 / 8, accs
 
@@ -214,3 +222,9 @@ def test_meld_dev_text_beats_majority_macro_f1(tmp_path) -> None:
     assert m["modalities"] == ["text"] and m["n_test"] == 200
     base = m["majority_baseline"]["macro_f1"]
     assert m["macro_f1"] > base + 0.05, (m["macro_f1"], base)  # measured 0.30 vs 0.08 on 300
+    from fusion.heads import HEADS
+
+    for head in sorted(HEADS):  # every head on real text-only features (no sequence partner)
+        r = fit(cache, "meld", head, ["text"], seeds=1, epochs=4, split="kfold", folds=2,
+                runs_dir=tmp_path / "runs", name=f"meld-{head}")
+        assert r.metrics["n_test"] == 200 and np.isfinite(r.metrics["macro_f1"]), head
