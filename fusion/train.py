@@ -563,8 +563,15 @@ class _Trainer:
         """Train with early stopping, restore the best state, call after_fit, predict test.
 
         `fresh` is an untrained head built just after torch.manual_seed(seed), with the RNG
-        state that followed; training it is the same as building one here.
+        state that followed; training it is the same as building one here. Gradients are
+        switched on explicitly: a library that turned them off globally in this process (an
+        encoder loaded by `mmemo predict`, say) must not break training.
         """
+        with torch.enable_grad():
+            return self._run(data, f, task, seed, fold, logs, fresh)
+
+    def _run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict],
+             fresh: tuple[nn.Module, Tensor] | None = None) -> dict:
         if fresh is None:
             torch.manual_seed(seed)
             model = _make_head(self.fusion, self.spec, task.n_out, self.options)

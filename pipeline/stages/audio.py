@@ -216,7 +216,6 @@ class HfAudio(Stage):
         return self._model_config
 
     def load(self) -> None:
-        import torch
         from transformers import AutoFeatureExtractor, AutoModel
 
         c = self.config
@@ -230,7 +229,6 @@ class HfAudio(Stage):
         except (OSError, ValueError) as e:
             raise _missing_model(c.model, c.revision, e) from None
         self.model.eval().to(self.device)
-        torch.set_grad_enabled(False)
         self.sr = int(self.extractor.sampling_rate)
         self.kernels, self.strides = list(hc.conv_kernel), list(hc.conv_stride)
         self.receptive = frames_needed(self.kernels, self.strides)

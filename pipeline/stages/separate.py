@@ -333,9 +333,7 @@ class DemucsSeparation(Stage):
     config: DemucsConfig
 
     def load(self) -> None:
-        import torch
 
-        torch.set_grad_enabled(False)
         self.model = load_demucs(self.config.model, self.config.model_dir)
         if "vocals" not in self.model.sources:
             raise ModelMissingError(
