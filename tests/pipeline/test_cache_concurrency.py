@@ -279,7 +279,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(toy, reference, t
     reader = subprocess.Popen([PY, "-c", READER, str(base), str(stop), str(report)], env=_env())
     try:
         drv = subprocess.run(
-            [PY, "-c", DRIVER, str(base), str(toy.preset), str(toy.manifests), "1234", "10", "1.5", str(stop)],
+            [PY, "-c", DRIVER, str(base), str(toy.preset), str(toy.manifests), "1234", "10", "0.3", str(stop)],
             env=_env(), cwd=toy.base, capture_output=True, text=True, timeout=500,
         )
     finally:
