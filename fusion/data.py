@@ -244,24 +244,28 @@ class FeatureSet:
                          extra={"dataset": self.attrs.get("dataset"), "key": self.key,
                                 "classes": self.classes})
 
-    def load(self, modalities: list[str] | str, rows: np.ndarray, cond: bool = True) -> dict:
+    def load(self, modalities: list[str] | str, rows: np.ndarray, cond: bool = True,
+             sequences: tuple[str, ...] | None = None) -> dict:
         """The batch-format dict (numpy, float32) for `rows` of the asked modalities.
 
-        Reads only those modalities' arrays and the chunks holding `rows`. Rows must be
+        Reads only those modalities' arrays and the chunks holding `rows`; `sequences` names
+        the modalities whose [N, T, D] sequences are wanted (None: all) — they are most of a
+        set's bytes, and a head that reads pooled vectors only never needs them. Rows must be
         complete; present rows must be finite (else DataError).
         """
         rows = np.sort(np.asarray(rows, dtype=np.int64))
         if len(rows) and not self.complete[rows].all():
             raise DataError(f"feature set {self.name}: asked for rows of unfinished units")
         names = self.resolve(modalities) + ([COND] if cond and self.has_cond else [])
-        return {m: self._load_modality(m, rows) for m in names}
+        return {m: self._load_modality(m, rows, sequences is None or m in sequences)
+                for m in names}
 
-    def _load_modality(self, m: str, rows: np.ndarray) -> dict:
+    def _load_modality(self, m: str, rows: np.ndarray, with_seq: bool = True) -> dict:
         spec = self.modality_spec(m)
         g = self._group
         out = {"present": _read_rows(g[f"{m}/present"], rows).astype(bool),
                "pooled": _f32(_read_rows(g[f"{m}/pooled"], rows))}
-        if spec.is_sequence:
+        if spec.is_sequence and with_seq:
             out["seq"] = _f32(_read_rows(g[f"{m}/seq"], rows))
             out["len"] = _read_rows(g[f"{m}/len"], rows).astype(np.int64)
         pres = out["present"]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion import metrics as M
-from fusion.data import COND, DataError, FeatureSet, _all_finite, _f32, _read_rows, open_set
+from fusion.data import DataError, FeatureSet, open_set
 
 log = logging.getLogger(__name__)
 
@@ -207,35 +207,9 @@ def default_threads() -> int:
 
 def load_inputs(fs: FeatureSet, mods: list[str], rows: np.ndarray,
                 seq_inputs: tuple[str, ...] | None) -> dict:
-    """fs.load(mods, rows), reading the sequences only of the modalities in `seq_inputs`.
-
-    `None` (a head that does not say what it reads) loads everything. The sequences are most
-    of a set's bytes, so a head that reads pooled vectors only loads in a fraction of the time.
-    """
-    if seq_inputs is None:
-        return fs.load(mods, rows)
-    rows = np.sort(np.asarray(rows, dtype=np.int64))
-    with_seq = [m for m in mods if m in seq_inputs]
-    out = fs.load(with_seq, rows) if with_seq else {}
-    names = mods + ([COND] if fs.has_cond else [])
-    if len(rows) and not fs.complete[rows].all():
-        raise DataError(f"feature set {fs.name}: asked for rows of unfinished units")
-    for m in names:
-        if m not in out:
-            out[m] = _load_vector(fs, m, rows)
-    return {m: out[m] for m in names}
-
-
-def _load_vector(fs: FeatureSet, m: str, rows: np.ndarray) -> dict:
-    """present + pooled of one modality at sorted `rows` (float32), without its sequence."""
-    g = fs._group
-    present = _read_rows(g[f"{m}/present"], rows).astype(bool)
-    pooled = _f32(_read_rows(g[f"{m}/pooled"], rows))
-    if not _all_finite(pooled) and not _all_finite(pooled[present]):
-        bad = ~np.isfinite(pooled[present]).all(axis=1)
-        raise DataError(f"feature set {fs.name}: modality {m!r} has non-finite pooled values in "
-                        f"{int(bad.sum())} present rows (first: {fs.ids[rows[present][bad][0]]})")
-    return {"present": present, "pooled": pooled}
+    """fs.load(mods, rows), reading the sequences only of the modalities in `seq_inputs`
+    (`None`: a head that does not say what it reads gets everything)."""
+    return fs.load(mods, rows, sequences=seq_inputs)
 
 
 # --- task, groups, splits ---------------------------------------------------------------
