@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -333,8 +332,6 @@ def repair_set(
     """Re-extract the report's bad units with the preset recorded in the set; returns how many
     units were written. The plan must reproduce the set's key, which proves that the manifest,
     the media and the preset are still the ones the set was made from."""
-    import tomli_w
-
     from pipeline.runner import plan_extract, run_extract
 
     if not report.bad_units:
@@ -348,10 +345,7 @@ def repair_set(
     if not preset:
         raise ValueError(f"set {report.key} was not made by the extractor (no preset_config; "
                          f"imported?): import it again instead of repairing")
-    with tempfile.TemporaryDirectory(prefix="mmemo-repair-") as td:
-        pfile = Path(td) / f"{preset.get('name', 'preset')}.toml"
-        pfile.write_bytes(tomli_w.dumps(preset).encode())
-        plan = plan_extract(fs.attrs["dataset"], root=root, preset=str(pfile), manifests=manifests)
+    plan = plan_extract(fs.attrs["dataset"], root=root, preset=dict(preset), manifests=manifests)
     if plan.key != report.key:
         raise ValueError(f"set {report.key}: the manifest, media or preset changed since it was made "
                          f"(they now give key {plan.key}); extract again instead of repairing")

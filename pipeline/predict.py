@@ -31,8 +31,6 @@ def _training_preset(run_cfg: dict[str, Any]) -> dict[str, Any]:
 
 def predict_file(video: Path, run: Path, text: str | None = None, title: str | None = None,
                  preset: str | None = None) -> dict[str, Any]:
-    import tomli_w
-
     from fusion.predict import predict_set
 
     video = Path(video).resolve()
@@ -53,12 +51,8 @@ def predict_file(video: Path, run: Path, text: str | None = None, title: str | N
         info = {"name": "predict", "root": str(video.parent), "classes": attrs.get("classes", []),
                 "label_derived": attrs.get("label_derived", []), "group_by": attrs.get("group_by")}
         write_dataset_info("predict", info, tmp / "manifests")
-        if preset_cfg is not None:
-            preset_path = tmp / "preset.toml"
-            preset_cfg["name"] = "predict"
-            preset_path.write_bytes(tomli_w.dumps(preset_cfg).encode())
-            preset = str(preset_path)
-        plan = plan_extract("predict", video.parent, preset, manifests=tmp / "manifests")
+        plan = plan_extract("predict", video.parent, preset_cfg if preset is None else preset,
+                            manifests=tmp / "manifests")
         summary = run_extract(plan, cache=tmp / "cache")
         out = predict_set(Path(run), tmp / "cache", plan.key)[0]
         out["failures"] = summary.failures

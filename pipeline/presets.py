@@ -44,7 +44,15 @@ def apply_overrides(preset: dict[str, Any], overrides: list[str] | None) -> dict
     return out
 
 
-def load_preset(name_or_path: str = "offline", overrides: list[str] | None = None) -> dict[str, Any]:
+def load_preset(name_or_path: str | dict[str, Any] = "offline", overrides: list[str] | None = None) -> dict[str, Any]:
+    """A preset by name, by TOML path, or as data (the config recorded in a feature set's attrs,
+    which `predict` and `cache verify --repair` reuse so they extract exactly as before)."""
+    if isinstance(name_or_path, dict):
+        preset = apply_overrides(name_or_path, overrides)
+        missing = [s for s in STAGE_ORDER if s not in preset]
+        if missing:
+            raise ValueError(f"preset {preset.get('name', '?')}: missing stage tables {missing}")
+        return preset
     p = Path(name_or_path)
     if not p.suffix:
         p = PRESET_DIR / f"{name_or_path}.toml"

@@ -154,7 +154,7 @@ def _layout(preset: dict[str, Any], stages: list[Stage], n: int) -> SetLayout:
 def plan_extract(
     dataset: str,
     root: str | os.PathLike | None = None,
-    preset: str = "offline",
+    preset: str | dict[str, Any] = "offline",
     overrides: list[str] | None = None,
     manifests: str | os.PathLike = "manifests",
     device: str = "cpu",
@@ -412,13 +412,13 @@ def run_unit(task: dict[str, Any]) -> UnitResult:
     store = Store(task["cache"])
     u = int(task["unit"])
     fs = store.open(task["key"])
-    if fs.is_done(u) and not task.get("force"):
+    if fs.is_done(u):  # --force clears markers before any task is made
         return UnitResult(u, "skipped")
     claim = store.claim(task["key"], u, lease_s=float(task.get("lease", 3600)))
     if claim is None:
         return UnitResult(u, "busy")
     try:
-        if fs.is_done(u) and not task.get("force"):
+        if fs.is_done(u):
             return UnitResult(u, "skipped")
         if task.get("threads"):
             _limit_threads(int(task["threads"]))
@@ -501,7 +501,7 @@ class Summary:
         return len({f["id"] for f in self.failures})
 
 
-def unit_tasks(plan: Plan, cache: Path, units: list[int], force: bool, batch_size: int | None,
+def unit_tasks(plan: Plan, cache: Path, units: list[int], batch_size: int | None,
                lease: float, threads: int | None) -> list[dict[str, Any]]:
     tasks = []
     for u in units:
@@ -516,7 +516,6 @@ def unit_tasks(plan: Plan, cache: Path, units: list[int], force: bool, batch_siz
                 "preset": plan.preset,
                 "info": plan.info,
                 "device": plan.device,
-                "force": force,
                 "batch_size": batch_size,
                 "lease": lease,
                 "threads": threads,
@@ -597,7 +596,7 @@ def run_extract(
 
     rounds = 0
     while pending:
-        tasks = unit_tasks(plan, store.root, pending, False, batch_size, lease, threads)
+        tasks = unit_tasks(plan, store.root, pending, batch_size, lease, threads)
         results = _execute(tasks, executor, workers, scheduler)
         busy = []
         for res in results:
@@ -648,7 +647,3 @@ def _execute(tasks: list[dict[str, Any]], executor: str, workers: int, scheduler
                 cluster.close()
         return
     raise ValueError(f"unknown executor '{executor}' (inline, process, dask, auto)")
-
-
-def read_ledger(store: Store, key: str) -> list[dict[str, Any]]:
-    return store.open(key).failures()

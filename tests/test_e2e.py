@@ -114,6 +114,21 @@ def test_demo_path_sample_extract_fit_from_the_cache_only(demo) -> None:
         rows = list(csv.DictReader(fh))
     assert rows and {int(r["seed"]) for r in rows} == {0, 1} and {int(r["fold"]) for r in rows} == {0, 1, 2, 3}
 
+    # predict: one video through the run's exact extraction config, then the saved model
+    out = mmemo("predict", str(demo["data"] / "videos" / f"{ids[0]}.mp4"), "--run", str(run),
+                "--text", "I am so excited about the party", cwd=tmp)
+    for cls in ("happy", "sad", "angry", "neutral"):
+        assert cls in out, out
+    assert "modality shares" in out and "visual" in out and "text" in out
+    from pipeline.predict import predict_file
+
+    res = predict_file(demo["data"] / "videos" / f"{ids[0]}.mp4", run, text="I am so excited")
+    assert set(res["probs"]) == {"happy", "sad", "angry", "neutral"}
+    assert abs(sum(res["probs"].values()) - 1) < 1e-5 and not res["failures"]
+    assert all(s["present"] for s in res["shares"].values())
+    assert abs(sum(s["share"] for s in res["shares"].values()) - 1) < 1e-5 or not any(
+        s["share"] for s in res["shares"].values())
+
 
 # --- issue 5: fusion beats the best single modality on the sample ----------------------------
 @pytest.mark.slow  # ~2-3 min: 120 clips extracted (OCR skipped), 8 heads x 5 folds x 3 seeds

@@ -86,7 +86,7 @@ def test_runner_refuses_a_hostile_id_smuggled_past_the_manifest(tmp_path):
     from pipeline.runner import create_set
 
     create_set(plan, Store(cache))
-    task = unit_tasks(plan, cache, [0], False, None, 60.0, None)[0]
+    task = unit_tasks(plan, cache, [0], None, 60.0, None)[0]
     task["clips"][0]["id"] = "../../../owned"
     before = _snapshot(tmp_path, cache)
     with pytest.raises(ValidationError):
