@@ -179,40 +179,38 @@ class NoSeparation(Stage):
         ctx.status["separate"] = "passthrough"
 
 
+class _MaskSeparation(Stage):
+    """A classical mask separator: `separate(audio, sr, config)` on the clip's audio."""
+
+    stage: ClassVar[str] = "separate"
+    version: ClassVar[str] = "1"
+    separate: ClassVar[Any]
+
+    def process_one(self, ctx: ClipContext) -> None:
+        got = _clip_audio(ctx)
+        if got is None:
+            return
+        sep = type(self).separate(got[0], got[1], self.config)
+        ctx.vocals, ctx.accompaniment = sep.vocals, sep.accompaniment
+        ctx.status["separate"] = sep.note
+
+
 @register
-class RepetSeparation(Stage):
+class RepetSeparation(_MaskSeparation):
     """Offline default: REPET-SIM with a passthrough gate (see `repet_separate`)."""
 
-    stage: ClassVar[str] = "separate"
     backend: ClassVar[str] = "repet"
-    version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = RepetConfig
-
-    def process_one(self, ctx: ClipContext) -> None:
-        got = _clip_audio(ctx)
-        if got is None:
-            return
-        sep = repet_separate(got[0], got[1], self.config)  # type: ignore[arg-type]
-        ctx.vocals, ctx.accompaniment = sep.vocals, sep.accompaniment
-        ctx.status["separate"] = sep.note
+    separate = staticmethod(repet_separate)
 
 
 @register
-class HpssSeparation(Stage):
+class HpssSeparation(_MaskSeparation):
     """Two-stage HPSS (see `hpss_separate`); measured worse than REPET, kept for comparison."""
 
-    stage: ClassVar[str] = "separate"
     backend: ClassVar[str] = "hpss"
-    version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = HpssConfig
-
-    def process_one(self, ctx: ClipContext) -> None:
-        got = _clip_audio(ctx)
-        if got is None:
-            return
-        sep = hpss_separate(got[0], got[1], self.config)  # type: ignore[arg-type]
-        ctx.vocals, ctx.accompaniment = sep.vocals, sep.accompaniment
-        ctx.status["separate"] = sep.note
+    separate = staticmethod(hpss_separate)
 
 
 # --- Demucs -------------------------------------------------------------------------------------
