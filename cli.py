@@ -35,6 +35,39 @@ def _split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _head_opts(opts: list[str] | None, heads: list[str]) -> dict[str, dict]:
+    """`--opt` values -> {head: {option: value}}. `KEY=VALUE` goes to every head among `heads`
+    that has option KEY; `HEAD.KEY=VALUE` to that head only. VALUE is read as TOML (64, 0.1,
+    true, "mean"), else taken as a string."""
+    import tomllib
+
+    from fusion.heads import HEADS, head_options
+
+    out: dict[str, dict] = {}
+    for item in opts or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            _fail(f"--opt {item!r}: expected KEY=VALUE or HEAD.KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        head, _, name = key.rpartition(".")
+        if head and head not in HEADS:
+            _fail(f"--opt {item!r}: unknown head {head!r}; known: {', '.join(HEADS)}")
+        if head and head not in heads:
+            _fail(f"--opt {item!r}: head {head!r} is not among --fusion {','.join(heads)}")
+        targets = [head] if head else [h for h in heads if h in HEADS and name in head_options(h)]
+        if not targets or any(name not in head_options(h) for h in targets if h in HEADS):
+            valid = {h: ", ".join(head_options(h)) for h in (targets or heads) if h in HEADS}
+            _fail(f"--opt {item!r}: no such option for {' / '.join(valid) or 'these heads'}; "
+                  + "; ".join(f"{h}: {v}" for h, v in valid.items()))
+        for h in targets:
+            out.setdefault(h, {})[name] = value
+    return out
+
+
 def _fail(msg: str, code: int = 2) -> None:
     # one line whatever the terminal width (no wrapping), and the message is text, not markup
     from rich.markup import escape
@@ -126,6 +159,24 @@ def extract(
 
 
 # --- fusion ----------------------------------------------------------------------------------
+OptOpt = typer.Option(None, "--opt", help="Head option KEY=VALUE (or HEAD.KEY=VALUE), repeatable: "
+                      "--opt hidden=64 --opt hybrid.max_tokens=8.")
+LrOpt = typer.Option(2e-3, "--lr", help="Learning rate at batch 128 (scaled with the auto batch).")
+BatchOpt = typer.Option(None, "--batch-size", help="Rows per step (default: automatic).")
+PatienceOpt = typer.Option(5, "--patience", help="Epochs without validation progress before stopping.")
+ModDropOpt = typer.Option(0.1, "--modality-dropout", help="Chance a modality is hidden from a training row.")
+ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: half the cores, at most 4).")
+
+
+def _trainer_kwargs(lr: float, batch_size: int | None, patience: int, modality_dropout: float,
+                    threads: int | None) -> dict:
+    kw = {"lr": lr, "batch_size": batch_size, "patience": patience,
+          "modality_dropout": modality_dropout}
+    if threads is not None:
+        kw["threads"] = threads
+    return kw
+
+
 @app.command()
 def fit(
     dataset: str = typer.Option(..., "--dataset"),
@@ -142,6 +193,12 @@ def fit(
     target: str = typer.Option("label", "--target", help="label | sentiment | valence | arousal"),
     device: str = typer.Option("cpu", "--device"),
     runs: Path = typer.Option(Path("runs"), "--runs"),
+    opt: list[str] = OptOpt,
+    lr: float = LrOpt,
+    batch_size: int = BatchOpt,
+    patience: int = PatienceOpt,
+    modality_dropout: float = ModDropOpt,
+    threads: int = ThreadsOpt,
 ) -> None:
     """Fit a fusion head on cached features (never touches media or encoders)."""
     from fusion.data import DataError
@@ -149,11 +206,13 @@ def fit(
     from fusion.train import fit as do_fit
 
     mods = "all" if modalities == "all" else _split_list(modalities)
+    head_opts = _head_opts(opt, [fusion]).get(fusion)
     try:
         res = do_fit(
             cache_root=_cache(cache), dataset=dataset, fusion=fusion, modalities=mods, seeds=seeds,
             name=name, runs_dir=runs, split=split, folds=folds, group_by=group_by, epochs=epochs,
-            device=device, target=target, preset=preset,
+            device=device, target=target, preset=preset, head_options=head_opts,
+            **_trainer_kwargs(lr, batch_size, patience, modality_dropout, threads),
         )
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(str(e))
@@ -180,20 +239,27 @@ def ablate(
     folds: int = typer.Option(5, "--folds"),
     epochs: int = typer.Option(40, "--epochs", help="Most epochs (early stopping on validation)."),
     runs: Path = typer.Option(Path("runs"), "--runs"),
+    opt: list[str] = OptOpt,
+    lr: float = LrOpt,
+    batch_size: int = BatchOpt,
+    patience: int = PatienceOpt,
+    modality_dropout: float = ModDropOpt,
 ) -> None:
     """Run a fusion × modality-subset × seed grid; resumable; writes csv, Markdown, plot."""
     from fusion.ablate import ablate as do_ablate
     from fusion.data import DataError
 
+    heads = _split_list(fusion) or []
     if modalities in ("all-subsets", "all,singles"):
         msets: object = modalities
     else:
         msets = [_split_list(s) for s in modalities.split(";")]
     try:
         df = do_ablate(
-            cache_root=_cache(cache), dataset=dataset, fusions=_split_list(fusion), modality_sets=msets,
+            cache_root=_cache(cache), dataset=dataset, fusions=heads, modality_sets=msets,
             seeds=seeds, name=name, workers=workers, scheduler=scheduler, runs_dir=runs, preset=preset,
-            split=split, folds=folds, epochs=epochs,
+            split=split, folds=folds, epochs=epochs, head_options=_head_opts(opt, heads),
+            **_trainer_kwargs(lr, batch_size, patience, modality_dropout, None),
         )
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(str(e))

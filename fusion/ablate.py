@@ -68,12 +68,74 @@ def cell_name(fusion: str, mods: Sequence[str]) -> str:
 
 def _run_cell(cache_root: str, dataset: str | None, fusion: str, mods: list[str], seeds: Any,
               cell: str, runs_dir: str, fit_kwargs: dict) -> str:
-    """Worker entry point (module level so process pools and Dask can pickle it)."""
+    """Worker entry point (module level so process pools and Dask can pickle it).
+
+    `fit_kwargs["head_options"]` may be per head (see `options_for`).
+    """
     from fusion.train import fit
 
-    fit(cache_root, dataset, fusion, mods, seeds=seeds, name=cell, runs_dir=Path(runs_dir),
-        **fit_kwargs)
+    kw = dict(fit_kwargs)
+    kw["head_options"] = options_for(kw.get("head_options"), fusion) or None
+    fit(cache_root, dataset, fusion, mods, seeds=seeds, name=cell, runs_dir=Path(runs_dir), **kw)
     return cell
+
+
+def options_for(head_options: dict | None, fusion: str) -> dict:
+    """The options of head `fusion` in an ablation's `head_options`: a dict keyed by head names
+    gives each head its own ({"hybrid": {"hidden": 64}}); any other dict is shared by every head
+    ({"hidden": 16})."""
+    from fusion.heads import HEADS
+
+    opts = head_options or {}
+    if opts and all(k in HEADS for k in opts):
+        return dict(opts.get(fusion) or {})
+    return dict(opts)
+
+
+# config.toml keys a finished cell must share with the grid asked for, to be reused on resume
+RESUME_KEYS = ("feature_set", "seeds", "split", "folds", "group_by", "epochs", "patience",
+               "modality_dropout", "class_weight", "target", "weight_decay", "val_fraction",
+               "aux_weight", "head_options")
+
+
+def _wanted_config(fusion: str, seeds: Any, feature_set: str, fit_kwargs: dict) -> dict:
+    """The RESUME_KEYS values a cell of this grid records in its config.toml."""
+    import inspect
+
+    from fusion.train import fit
+
+    defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()}
+    want = {k: fit_kwargs.get(k, defaults.get(k)) for k in RESUME_KEYS}
+    want["seeds"] = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    want["feature_set"] = feature_set
+    want["head_options"] = options_for(fit_kwargs.get("head_options"), fusion)
+    return want
+
+
+def _check_resumable(cell_dir: Path, want: dict) -> None:
+    """A finished cell run with other settings must not be mixed into this grid silently."""
+    import tomllib
+
+    cfg_path = cell_dir / "config.toml"
+    if not cfg_path.is_file():
+        return
+    cfg = tomllib.loads(cfg_path.read_text())
+    diff = {k: (cfg.get(k), v) for k, v in want.items()  # config.toml leaves out None values
+            if _norm(cfg.get(k)) != _norm(v)}
+    if diff:
+        shown = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(f"{cell_dir} was run with other settings ({shown}); resume only repeats "
+                         f"the same grid: choose another --name or delete {cell_dir.parent}")
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    return v
 
 
 def ablate(
@@ -92,8 +154,11 @@ def ablate(
 ) -> pd.DataFrame:
     """Run (or resume) the fusion × modality-subset grid; write and return the summary table.
 
-    A failing cell (e.g. a DataError for one subset) is recorded in the table's `error`
-    column and the grid goes on.
+    `fit_kwargs` go to every `fit`; `head_options` may also map head names to their own options
+    (see `options_for`). A finished cell is reused only if its config.toml
+    records the same settings (feature set, seeds, split, head options, ...); otherwise a
+    ValueError says what differs. A failing cell (e.g. a DataError for one subset) is recorded
+    in the table's `error` column and the grid goes on.
     """
     t0 = time.perf_counter()
     fs = open_set(cache_root, dataset, preset=preset, key=key)
@@ -102,6 +167,9 @@ def ablate(
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = [(f, mods, cell_name(f, mods)) for f in fusions for mods in subsets]
     done = {c for _, _, c in cells if (out_dir / c / "metrics.json").is_file()}
+    for f, _, c in cells:
+        if c in done:
+            _check_resumable(out_dir / c, _wanted_config(f, seeds, fs.key, fit_kwargs))
     todo = [c for c in cells if c[2] not in done]
     log.info("ablation %s: %d cells, %d already done, %d to run", name, len(cells), len(done),
              len(todo))

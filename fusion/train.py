@@ -555,7 +555,11 @@ class _Trainer:
         model = model.to(self.device)
         gen = torch.Generator().manual_seed(seed)
         y_tr, y_va = self.labels[f.train], self.labels[f.val]
-        opt = torch.optim.AdamW(model.parameters(), lr=self.hp.lr, weight_decay=self.hp.weight_decay)
+        # fused: one kernel for all parameters instead of ~10 small ops per tensor per step
+        # (about 5 ms of a 40 ms step of an attention head on a CPU core)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.hp.lr,
+                                weight_decay=self.hp.weight_decay,
+                                fused=self.device.type in ("cpu", "cuda"))
         loss_fn = self._loss_fn(y_tr)
         yt, yv = self._y(y_tr), self._y(y_va)
         best_score, best_loss = -math.inf, math.inf

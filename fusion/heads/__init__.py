@@ -1,7 +1,9 @@
 """Fusion heads: the registry the trainer builds heads from.
 
 Every head is `Head(spec: InputSpec, n_out: int, hidden=..., dropout=0.2, **head_options)`
-(hidden 128 for early / late, 64 for the token and tensor heads, sized for a CPU) with
+(hidden 128 for early / late, 64 for cquery / tfn, and 32 with 4 tokens and 2 attention heads
+for hybrid / mult / cfnsr, whose several attention blocks per modality make them the costliest:
+sized so one fit of a 10k-clip set takes seconds on a CPU core; see BENCHMARKS.md) with
 `forward(batch) -> [B, n_out]`; see fusion/heads/base.py for the batch format and the optional
 `seq_inputs` / `prepare` hooks.
 """

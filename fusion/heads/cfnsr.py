@@ -37,10 +37,10 @@ class CrossFusionSR(nn.Module):
         self,
         spec: InputSpec,
         n_out: int,
-        hidden: int = 64,
+        hidden: int = 32,
         dropout: float = 0.2,
-        heads: int = 4,
-        max_tokens: int = 8,
+        heads: int = 2,
+        max_tokens: int = 4,
         anchor: str = "audio",
         layers: int = 1,
     ):

@@ -43,11 +43,11 @@ class HybridFusion(nn.Module):
         self,
         spec: InputSpec,
         n_out: int,
-        hidden: int = 64,
+        hidden: int = 32,
         dropout: float = 0.2,
         layers: int = 1,
-        heads: int = 4,
-        max_tokens: int = 8,
+        heads: int = 2,
+        max_tokens: int = 4,
         pairs: tuple[tuple[str, str], ...] = PAIRS,
     ):
         super().__init__()

@@ -35,10 +35,10 @@ class MulTLite(nn.Module):
         self,
         spec: InputSpec,
         n_out: int,
-        hidden: int = 64,
+        hidden: int = 32,
         dropout: float = 0.2,
-        heads: int = 4,
-        max_tokens: int = 8,
+        heads: int = 2,
+        max_tokens: int = 4,
     ):
         super().__init__()
         check_spec(spec)

@@ -85,3 +85,32 @@ def test_report_side_by_side_and_print_table(tmp_path: Path) -> None:
     print_table(df[["fusion", "modalities", "accuracy_mean"]], title="t",
                 console=Console(file=buf, width=120))
     assert "early" in buf.getvalue() and "accuracy_mean" in buf.getvalue()
+
+
+def test_ablate_per_head_options_and_resume_refuses_other_settings(tmp_path: Path) -> None:
+    """Options keyed by head go to that head only; a finished cell run with other settings is
+    not mixed into a grid silently (resume repeats the same grid), and the error says what
+    differs."""
+    import tomllib
+
+    write_feature_set(tmp_path, n=120, n_groups=12)
+    runs = tmp_path / "runs"
+    kw = {k: v for k, v in FAST.items() if k != "head_options"}
+    opts = {"early": {"hidden": 16}, "hybrid": {"hidden": 8, "max_tokens": 2}}
+    df = ablate(tmp_path, "synth", ["early", "hybrid"], [["audio", "text"]], seeds=1, name="o",
+                runs_dir=runs, head_options=opts, **kw)
+    assert (df["error"] == "").all(), df["error"].tolist()
+    for cell, want in (("early__audio+text", opts["early"]), ("hybrid__audio+text", opts["hybrid"])):
+        cfg = tomllib.loads((runs / "o" / cell / "config.toml").read_text())
+        assert cfg["head_options"] == want, cell
+    # the same grid resumes (nothing reruns) ...
+    df2 = ablate(tmp_path, "synth", ["early", "hybrid"], [["audio", "text"]], seeds=1, name="o",
+                 runs_dir=runs, head_options=opts, **kw)
+    assert df2["resumed"].all()
+    # ... another one under the same name is refused, naming the setting
+    with pytest.raises(ValueError, match=r"head_options: was .*hidden.*16.*now .*32"):
+        ablate(tmp_path, "synth", ["early"], [["audio", "text"]], seeds=1, name="o",
+               runs_dir=runs, head_options={"early": {"hidden": 32}}, **kw)
+    with pytest.raises(ValueError, match=r"seeds: was \[0\], now \[0, 1\]"):
+        ablate(tmp_path, "synth", ["early"], [["audio", "text"]], seeds=2, name="o",
+               runs_dir=runs, head_options=opts, **kw)
