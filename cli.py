@@ -165,7 +165,7 @@ LrOpt = typer.Option(2e-3, "--lr", help="Learning rate at batch 128 (scaled with
 BatchOpt = typer.Option(None, "--batch-size", help="Rows per step (default: automatic).")
 PatienceOpt = typer.Option(5, "--patience", help="Epochs without validation progress before stopping.")
 ModDropOpt = typer.Option(0.1, "--modality-dropout", help="Chance a modality is hidden from a training row.")
-ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: half the cores, at most 4).")
+ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: the cores, at most 4).")
 
 
 def _trainer_kwargs(lr: float, batch_size: int | None, patience: int, modality_dropout: float,

@@ -1,14 +1,16 @@
 """Benchmark the trainer: one fit per head on a synthetic 10k-clip set, and the ablation grid.
 
 Writes a feature set per the cache contract (3 sequence modalities, T=64, float16, plus a
-metadata vector and a conditioning vector), then measures — runs, never extrapolates —
+metadata vector and a conditioning vector; the offline preset's chunking and blosc-lz4 codec, as
+extraction writes them), then measures — runs, never extrapolates —
 `fusion.train.fit` for each registered head (1 seed, the trainer's defaults: early stopping,
 automatic batch size) and the 4 heads × 7 subsets × 3 seeds grid through `fusion.ablate`.
 Goals: ≤ 10 s per fit, ≤ 5 min for the grid. Wall times on a shared machine move with its
 load, so the load average is printed beside them.
 
     .venv/bin/python bench/fit.py [--n 10000] [--signal 0.2] [--heads early,late,...]
-                                  [--workers 2] [--threads 1] [--grid run|skip]
+                                  [--workers 2] [--threads N] [--grid-threads N]
+                                  [--grid run|skip]
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import torch  # noqa: E402
 from fusion.data import open_set  # noqa: E402
 from fusion.heads import HEADS  # noqa: E402
 from fusion.train import default_threads, fit  # noqa: E402
+from pipeline.presets import load_preset  # noqa: E402
+from pipeline.store import codec  # noqa: E402
 from tests.fusion.conftest import write_feature_set  # noqa: E402  (the contract writer)
 
 GOAL_FIT_S, GOAL_GRID_S = 10.0, 300.0
@@ -48,10 +52,14 @@ def make_set(root: Path, n: int, t: int, signal: float) -> tuple[str, float]:
     counts a real set needs.
     """
     t0 = time.perf_counter()
+    store = load_preset("offline")["store"]  # the layout extraction writes: chunks, codec
+    lens = {m: t or store["max_len"][m] for m in ("audio", "text", "visual")}
     key = write_feature_set(
-        root, dataset="bench", n=n, unit_size=512, n_classes=7, n_groups=max(20, n // 40),
-        modalities={"audio": (25, 88, t, 0.4 * signal), "text": (384, 384, t, 0.4 * signal),
-                    "visual": (64, 64, t, 0.2 * signal)},
+        root, dataset="bench", n=n, unit_size=store["unit_size"], n_classes=7,
+        n_groups=max(20, n // 40), compressors=codec(store["compression"], store["level"]),
+        modalities={"audio": (25, 88, lens["audio"], 0.4 * signal),
+                    "text": (384, 384, lens["text"], 0.4 * signal),
+                    "visual": (64, 64, lens["visual"], 0.2 * signal)},
         meta_dim=16, cond_dim=384, class_probs=[0.3, 0.2, 0.15, 0.1, 0.1, 0.1, 0.05],
     )
     return key, time.perf_counter() - t0
@@ -69,14 +77,19 @@ def time_fit(root: Path, runs: Path, head: str, mods: list[str], seeds: int, thr
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--t", type=int, default=64)
+    ap.add_argument("--t", type=int, default=64,
+                    help="sequence length of every modality (0: the offline preset's max_len, "
+                         "audio 64 / text 16 / visual 32; 64 everywhere is the heavier case)")
     ap.add_argument("--signal", type=float, default=0.2, help="class signal scale (see make_set)")
     ap.add_argument("--heads", default=",".join(dict.fromkeys(
         [h for h in CORE_HEADS if h in HEADS] + list(HEADS))))
     ap.add_argument("--grid", choices=["run", "skip"], default="run")
     ap.add_argument("--workers", type=int, default=2, help="processes for the grid")
     ap.add_argument("--threads", type=int, default=default_threads(),
-                    help="torch threads per fit (single fits, and each grid worker)")
+                    help="torch threads of each single fit (default: as `mmemo fit`)")
+    ap.add_argument("--grid-threads", type=int, default=0,
+                    help="torch threads per grid worker (default: as `mmemo ablate`, the "
+                         "cores / workers)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
@@ -86,9 +99,9 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load average {_load():.1f}; torch "
           f"{torch.__version__}, {args.threads} thread(s) per fit")
     key, s = make_set(work / "cache", args.n, args.t, args.signal)
-    print(f"synthetic set: {args.n} clips × audio/text/visual (T={args.t}) + meta + cond, "
-          f"signal ×{args.signal}, "
-          f"key {key}, written in {s:.1f} s")
+    print(f"synthetic set: {args.n} clips × audio/text/visual "
+          f"(T={args.t or 'offline preset max_len'}) + meta + cond, offline preset chunks and "
+          f"codec, signal ×{args.signal}, key {key}, written in {s:.1f} s")
 
     fs = open_set(work / "cache", "bench")
     t0 = time.perf_counter()
@@ -113,15 +126,16 @@ def main() -> None:
     grid_heads = [h for h in CORE_HEADS if h in HEADS]
     subsets = [list(c) for r in (1, 2, 3) for c in itertools.combinations(mods, r)]
     n_fits = len(grid_heads) * len(subsets) * 3
+    grid_threads = args.grid_threads or max(1, (os.cpu_count() or 1) // args.workers)
     print(f"\ngrid: {len(grid_heads)} heads ({','.join(grid_heads)}) × {len(subsets)} subsets × "
-          f"3 seeds = {n_fits} fits, {args.workers} worker(s) × {args.threads} thread(s) "
+          f"3 seeds = {n_fits} fits, {args.workers} worker(s) × {grid_threads} thread(s) "
           f"(goal ≤ {GOAL_GRID_S:.0f} s)")
     if args.grid == "run":
         from fusion.ablate import ablate
 
         t0 = time.perf_counter()
         df = ablate(work / "cache", "bench", grid_heads, subsets, seeds=3, name="grid",
-                    runs_dir=work / "runs", workers=args.workers, threads=args.threads)
+                    runs_dir=work / "runs", workers=args.workers, threads=grid_threads)
         dt = time.perf_counter() - t0
         failed = df["error"].fillna("").astype(str).str.len() > 0 if "error" in df else []
         print(f"  measured: {dt:.1f} s for {n_fits} fits ({dt / n_fits:.2f} s per fit)  "

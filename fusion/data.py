@@ -245,28 +245,32 @@ class FeatureSet:
                                 "classes": self.classes})
 
     def load(self, modalities: list[str] | str, rows: np.ndarray, cond: bool = True,
-             sequences: tuple[str, ...] | None = None) -> dict:
+             sequences: tuple[str, ...] | None = None, seq_as_stored: bool = False) -> dict:
         """The batch-format dict (numpy, float32) for `rows` of the asked modalities.
 
         Reads only those modalities' arrays and the chunks holding `rows`; `sequences` names
         the modalities whose [N, T, D] sequences are wanted (None: all) — they are most of a
-        set's bytes, and a head that reads pooled vectors only never needs them. Rows must be
-        complete; present rows must be finite (else DataError).
+        set's bytes, and a head that reads pooled vectors only never needs them.
+        `seq_as_stored` leaves sequences in their stored float dtype (float16 in mmemo's
+        caches: half the memory of float32). Rows must be complete; present rows must be
+        finite (else DataError).
         """
         rows = np.sort(np.asarray(rows, dtype=np.int64))
         if len(rows) and not self.complete[rows].all():
             raise DataError(f"feature set {self.name}: asked for rows of unfinished units")
         names = self.resolve(modalities) + ([COND] if cond and self.has_cond else [])
-        return {m: self._load_modality(m, rows, sequences is None or m in sequences)
-                for m in names}
+        return {m: self._load_modality(m, rows, sequences is None or m in sequences,
+                                       seq_as_stored) for m in names}
 
-    def _load_modality(self, m: str, rows: np.ndarray, with_seq: bool = True) -> dict:
+    def _load_modality(self, m: str, rows: np.ndarray, with_seq: bool = True,
+                       seq_as_stored: bool = False) -> dict:
         spec = self.modality_spec(m)
         g = self._group
         out = {"present": _read_rows(g[f"{m}/present"], rows).astype(bool),
                "pooled": _f32(_read_rows(g[f"{m}/pooled"], rows))}
         if spec.is_sequence and with_seq:
-            out["seq"] = _f32(_read_rows(g[f"{m}/seq"], rows))
+            seq = _read_rows(g[f"{m}/seq"], rows)
+            out["seq"] = seq if seq_as_stored and seq.dtype.kind == "f" else _f32(seq)
             out["len"] = _read_rows(g[f"{m}/len"], rows).astype(np.int64)
         pres = out["present"]
         for part in ("pooled", "seq"):
@@ -386,7 +390,9 @@ def _f32(x: np.ndarray) -> np.ndarray:
 def _all_finite(x: np.ndarray) -> bool:
     """True when every value is finite: one reduction (NaN/Inf propagate through a sum, and
     float16-range values cannot overflow a float32 sum of this size)."""
-    return bool(torch.isfinite(torch.from_numpy(x).sum())) if x.size else True
+    if not x.size:
+        return True
+    return bool(torch.isfinite(torch.from_numpy(x).sum(dtype=torch.float32)))
 
 
 def _strings(arr: zarr.Array) -> np.ndarray:

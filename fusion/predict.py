@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from fusion.data import open_set
 from fusion.heads import build_head
+from fusion.train import apply_stats
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
@@ -31,20 +32,6 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], di
     with safe_open(str(run_dir / "model.safetensors"), "pt") as s:
         meta = dict(s.metadata() or {})
     return cfg, load_file(str(run_dir / "model.safetensors")), load_file(str(run_dir / "norm.safetensors")), meta
-
-
-def _standardise(batch: dict[str, dict[str, torch.Tensor]], stats: dict[str, torch.Tensor]) -> None:
-    """Scale with the training statistics; absent rows and padding stay exactly zero."""
-    for m, d in batch.items():
-        parts = [("pooled", d["present"])]
-        if "seq" in d:
-            t = torch.arange(d["seq"].shape[1])
-            parts.append(("seq", d["present"][:, None] & (t[None, :] < d["len"][:, None])))
-        for part, valid in parts:
-            mean, std = stats.get(f"{m}.{part}.mean"), stats.get(f"{m}.{part}.std")
-            if mean is None:
-                continue
-            d[part] = (d[part] - mean) / std * valid.unsqueeze(-1)
 
 
 def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | None = None) -> list[dict[str, Any]]:
@@ -66,7 +53,7 @@ def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | No
     head.eval()
     data = fs.load(mods, rows)
     batch = {m: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()} for m, d in data.items()}
-    _standardise(batch, stats)
+    batch = apply_stats(batch, stats)  # absent rows and padding stay exactly zero
 
     def probs(b: dict) -> torch.Tensor:
         with torch.no_grad():

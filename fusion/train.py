@@ -147,14 +147,16 @@ def fit(
     trainer = _Trainer(fusion, spec, task, hp, torch.device(device), head_options or {})
     trainer.labels = task.y[rows]
     raw_t = to_tensors(raw)
+    # parameter-free work (window averages) done once on the raw features, for every fold and
+    # seed; each fold then scales the prepared tensors with its own training statistics
+    prepared = probe.prepare(raw_t) if hasattr(probe, "prepare") else raw_t
     outs: dict[int, list[dict]] = {s: [] for s in seed_list}
     logs: list[dict] = []
     first_state = None
     for fold in plan:  # fold-major: each fold is standardised once, for every seed
         pos = _positions(rows, fold)
-        data, stats = standardise(raw_t, pos.train, inplace=len(plan) == 1)
-        if hasattr(probe, "prepare"):  # parameter-free work done once, shared by every seed
-            data = probe.prepare(data)
+        stats = fit_stats(raw_t, pos.train)
+        data = apply_stats(prepared, stats, inplace=len(plan) == 1)
         data = {m: {k: v.to(trainer.device) for k, v in d.items()} for m, d in data.items()}
         for seed in seed_list:
             out = trainer.run(data, pos, task, seed, fold.index, logs, fresh)
@@ -200,16 +202,20 @@ def auto_batch(n_train: int, lr: float, max_steps: int = MAX_STEPS) -> tuple[int
 
 
 def default_threads() -> int:
-    """Intra-op threads: half the cores, at most 4. The heads are small, so more threads buy
-    little, and oversubscribed (or shared) cores make spinning BLAS threads much slower."""
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
+    """Intra-op threads of a single fit: the cores, at most 4. The heads are small, so more
+    threads buy little (2 threads: 1.25-1.3x on the attention heads, nothing on the cheap
+    ones); `ablate` gives each of its worker processes its share of the cores instead, because
+    oversubscribed cores make spinning BLAS threads much slower."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def load_inputs(fs: FeatureSet, mods: list[str], rows: np.ndarray,
                 seq_inputs: tuple[str, ...] | None) -> dict:
     """fs.load(mods, rows), reading the sequences only of the modalities in `seq_inputs`
-    (`None`: a head that does not say what it reads gets everything)."""
-    return fs.load(mods, rows, sequences=seq_inputs)
+    (`None`: a head that does not say what it reads gets everything). Sequences stay in their
+    stored dtype (float16: half the memory); statistics, window averages and scaling read them
+    in float32 chunks."""
+    return fs.load(mods, rows, sequences=seq_inputs, seq_as_stored=True)
 
 
 # --- task, groups, splits ---------------------------------------------------------------
@@ -331,59 +337,85 @@ def _positions(rows: np.ndarray, f: Fold) -> Fold:
 
 
 # --- features ---------------------------------------------------------------------------
-def _valid_mask(d: dict[str, Tensor]) -> Tensor:
-    """[R, T] real time steps of a sequence modality (present and before len)."""
-    t = torch.arange(d["seq"].shape[1], device=d["seq"].device)
-    return d["present"][:, None] & (t[None, :] < d["len"][:, None])
+def _valid_mask(d: dict[str, Tensor], seq_key: str = "seq") -> Tensor:
+    """[R, T] real time steps (present and before len) of a sequence, or of its prepared
+    windows (`seq@w`, whose valid windows are counted by `len@w`)."""
+    len_key = "len" + seq_key[3:]
+    t = torch.arange(d[seq_key].shape[1], device=d[seq_key].device)
+    return d["present"][:, None] & (t[None, :] < d[len_key][:, None])
 
 
-def _moments(x: Tensor, w: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
-    """Per-dim mean/std of x [R, ..., D] weighted by the 0/1 mask w [R, ...].
+def _moments(x: Tensor, w: Tensor, chunk: int = 512) -> tuple[Tensor, Tensor]:
+    """Per-dim mean/std of x [R, ..., D] (any float dtype) weighted by the 0/1 mask w [R, ...].
 
-    Two passes (mean, then centred squares) as matrix-vector products over row chunks: one
-    sweep of memory each, no copies of the modality, and no cancellation for eGeMAPS-scale
-    inputs (large means, small spreads).
+    One sweep over row chunks: sums of (x - shift) and its squares as matrix-vector products,
+    in float64, with `shift` the mean of the first weighted rows — close to the true mean, so
+    eGeMAPS-scale inputs (large means, small spreads) lose nothing to cancellation.
     """
     d = x.shape[-1]
-    s = torch.zeros(d, dtype=torch.float64)
     n = float(w.sum())
     if n == 0:
         return torch.zeros(d), torch.ones(d)
+    first = int(torch.nonzero(w.reshape(len(w), -1).any(dim=1))[0])
+    head = x[first:first + chunk].reshape(-1, d).float()
+    hw = w[first:first + chunk].reshape(-1).float()
+    shift = (hw @ head) / hw.sum().clamp(min=1)
+    s1 = torch.zeros(d, dtype=torch.float64)
+    s2 = torch.zeros(d, dtype=torch.float64)
     for i in range(0, len(x), chunk):
-        s += (w[i:i + chunk].reshape(1, -1) @ x[i:i + chunk].reshape(-1, d)).double()[0]
-    mean = (s / n).float()
-    ss = torch.zeros(d, dtype=torch.float64)
-    for i in range(0, len(x), chunk):
-        c = x[i:i + chunk].reshape(-1, d) - mean
-        ss += (w[i:i + chunk].reshape(1, -1) @ (c * c)).double()[0]
-    std = torch.sqrt(ss / n).float()
+        wi = w[i:i + chunk].reshape(1, -1).float()
+        c = x[i:i + chunk].reshape(-1, d).float() - shift
+        s1 += (wi @ c).double()[0]
+        s2 += (wi @ c.mul_(c)).double()[0]
+    m1 = s1 / n
+    mean = (shift.double() + m1).float()
+    std = torch.sqrt((s2 / n - m1 * m1).clamp(min=0)).float()
     return mean, torch.where(std < 1e-6, torch.ones_like(std), std)  # constant dims: centred
+
+
+def fit_stats(data: Batch, train_pos: np.ndarray) -> dict[str, Tensor]:
+    """Per-feature mean/std of every modality's pooled vectors and real time steps, from the
+    present training rows only (the test fold and zero-filled absent rows shape nothing)."""
+    n = next(iter(data.values()))["present"].shape[0]
+    is_train = torch.zeros(n, dtype=torch.bool)
+    is_train[torch.from_numpy(np.asarray(train_pos, dtype=np.int64))] = True
+    stats: dict[str, Tensor] = {}
+    for m, d in data.items():
+        parts = [("pooled", d["present"])] + ([("seq", _valid_mask(d))] if "seq" in d else [])
+        for part, valid in parts:
+            w = valid & is_train.view(-1, *([1] * (valid.dim() - 1)))
+            stats[f"{m}.{part}.mean"], stats[f"{m}.{part}.std"] = _moments(d[part], w)
+    return stats
+
+
+def apply_stats(data: Batch, stats: dict[str, Tensor], inplace: bool = False) -> Batch:
+    """Features scaled by `stats` (see fit_stats); absent rows and padding exactly zero.
+
+    Besides "pooled" and "seq", prepared window averages (`seq@w` keys, see a head's
+    `prepare`) are scaled with their sequence's statistics: an average of steps whose weights
+    sum to 1 is affine-equivariant, so scaling the averages equals averaging scaled steps.
+    """
+    out: Batch = {}
+    for m, d in data.items():
+        o = dict(d)
+        for key in d:
+            part = "pooled" if key == "pooled" else "seq" if key.split("@")[0] == "seq" else None
+            mean = stats.get(f"{m}.{part}.mean")
+            if part is None or mean is None:
+                continue
+            valid = d["present"] if part == "pooled" else _valid_mask(d, key)
+            x = d[key].to(torch.float32, copy=not inplace)  # float16 sequences: a new tensor
+            o[key] = x.sub_(mean).mul_(1.0 / stats[f"{m}.{part}.std"]).mul_(valid.unsqueeze(-1))
+        out[m] = o
+    return out
 
 
 def standardise(data: Batch, train_pos: np.ndarray, inplace: bool = False
                 ) -> tuple[Batch, dict[str, Tensor]]:
-    """Features scaled by training statistics; absent rows and padding are exactly zero.
-
-    Statistics come from present training rows only (and real time steps), so neither the
-    test fold nor the zero-filled absent rows shape the scaling. Returns the scaled tensors
-    and the statistics (saved beside the model). `inplace` saves a copy when one fold runs.
-    """
-    n = next(iter(data.values()))["present"].shape[0]
-    is_train = torch.zeros(n, dtype=torch.bool)
-    is_train[torch.from_numpy(np.asarray(train_pos, dtype=np.int64))] = True
-    out: Batch = {}
-    stats: dict[str, Tensor] = {}
-    for m, d in data.items():
-        o = dict(d)
-        parts = [("pooled", d["present"])] + ([("seq", _valid_mask(d))] if "seq" in d else [])
-        for part, valid in parts:
-            w = valid & is_train.view(-1, *([1] * (valid.dim() - 1)))
-            mean, std = _moments(d[part], w.float())
-            stats[f"{m}.{part}.mean"], stats[f"{m}.{part}.std"] = mean, std
-            x = d[part] if inplace else d[part].clone()
-            o[part] = x.sub_(mean).mul_(1.0 / std).mul_(valid.unsqueeze(-1))
-        out[m] = o
-    return out, stats
+    """fit_stats on the training rows, then apply_stats: (scaled tensors, statistics — saved
+    beside the model). `inplace` overwrites float32 inputs instead of copying them."""
+    stats = fit_stats(data, train_pos)
+    return apply_stats(data, stats, inplace), stats
 
 
 def to_tensors(data: dict, device: torch.device | str = "cpu") -> Batch:

@@ -189,14 +189,19 @@ class SetLayout:
 
 
 def _compressors(layout: SetLayout) -> Any:
-    if layout.compression == "none":
+    return codec(layout.compression, layout.level)
+
+
+def codec(compression: str, level: int) -> Any:
+    """The zarr compressor for a preset's `store.compression` / `store.level`."""
+    if compression == "none":
         return None
-    if layout.compression == "zstd":
-        return ZstdCodec(level=layout.level)
-    if layout.compression.startswith("blosc"):
-        cname = layout.compression.split("-", 1)[1] if "-" in layout.compression else "lz4"
-        return BloscCodec(cname=cname, clevel=layout.level, shuffle="shuffle")
-    raise ValueError(f"unknown compression '{layout.compression}' (zstd, blosc-lz4, none)")
+    if compression == "zstd":
+        return ZstdCodec(level=level)
+    if compression.startswith("blosc"):
+        cname = compression.split("-", 1)[1] if "-" in compression else "lz4"
+        return BloscCodec(cname=cname, clevel=level, shuffle="shuffle")
+    raise ValueError(f"unknown compression '{compression}' (zstd, blosc-lz4, none)")
 
 
 # --- claims ------------------------------------------------------------------------------

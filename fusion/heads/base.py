@@ -9,11 +9,14 @@ Two optional hooks let a trainer skip work a head does not need (fusion/train.py
 
 * `seq_inputs: tuple[str, ...]` — the modalities whose "seq"/"len" the head reads; a trainer
   may leave the sequences of the others unloaded. Without it, every sequence is assumed read.
-* `prepare(data) -> data` — called once on the full tensors (every row of a fit) before
-  mini-batches are cut from them: parameter-free work the head would otherwise redo every step
-  (the window averaging of `Tokens`), stored under keys of its own. It must depend only on the
-  head's configuration, never on its parameters, so one result serves every seed; and the head
-  must give the same outputs on prepared rows as on raw ones.
+* `prepare(data) -> data` — called once on the full, raw (not yet standardised) tensors of a
+  fit, before folds and mini-batches are cut from them: parameter-free work the head would
+  otherwise redo every step (the window averaging of `Tokens`), stored under keys of its own.
+  It must depend only on the head's configuration, never on its parameters, so one result
+  serves every fold and seed, and the head must give the same outputs on prepared rows as on
+  raw ones. The trainer standardises the result per fold: `pooled` as usual, and `seq@<w>`
+  keys with their sequence's statistics (valid windows counted by `len@<w>`), which is exact
+  because window averages (weights summing to one) commute with per-feature affine scaling.
 """
 
 from __future__ import annotations

@@ -20,10 +20,13 @@ from fusion.heads import build_head
 from fusion.train import (
     Task,
     _groups,
+    _moments,
     _plan,
+    apply_stats,
     auto_batch,
     drop_modalities,
     fit,
+    fit_stats,
     load_inputs,
     loss_min_delta,
     standardise,
@@ -196,6 +199,49 @@ def test_standardise_uses_train_stats_and_keeps_absent_zero(tmp_path: Path) -> N
     assert np.abs(out["seq"][train][valid[train]].mean(0)).max() < 1e-3
 
 
+def test_moments_match_float64_numpy_at_egemaps_scale() -> None:
+    """One pass with a shift: no cancellation for large means with small spreads."""
+    g = torch.Generator().manual_seed(0)
+    x = (5e4 + 0.01 * torch.randn(3000, 6, 5, generator=g)).to(torch.float16).float()
+    w = torch.rand(3000, 6, generator=g) > 0.3
+    mean, std = _moments(x, w.float(), chunk=256)
+    xs = x.numpy().astype(np.float64)[w.numpy()]
+    np.testing.assert_allclose(mean.numpy(), xs.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std.numpy(), np.maximum(xs.std(0), 0), rtol=1e-3, atol=1e-6)
+    m16, s16 = _moments(x.half(), w.float())  # float16 input is read in float32 chunks
+    np.testing.assert_allclose(m16.numpy(), mean.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["hybrid", "cfnsr"])
+def test_prepare_on_raw_then_scale_equals_scale_then_prepare(tmp_path: Path, head: str) -> None:
+    """The trainer prepares window averages once on raw features and scales them per fold; a
+    head must see the same numbers as if it had averaged standardised steps itself."""
+    from fusion.heads import build_head
+
+    key = write_feature_set(tmp_path, scale=300.0)
+    fs = open_set(tmp_path, key=key)
+    rows = np.arange(fs.n)
+    mods = ["audio", "text", "visual"]
+    raw = to_tensors(fs.load(mods, rows))
+    train = rows[fs.split == "train"]
+    torch.manual_seed(0)
+    model = build_head(head, fs.spec(mods), 3, max_tokens=3).eval()
+    stats = fit_stats(raw, train)
+    via_prepare = apply_stats(model.prepare(raw), stats)
+    assert "seq" not in via_prepare["audio"] and "seq@3" in via_prepare["audio"]
+    scaled = apply_stats(raw, stats)
+    with torch.no_grad():
+        a, b = model(via_prepare), model(scaled)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    pad = ~_valid_windows(via_prepare["audio"])
+    assert (via_prepare["audio"]["seq@3"][pad] == 0).all()  # non-data windows stay zero
+
+
+def _valid_windows(d: dict) -> torch.Tensor:
+    t = torch.arange(d["seq@3"].shape[1])
+    return d["present"][:, None] & (t[None, :] < d["len@3"][:, None])
+
+
 def test_modality_dropout_never_empties_a_row() -> None:
     g = torch.Generator().manual_seed(0)
     b = {m: {"present": torch.rand(4000, generator=g) > 0.3} for m in ("a", "b", "c")}
@@ -260,6 +306,18 @@ def test_load_inputs_reads_only_the_sequences_a_head_uses(signal_cache: Path) ->
     assert {k for d in load_inputs(fs, ["audio"], rows, ()).values() for k in d} == {
         "present", "pooled"}
     assert load_inputs(fs, ["audio"], rows, None)["audio"].keys() == full["audio"].keys()
+    # the trainer keeps sequences as stored (float16: half the memory); pooled are float32
+    assert part["text"]["seq"].dtype == np.float16 and full["text"]["seq"].dtype == np.float32
+    assert part["text"]["pooled"].dtype == np.float32
+
+
+def test_finite_check_does_not_overflow_on_large_float16_sums() -> None:
+    from fusion.data import _all_finite
+
+    big = np.full((400, 64, 384), 3000.0, dtype=np.float16)  # sums far past float16's 65504
+    assert _all_finite(big)
+    big[3, 5, 7] = np.nan
+    assert not _all_finite(big)
 
 
 def test_token_head_fit_prepares_once_and_learns(signal_cache: Path, tmp_path: Path) -> None:
