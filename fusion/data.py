@@ -388,10 +388,12 @@ def _f32(x: np.ndarray) -> np.ndarray:
 
 
 def _all_finite(x: np.ndarray) -> bool:
-    """True when every value is finite: one reduction (NaN/Inf propagate through a sum, and
-    float16-range values cannot overflow a float32 sum of this size)."""
+    """True when every value is finite: float16 by its exponent bits, wider floats by one
+    reduction (NaN/Inf propagate through a sum; float16-range values cannot overflow it)."""
     if not x.size:
         return True
+    if x.dtype == np.float16:  # exponent bits all ones <=> inf / nan; no float conversion
+        return not bool(((np.ascontiguousarray(x).view(np.uint16) & 0x7C00) == 0x7C00).any())
     return bool(torch.isfinite(torch.from_numpy(x).sum(dtype=torch.float32)))
 
 

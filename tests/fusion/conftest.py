@@ -51,6 +51,7 @@ def write_feature_set(
     attrs_patch: dict | None = None,
     key: str | None = None,
     compressors: object = "auto",
+    inner_chunk: int | None = None,
 ) -> str:
     """Write a synthetic feature set; return its key.
 
@@ -58,7 +59,8 @@ def write_feature_set(
     `splits=None` puts every row in "train" (for k-fold). `scale` multiplies every feature
     (plus a large offset) to mimic eGeMAPS-scale inputs that need standardising.
     `compressors` goes to zarr's create_array for the feature arrays (e.g. the store's
-    blosc-lz4 codec, for benchmarks).
+    blosc-lz4 codec, for benchmarks); `inner_chunk` < unit_size shards each unit's chunk file
+    into inner chunks, as the store does.
     """
     rng = np.random.default_rng(seed)
     mods = dict(DEFAULT_MODALITIES if modalities is None else modalities)
@@ -90,7 +92,7 @@ def write_feature_set(
     for m, (seq_dim, pooled_dim, max_len, signal) in mods.items():
         provs[m] = _write_modality(g, m, label, n_classes, seq_dim, pooled_dim, max_len, signal,
                                    absent_frac if m != "cond" else 0.0, scale, unit_size, rng,
-                                   compressors)
+                                   compressors, inner_chunk)
         if m == "meta" and meta_fields is not None:
             provs[m]["fields"] = meta_fields
 
@@ -146,7 +148,7 @@ def _write(g: zarr.Group, rel: str, arr: np.ndarray, chunks: tuple[int, ...]) ->
 
 
 def _write_modality(g, m, label, n_classes, seq_dim, pooled_dim, max_len, signal, absent_frac,
-                    scale, unit_size, rng, compressors="auto") -> dict:
+                    scale, unit_size, rng, compressors="auto", inner_chunk=None) -> dict:
     """Class centroid + noise, stored float16 unit by unit; absent rows are zero, present=False.
 
     Generated one unit at a time (float32) so a 10k-clip benchmark set stays small in memory.
@@ -158,11 +160,17 @@ def _write_modality(g, m, label, n_classes, seq_dim, pooled_dim, max_len, signal
     seq = bool(seq_dim and max_len)
     cs = rng.normal(0, 1, (n_classes, seq_dim)).astype(np.float32) if seq else None
     lens = rng.integers(max(1, max_len // 2), max_len + 1, size=n) * present if seq else None
+    inner = min(unit_size, inner_chunk or unit_size)
+
+    def layout(*shape: int) -> dict:
+        if inner < unit_size:
+            return {"chunks": (inner, *shape), "shards": (unit_size, *shape)}
+        return {"chunks": (unit_size, *shape)}
+
     pooled_a = g.create_array(f"{m}/pooled", shape=(n, pooled_dim), dtype="float16",
-                              chunks=(unit_size, pooled_dim), compressors=compressors)
+                              compressors=compressors, **layout(pooled_dim))
     seq_a = g.create_array(f"{m}/seq", shape=(n, max_len, seq_dim), dtype="float16",
-                           chunks=(unit_size, max_len, seq_dim),
-                           compressors=compressors) if seq else None
+                           compressors=compressors, **layout(max_len, seq_dim)) if seq else None
     for a in range(0, n, unit_size):
         b = min(n, a + unit_size)
         y, pr = label[a:b], present[a:b]

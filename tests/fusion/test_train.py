@@ -212,6 +212,27 @@ def test_moments_match_float64_numpy_at_egemaps_scale() -> None:
     np.testing.assert_allclose(m16.numpy(), mean.numpy(), rtol=1e-6)
 
 
+def test_sequence_stats_of_a_large_set_come_from_a_subset_close_to_the_full_data() -> None:
+    import fusion.train as T
+
+    g = torch.Generator().manual_seed(1)
+    n, t, d = 6000, 12, 5
+    seq = (300 + 7 * torch.randn(n, t, d, generator=g)).half()
+    lens = torch.randint(1, t + 1, (n,), generator=g)
+    present = torch.rand(n, generator=g) > 0.1
+    valid = present[:, None] & (torch.arange(t)[None] < lens[:, None])
+    seq = seq * valid[..., None]  # the cache's zero padding
+    data = {"a": {"present": present, "pooled": torch.randn(n, 3, generator=g), "seq": seq,
+                  "len": lens}}
+    train = np.arange(0, n, 2)  # 3000 training rows > SEQ_STAT_ROWS
+    assert len(train) > T.SEQ_STAT_ROWS
+    stats = fit_stats(data, train)
+    full_mean, full_std = _moments(seq[train], valid[train].float())
+    torch.testing.assert_close(stats["a.seq.mean"], full_mean, rtol=2e-3, atol=0.0)
+    torch.testing.assert_close(stats["a.seq.std"], full_std, rtol=3e-2, atol=0.0)
+    assert fit_stats(data, train)["a.seq.mean"].equal(stats["a.seq.mean"])  # a fixed subset
+
+
 @pytest.mark.parametrize("head", ["hybrid", "cfnsr"])
 def test_prepare_on_raw_then_scale_equals_scale_then_prepare(tmp_path: Path, head: str) -> None:
     """The trainer prepares window averages once on raw features and scales them per fold; a
@@ -318,6 +339,8 @@ def test_finite_check_does_not_overflow_on_large_float16_sums() -> None:
     assert _all_finite(big)
     big[3, 5, 7] = np.nan
     assert not _all_finite(big)
+    big[3, 5, 7] = np.inf
+    assert not _all_finite(big) and not _all_finite(-big)
 
 
 def test_token_head_fit_prepares_once_and_learns(signal_cache: Path, tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ def _preset(dst: Path, name: str = "cheap", unit_size: int = 1, extra: str = "")
     for stage in ("ocr", "faces", "visual"):
         text = re.sub(rf'\[{stage}\]\nbackend = "[^"]+"', f'[{stage}]\nbackend = "skip"', text)
     text = re.sub(r'\[separate\]\nbackend = "[^"]+"', '[separate]\nbackend = "none"', text)
-    text = re.sub(r"unit_size = \d+", f"unit_size = {unit_size}", text)
+    text = re.sub(r'unit_size = (\d+|"auto")', f"unit_size = {unit_size}", text)
     text = text.replace('name = "offline"', f'name = "{name}"') + extra
     dst.write_text(text)
     return dst

@@ -236,3 +236,20 @@ def test_bad_clips_go_to_the_ledger_and_the_batch_goes_on(tmp_path):
 
 def test_presets_ship_with_the_package():
     assert (PRESET_DIR / "offline.toml").exists() and (PRESET_DIR / "full.toml").exists()
+
+
+def test_auto_unit_size_grows_with_the_set_and_never_with_the_workers() -> None:
+    from pipeline.runner import resolve_unit_size
+
+    assert [resolve_unit_size("auto", n) for n in (1, 160, 1320, 2048)] == [32] * 4
+    assert [resolve_unit_size("auto", n) for n in (2049, 4096, 4097, 10_000, 150_000)] == [
+        64, 64, 128, 128, 128]
+    assert resolve_unit_size(7, 10_000) == 7  # an explicit size is kept
+    for bad in (0, -3, "big", 2.5, True):
+        with pytest.raises(ValueError, match="unit_size"):
+            resolve_unit_size(bad, 100)
+    import tomllib
+
+    for preset in ("offline", "full"):  # the shipped presets use it, unsharded up to 128
+        st = tomllib.loads((REPO / "pipeline" / "presets" / f"{preset}.toml").read_text())["store"]
+        assert st["unit_size"] == "auto" and st["inner_chunk"] >= 128
