@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/mmemo prepare folder --root $(DEMO)/data --name sample
 	$(BIN)/mmemo extract --dataset sample --root $(DEMO)/data --preset offline --workers 2
 	$(BIN)/mmemo ablate --dataset sample --fusion early,late,hybrid,cquery --modalities all,singles \
-	    --split kfold --folds 5 --seeds 3 --name demo
+	    --split kfold --folds 5 --seeds 3 --name demo --fresh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

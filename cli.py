@@ -244,6 +244,7 @@ def ablate(
     batch_size: int = BatchOpt,
     patience: int = PatienceOpt,
     modality_dropout: float = ModDropOpt,
+    fresh: bool = typer.Option(False, "--fresh", help="Discard this grid's earlier cells instead of resuming them."),
 ) -> None:
     """Run a fusion × modality-subset × seed grid; resumable; writes csv, Markdown, plot."""
     from fusion.ablate import ablate as do_ablate
@@ -258,7 +259,7 @@ def ablate(
         df = do_ablate(
             cache_root=_cache(cache), dataset=dataset, fusions=heads, modality_sets=msets,
             seeds=seeds, name=name, workers=workers, scheduler=scheduler, runs_dir=runs, preset=preset,
-            split=split, folds=folds, epochs=epochs, head_options=_head_opts(opt, heads),
+            split=split, folds=folds, epochs=epochs, head_options=_head_opts(opt, heads), fresh=fresh,
             **_trainer_kwargs(lr, batch_size, patience, modality_dropout, None),
         )
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:

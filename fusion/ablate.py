@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -150,6 +151,7 @@ def ablate(
     scheduler: str | None = None,
     preset: str = "offline",
     key: str | None = None,
+    fresh: bool = False,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
     """Run (or resume) the fusion × modality-subset grid; write and return the summary table.
@@ -157,7 +159,7 @@ def ablate(
     `fit_kwargs` go to every `fit`; `head_options` may also map head names to their own options
     (see `options_for`). A finished cell is reused only if its config.toml
     records the same settings (feature set, seeds, split, head options, ...); otherwise a
-    ValueError says what differs. A failing cell (e.g. a DataError for one subset) is recorded
+    ValueError says what differs. `fresh` discards the grid's earlier cells instead. A failing cell (e.g. a DataError for one subset) is recorded
     in the table's `error` column and the grid goes on.
     """
     t0 = time.perf_counter()
@@ -166,6 +168,9 @@ def ablate(
     out_dir = Path(runs_dir) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = [(f, mods, cell_name(f, mods)) for f in fusions for mods in subsets]
+    if fresh:  # this grid's earlier cells are discarded, not resumed
+        for _, _, c in cells:
+            shutil.rmtree(out_dir / c, ignore_errors=True)
     done = {c for _, _, c in cells if (out_dir / c / "metrics.json").is_file()}
     for f, _, c in cells:
         if c in done:

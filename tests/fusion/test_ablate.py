@@ -114,3 +114,8 @@ def test_ablate_per_head_options_and_resume_refuses_other_settings(tmp_path: Pat
     with pytest.raises(ValueError, match=r"seeds: was \[0\], now \[0, 1\]"):
         ablate(tmp_path, "synth", ["early"], [["audio", "text"]], seeds=2, name="o",
                runs_dir=runs, head_options=opts, **kw)
+    # --fresh discards the grid's old cells and runs the new settings
+    df3 = ablate(tmp_path, "synth", ["early"], [["audio", "text"]], seeds=2, name="o",
+                 runs_dir=runs, head_options=opts, fresh=True, **kw)
+    assert not df3["resumed"].any() and (df3["n_seeds"] == 2).all()
+    assert (runs / "o" / "hybrid__audio+text" / "metrics.json").is_file()  # not in this grid
