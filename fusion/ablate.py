@@ -96,7 +96,9 @@ def options_for(head_options: dict | None, fusion: str) -> dict:
 # config.toml keys a finished cell must share with the grid asked for, to be reused on resume
 RESUME_KEYS = ("feature_set", "seeds", "split", "folds", "group_by", "epochs", "patience",
                "modality_dropout", "class_weight", "target", "weight_decay", "val_fraction",
-               "aux_weight", "head_options")
+               "aux_weight", "head_options", "lr_base", "batch_size_asked")
+# keys that cells written by older versions do not record: compared only where present
+RECENT_KEYS = ("lr_base", "batch_size_asked")
 
 
 def _wanted_config(fusion: str, seeds: Any, feature_set: str, fit_kwargs: dict) -> dict:
@@ -110,6 +112,8 @@ def _wanted_config(fusion: str, seeds: Any, feature_set: str, fit_kwargs: dict) 
     want["seeds"] = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     want["feature_set"] = feature_set
     want["head_options"] = options_for(fit_kwargs.get("head_options"), fusion)
+    want["lr_base"] = fit_kwargs.get("lr", defaults["lr"])
+    want["batch_size_asked"] = fit_kwargs.get("batch_size") or "auto"
     return want
 
 
@@ -122,7 +126,7 @@ def _check_resumable(cell_dir: Path, want: dict) -> None:
         return
     cfg = tomllib.loads(cfg_path.read_text())
     diff = {k: (cfg.get(k), v) for k, v in want.items()  # config.toml leaves out None values
-            if _norm(cfg.get(k)) != _norm(v)}
+            if _norm(cfg.get(k)) != _norm(v) and (k in cfg or k not in RECENT_KEYS)}
     if diff:
         shown = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(f"{cell_dir} was run with other settings ({shown}); resume only repeats "

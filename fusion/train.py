@@ -173,7 +173,8 @@ def fit(
     _write_outputs(run_dir, metrics, logs, first_state, task, fs, mods, fusion_name, locals_cfg={
         "dataset": dataset, "fusion": fusion_name, "modalities": mods, "seeds": seed_list,
         "split": split, "folds": folds, "group_by": group_by, "epochs": epochs,
-        "batch_size": bs, "lr": lr_used, "patience": patience,
+        "batch_size": bs, "lr": lr_used, "batch_size_asked": batch_size or "auto", "lr_base": lr,
+        "patience": patience,
         "modality_dropout": modality_dropout, "class_weight": class_weight, "device": device,
         "target": target, "preset": preset, "weight_decay": weight_decay,
         "val_fraction": val_fraction, "aux_weight": aux_weight, "head_options": head_options or {},

@@ -114,6 +114,9 @@ def test_ablate_per_head_options_and_resume_refuses_other_settings(tmp_path: Pat
     with pytest.raises(ValueError, match=r"seeds: was \[0\], now \[0, 1\]"):
         ablate(tmp_path, "synth", ["early"], [["audio", "text"]], seeds=2, name="o",
                runs_dir=runs, head_options=opts, **kw)
+    with pytest.raises(ValueError, match=r"lr_base: was 0.002, now 0.01"):
+        ablate(tmp_path, "synth", ["early"], [["audio", "text"]], seeds=1, name="o",
+               runs_dir=runs, head_options=opts, **{**kw, "lr": 0.01})
     # --fresh discards the grid's old cells and runs the new settings
     df3 = ablate(tmp_path, "synth", ["early"], [["audio", "text"]], seeds=2, name="o",
                  runs_dir=runs, head_options=opts, fresh=True, **kw)
