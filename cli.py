@@ -58,9 +58,10 @@ def _head_opts(opts: list[str] | None, heads: list[str]) -> dict[str, dict]:
             _fail(f"--opt {item!r}: unknown head {head!r}; known: {', '.join(HEADS)}")
         if head and head not in heads:
             _fail(f"--opt {item!r}: head {head!r} is not among --fusion {','.join(heads)}")
-        targets = [head] if head else [h for h in heads if h in HEADS and name in head_options(h)]
-        if not targets or any(name not in head_options(h) for h in targets if h in HEADS):
-            valid = {h: ", ".join(head_options(h)) for h in (targets or heads) if h in HEADS}
+        candidates = [head] if head else [h for h in heads if h in HEADS]
+        targets = [h for h in candidates if name in head_options(h)]
+        if not targets:
+            valid = {h: ", ".join(head_options(h)) for h in candidates}
             _fail(f"--opt {item!r}: no such option for {' / '.join(valid) or 'these heads'}; "
                   + "; ".join(f"{h}: {v}" for h, v in valid.items()))
         for h in targets:

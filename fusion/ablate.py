@@ -161,10 +161,10 @@ def ablate(
     """Run (or resume) the fusion × modality-subset grid; write and return the summary table.
 
     `fit_kwargs` go to every `fit`; `head_options` may also map head names to their own options
-    (see `options_for`). A finished cell is reused only if its config.toml
-    records the same settings (feature set, seeds, split, head options, ...); otherwise a
-    ValueError says what differs. `fresh` discards the grid's earlier cells instead. A failing cell (e.g. a DataError for one subset) is recorded
-    in the table's `error` column and the grid goes on.
+    (see `options_for`). A finished cell is reused only if its config.toml records the same
+    settings (feature set, seeds, split, head options, ...); otherwise a ValueError says what
+    differs. `fresh` discards the grid's earlier cells instead. A failing cell (e.g. a
+    DataError for one subset) is recorded in the table's `error` column and the grid goes on.
     """
     t0 = time.perf_counter()
     fs = open_set(cache_root, dataset, preset=preset, key=key)

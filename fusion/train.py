@@ -393,7 +393,7 @@ def fit_stats(data: Batch, train_pos: np.ndarray) -> dict[str, Tensor]:
         train_pos, SEQ_STAT_ROWS, replace=False))) if len(train_pos) > SEQ_STAT_ROWS else None
     stats: dict[str, Tensor] = {}
     for m, d in data.items():
-        parts = [("pooled", d["present"], d.get("pooled"))]
+        parts = [("pooled", d["present"], d["pooled"])]
         if "seq" in d:
             parts.append(("seq", _valid_mask(d), d["seq"]))
         for part, valid, x in parts:
@@ -424,14 +424,6 @@ def apply_stats(data: Batch, stats: dict[str, Tensor], inplace: bool = False) ->
             o[key] = x.sub_(mean).mul_(1.0 / stats[f"{m}.{part}.std"]).mul_(valid.unsqueeze(-1))
         out[m] = o
     return out
-
-
-def standardise(data: Batch, train_pos: np.ndarray, inplace: bool = False
-                ) -> tuple[Batch, dict[str, Tensor]]:
-    """fit_stats on the training rows, then apply_stats: (scaled tensors, statistics — saved
-    beside the model). `inplace` overwrites float32 inputs instead of copying them."""
-    stats = fit_stats(data, train_pos)
-    return apply_stats(data, stats, inplace), stats
 
 
 def to_tensors(data: dict, device: torch.device | str = "cpu") -> Batch:
