@@ -11,8 +11,8 @@ Why it is built this way:
 - A feature set is created in a temporary folder and renamed to `sets/<key>`; whoever loses
   that race simply uses the winner's set (same key = same content by construction).
 - Paths inside the cache are relative, so the root can be mounted anywhere.
-The layout is documented in docs/ARCHITECTURE.md; `fusion/data.py` reads it without importing
-this module.
+The format itself (paths, layout, attributes, markers) is defined in `pipeline/cacheformat.py`,
+the one module `fusion/` reads sets through; docs/ARCHITECTURE.md describes it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import stat
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-FORMAT = 1
+from pipeline import cacheformat as cf
+from pipeline.cacheformat import ModalityLayout, SetAttrs, SetLayout
+
+__all__ = ["FeatureSetStore", "LostClaim", "ModalityLayout", "SetLayout", "Store"]
+
 DEFAULT_CACHE = Path("cache")
 
 
@@ -131,61 +135,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False, default=str).encode())
 
 
-# --- layout ------------------------------------------------------------------------------
-@dataclass
-class ModalityLayout:
-    name: str
-    pooled_dim: int
-    seq_dim: int = 0  # 0: a vector modality (pooled only)
-    max_len: int = 0
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_sequence(self) -> bool:
-        return self.seq_dim > 0 and self.max_len > 0
-
-    def arrays(self, n: int) -> dict[str, tuple[tuple[int, ...], str]]:
-        """relpath -> (shape, dtype) of this modality's per-clip arrays."""
-        out = {
-            f"{self.name}/pooled": ((n, self.pooled_dim), "float16"),
-            f"{self.name}/present": ((n,), "bool"),
-        }
-        if self.is_sequence:
-            out[f"{self.name}/seq"] = ((n, self.max_len, self.seq_dim), "float16")
-            out[f"{self.name}/len"] = ((n,), "int32")
-        return out
-
-
-@dataclass
-class SetLayout:
-    n: int
-    unit_size: int
-    modalities: dict[str, ModalityLayout]
-    compression: str = "zstd"  # zstd | blosc-lz4 | none
-    level: int = 3
-    inner_chunk: int = 64  # clips per inner chunk when a unit is larger (zarr sharding)
-
-    @property
-    def n_units(self) -> int:
-        return (self.n + self.unit_size - 1) // self.unit_size
-
-    def unit_range(self, u: int) -> tuple[int, int]:
-        return u * self.unit_size, min(self.n, (u + 1) * self.unit_size)
-
-    def unit_arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        out: dict[str, tuple[tuple[int, ...], str]] = {}
-        for m in self.modalities.values():
-            out.update(m.arrays(self.n))
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "unit_size": self.unit_size,
-            "compression": self.compression,
-            "level": self.level,
-            "inner_chunk": self.inner_chunk,
-        }
+# --- layout (defined in pipeline.cacheformat) -----------------------------------------------
 
 
 def _compressors(layout: SetLayout) -> Any:
@@ -225,56 +175,34 @@ class FeatureSetStore:
         self.key = key
         self.path = store.sets_dir / key
         self._group = zarr.open_group(self.path, mode="r")
-        self.attrs: dict[str, Any] = dict(self._group.attrs["mmemo"])
-        lj = self.attrs["layout"]
-        mods = {
-            name: ModalityLayout(
-                name=name,
-                pooled_dim=m["pooled_dim"],
-                seq_dim=m.get("seq_dim", 0),
-                max_len=m.get("max_len", 0),
-                provenance=m.get("provenance", {}),
-            )
-            for name, m in self.attrs["modalities"].items()
-        }
-        self.layout = SetLayout(
-            n=lj["n"],
-            unit_size=lj["unit_size"],
-            modalities=mods,
-            compression=lj["compression"],
-            level=lj["level"],
-            inner_chunk=lj["inner_chunk"],
-        )
+        info = SetAttrs.read(self._group.attrs.asdict(), str(self.path))
+        self.attrs: dict[str, Any] = dict(info.raw)
+        self.layout = info.layout()
 
     # units -------------------------------------------------------------------------------
     @property
     def units_dir(self) -> Path:
-        return self.path / "units"
+        return self.path / cf.UNITS
 
     def done_path(self, u: int) -> Path:
-        return self.units_dir / f"{u}.done"
+        return self.path / cf.done_marker(u)
 
     def is_done(self, u: int) -> bool:
         return self.done_path(u).exists()
 
     def done_units(self) -> set[int]:
-        out = set()
-        if self.units_dir.is_dir():
-            for p in self.units_dir.glob("*.done"):
-                if p.stem.isdigit():
-                    out.add(int(p.stem))
-        return out
+        return set(cf.marker_files(self.path))
 
     def read_done(self, u: int) -> dict[str, Any]:
         return json.loads(self.done_path(u).read_text())
 
     def ids(self) -> list[str]:
-        return [str(x) for x in self._group["ids"][:]]
+        return [str(x) for x in self._group[cf.IDS][:]]
 
     def failures(self) -> list[dict[str, Any]]:
         """Every ledger line of the set (per-unit files, merged)."""
         rows: list[dict[str, Any]] = []
-        ledger = self.path / "ledger"
+        ledger = self.path / cf.LEDGER
         if ledger.is_dir():
             for p in sorted(ledger.glob("*.jsonl"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
                 rows.extend(json.loads(line) for line in p.read_text().splitlines() if line.strip())
@@ -283,7 +211,7 @@ class FeatureSetStore:
     def clear_unit(self, u: int) -> None:
         """Forget a unit (for --force / repair): its marker goes first, so readers stop using it."""
         self.done_path(u).unlink(missing_ok=True)
-        (self.path / "ledger" / f"{u}.jsonl").unlink(missing_ok=True)
+        (self.path / cf.ledger_file(u)).unlink(missing_ok=True)
 
     def commit_unit(
         self,
@@ -307,20 +235,20 @@ class FeatureSetStore:
             if arr.dtype.kind == "f" and not np.isfinite(arr.astype(np.float32)).all():
                 raise ValueError(f"unit {u}: {rel} holds NaN/Inf; refusing to write it")
 
-        staging = self.path / "tmp" / f"u{u}.{uuid.uuid4().hex[:12]}"
+        staging = self.path / cf.STAGING / f"u{u}.{uuid.uuid4().hex[:12]}"
         checksums: dict[str, str] = {}
         moves: list[tuple[Path, Path]] = []
         try:
             for rel, arr in data.items():
-                src_meta = self.path / rel / "zarr.json"
+                src_meta = self.path / rel / cf.GROUP_META
                 make_dirs(staging / rel)
-                shutil.copyfile(src_meta, staging / rel / "zarr.json")
+                shutil.copyfile(src_meta, staging / rel / cf.GROUP_META)
                 # every chunk file is written, even all-fill-value ones: a recommit (repair,
                 # --force) must replace the old file, and the marker must list every file
                 za = zarr.open_array(staging / rel, mode="r+").with_config({"write_empty_chunks": True})
                 za[start:stop] = arr.astype(expected[rel][1], copy=False)
                 for f in sorted((staging / rel).rglob("*")):
-                    if f.is_file() and f.name != "zarr.json":
+                    if f.is_file() and f.name != cf.GROUP_META:
                         relfile = f.relative_to(staging).as_posix()
                         checksums[relfile] = sha256_file(f)
                         moves.append((f, self.path / relfile))
@@ -333,19 +261,12 @@ class FeatureSetStore:
             fail_rows = list(failures)
             if fail_rows:
                 atomic_write(
-                    self.path / "ledger" / f"{u}.jsonl",
+                    self.path / cf.ledger_file(u),
                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fail_rows).encode(),
                 )
-            marker = {
-                "unit": u,
-                "start": start,
-                "stop": stop,
-                "checksums": checksums,
-                "n_failures": len(fail_rows),
-                "by": who(),
-                "at": now_iso(),
-                **(extra or {}),
-            }
+            marker = cf.UnitMarker(unit=u, start=start, stop=stop, checksums=checksums,
+                                   n_failures=len(fail_rows), by=who(), at=now_iso(),
+                                   extra=dict(extra or {})).to_json()
             atomic_write_json(self.done_path(u), marker)
             return marker
         finally:
@@ -357,10 +278,10 @@ class Store:
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = cache_root(root)
-        self.sets_dir = self.root / "sets"
-        self.aliases_dir = self.root / "aliases"
-        self.claims_dir = self.root / "claims"
-        self.srt_dir = self.root / "srt"
+        self.sets_dir = self.root / cf.SETS
+        self.aliases_dir = self.root / cf.ALIASES
+        self.claims_dir = self.root / cf.CLAIMS
+        self.srt_dir = self.root / cf.SRT
 
     # sets --------------------------------------------------------------------------------
     def has_set(self, key: str) -> bool:
@@ -368,7 +289,7 @@ class Store:
             safe_name(key, "feature set key")
         except ValueError:
             return False  # a name that could leave the cache is never a set
-        return (self.sets_dir / key / "zarr.json").exists()
+        return cf.is_set(cf.set_dir(self.root, key))
 
     def open(self, key: str) -> FeatureSetStore:
         if not self.has_set(key):
@@ -418,33 +339,14 @@ class Store:
                         rel, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape or (1,), compressors=comp
                     )
                     za[...] = arr
-            full = {
-                **attrs,
-                "format": FORMAT,
-                "key": key,
-                "n": layout.n,
-                "unit_size": layout.unit_size,
-                "layout": layout.to_json(),
-                "modalities": {
-                    name: {
-                        "pooled_dim": m.pooled_dim,
-                        "seq_dim": m.seq_dim,
-                        "max_len": m.max_len,
-                        "kind": "sequence" if m.is_sequence else "vector",
-                        "provenance": m.provenance,
-                    }
-                    for name, m in layout.modalities.items()
-                },
-                "created_by": who(),
-                "created_at": now_iso(),
-            }
-            group.attrs["mmemo"] = full
+            full = SetAttrs.new(key, layout, attrs, created_by=who(), created_at=now_iso()).raw
+            group.attrs[cf.ATTRS_KEY] = full
             header = {
                 p.relative_to(tmp).as_posix(): sha256_file(p)
                 for p in sorted(tmp.rglob("*"))
                 if p.is_file()
             }
-            atomic_write_json(tmp / "units" / "header.done", {"checksums": header, "at": now_iso()})
+            atomic_write_json(tmp / cf.HEADER_MARKER, {"checksums": header, "at": now_iso()})
             for p in [tmp, *tmp.rglob("*")]:
                 _no_world_write(p)
             try:
@@ -473,34 +375,27 @@ class Store:
 
     # aliases -----------------------------------------------------------------------------
     def alias_path(self, dataset: str, preset: str) -> Path:
-        return self.aliases_dir / safe_name(dataset, "dataset name") / f"{safe_name(preset, 'preset name')}.json"
+        return cf.alias_file(self.root, safe_name(dataset, "dataset name"), safe_name(preset, "preset name"))
 
     def set_alias(self, dataset: str, preset: str, key: str) -> None:
         safe_name(key, "feature set key")
-        atomic_write_json(self.alias_path(dataset, preset), {"key": key, "by": who(), "at": now_iso()})
+        atomic_write_json(self.alias_path(dataset, preset), cf.alias_json(key, who(), now_iso()))
 
     def resolve(self, dataset: str, preset: str = "offline") -> str:
-        p = self.alias_path(dataset, preset)
-        if not p.exists():
+        key = cf.read_alias(self.root, safe_name(dataset, "dataset name"), safe_name(preset, "preset name"))
+        if key is None:
             raise FileNotFoundError(
                 f"no feature set for dataset '{dataset}' preset '{preset}' in {self.root} "
                 f"(run `mmemo extract --dataset {dataset} --preset {preset}` first)"
             )
-        return json.loads(p.read_text())["key"]
+        return key
 
     def aliases(self) -> dict[str, str]:
-        out = {}
-        if self.aliases_dir.is_dir():
-            for p in self.aliases_dir.glob("*/*.json"):
-                try:
-                    out[f"{p.parent.name}/{p.stem}"] = json.loads(p.read_text())["key"]
-                except (OSError, ValueError, KeyError):
-                    continue
-        return out
+        return cf.all_aliases(self.root)
 
     # claims ------------------------------------------------------------------------------
     def claim_path(self, key: str, unit: int) -> Path:
-        return self.claims_dir / safe_name(key, "feature set key") / f"{int(unit)}.claim"
+        return cf.claim_file(self.root, safe_name(key, "feature set key"), unit)
 
     def claim(self, key: str, unit: int, lease_s: float = 3600.0) -> Claim | None:
         """Try to claim a unit; None if someone else holds a live claim."""
@@ -551,4 +446,4 @@ class Store:
 
     # subtitles ---------------------------------------------------------------------------
     def srt_path(self, key: str, clip_id: str) -> Path:
-        return self.srt_dir / safe_name(key, "feature set key") / f"{safe_name(clip_id, 'clip id', leading_dot=True)}.srt"
+        return cf.srt_file(self.root, safe_name(key, "feature set key"), safe_name(clip_id, "clip id", leading_dot=True))
