@@ -129,9 +129,11 @@ def ledger_file(u: int) -> str:
     return f"{LEDGER}/{u}.jsonl"
 
 
+CHUNKS = "/c/"  # Zarr v3 default chunk keys: array `rel`'s chunk files are `<rel>/c/<i>/...`
+
+
 def chunk_prefix(rel: str) -> str:
-    """Chunk files of array `rel` are `<rel>/c/<i>/...` (Zarr v3 default chunk keys)."""
-    return f"{rel}/c/"
+    return f"{rel}{CHUNKS}"
 
 
 class FormatError(ValueError):
@@ -167,6 +169,10 @@ class ModalityLayout:
             out[seq(self.name)] = ((n, self.max_len, self.seq_dim), "float16")
             out[length(self.name)] = ((n,), "int32")
         return out
+
+    def paths(self) -> list[str]:
+        """This modality's array paths: pooled, present and, for a sequence, seq, len."""
+        return list(self.arrays(0))
 
     def to_json(self) -> dict[str, Any]:
         return {"pooled_dim": self.pooled_dim, "seq_dim": self.seq_dim, "max_len": self.max_len,

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline import cacheformat as cf
 from pipeline.store import FeatureSetStore, Store, sha256_file
 
 GC_MIN_AGE_S = 3600.0  # temporaries younger than this may belong to a live writer
@@ -120,12 +121,7 @@ def list_sets(cache_root: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _done_rows(fs: FeatureSetStore) -> np.ndarray:
-    mask = np.zeros(fs.layout.n, bool)
-    for u in fs.done_units():
-        if u < fs.layout.n_units:
-            a, b = fs.layout.unit_range(u)
-            mask[a:b] = True
-    return mask
+    return fs.completed_rows()
 
 
 def set_info(cache_root: str | os.PathLike, key_or_alias: str) -> dict[str, Any]:
@@ -139,7 +135,7 @@ def set_info(cache_root: str | os.PathLike, key_or_alias: str) -> dict[str, Any]
     done = _done_rows(fs)
     mods: dict[str, Any] = {}
     for name, m in fs.attrs.get("modalities", {}).items():
-        present = np.asarray(group[f"{name}/present"][:], bool)
+        present = np.asarray(group[cf.present(name)][:], bool)
         mods[name] = {
             "kind": m.get("kind"),
             "pooled_dim": m.get("pooled_dim"),
@@ -196,7 +192,7 @@ class VerifyReport:
 def _is_temp(rel: str) -> bool:
     """Temporaries readers never see: staging, atomic-write temps, claim takeover leftovers."""
     name = rel.rsplit("/", 1)[-1]
-    return rel.startswith("tmp/") or (name.startswith(".") and name.endswith(".tmp"))
+    return rel.startswith(f"{cf.STAGING}/") or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def _check_files(root: Path, checksums: dict[str, str], problems: list[str], what: str) -> tuple[int, bool]:
@@ -228,16 +224,16 @@ def verify_set(store: Store, key: str) -> VerifyReport:
     files_checked = 0
 
     header_ok = True
-    header = fs.units_dir / "header.done"
+    header = path / cf.HEADER_MARKER
     if not header.is_file():
-        problems.append("units/header.done is missing: the set's creation did not finish")
+        problems.append(f"{cf.HEADER_MARKER} is missing: the set's creation did not finish")
         header_ok = False
     else:
         try:
             sums = json.loads(header.read_text())["checksums"]
         except (OSError, ValueError, KeyError) as e:
             sums = {}
-            problems.append(f"units/header.done is unreadable: {e}")
+            problems.append(f"{cf.HEADER_MARKER} is unreadable: {e}")
             header_ok = False
         n, ok = _check_files(path, sums, problems, "header")
         files_checked += n
@@ -262,7 +258,7 @@ def verify_set(store: Store, key: str) -> VerifyReport:
             bad.add(u)
         sums = m.get("checksums", {})
         for rel in expected_arrays:
-            if not any(k.startswith(f"{rel}/c/") for k in sums):
+            if not any(k.startswith(cf.chunk_prefix(rel)) for k in sums):
                 problems.append(f"{what}: marker lists no chunk of {rel}")
                 bad.add(u)
         n, ok = _check_files(path, sums, problems, what)
@@ -270,7 +266,7 @@ def verify_set(store: Store, key: str) -> VerifyReport:
         if not ok:
             bad.add(u)
         known.update(sums)
-        ledger = path / "ledger" / f"{u}.jsonl"
+        ledger = path / cf.ledger_file(u)
         n_lines = len([x for x in ledger.read_text().splitlines() if x.strip()]) if ledger.is_file() else 0
         if n_lines != int(m.get("n_failures", n_lines)):
             problems.append(f"{what}: ledger has {n_lines} lines, marker says {m.get('n_failures')}")
@@ -287,10 +283,10 @@ def verify_set(store: Store, key: str) -> VerifyReport:
         if not p.is_file():
             continue
         rel = p.relative_to(path).as_posix()
-        if rel in known or _is_temp(rel) or rel.startswith(("units/", "ledger/")):
+        if rel in known or _is_temp(rel) or rel.startswith((f"{cf.UNITS}/", f"{cf.LEDGER}/")):
             continue
-        if "/c/" in rel:
-            arr, rest = rel.split("/c/", 1)
+        if cf.CHUNKS in rel:
+            arr, rest = rel.split(cf.CHUNKS, 1)
             idx = rest.split("/", 1)[0]
             if arr in expected_arrays and idx.isdigit() and int(idx) in missing:
                 continue  # written by a unit that never committed its marker: invisible to readers
@@ -418,8 +414,8 @@ def gc(
                 actions.append((f"orphaned set-creation temporary: {rel(p)}", p))
             elif p.name.startswith(".trash-") and _age(p) > min_age_s:
                 actions.append((f"stale trash: {rel(p)}", p))
-            elif p.is_dir() and (p / "tmp").is_dir():
-                for q in sorted((p / "tmp").iterdir()):
+            elif p.is_dir() and (p / cf.STAGING).is_dir():
+                for q in sorted((p / cf.STAGING).iterdir()):
                     if _age(q) > min_age_s:
                         actions.append((f"orphaned unit staging: {rel(q)}", q))
     for dirpath, _dirs, files in os.walk(root):

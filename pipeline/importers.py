@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline import cacheformat as cf
 from pipeline.manifest import sanitize_id
 from pipeline.stages.base import pad_or_pool  # lightweight: stage backends load on demand
 from pipeline.store import ModalityLayout, SetLayout, Store, sha256_file
@@ -107,7 +108,7 @@ def _write_set(
             if fs.is_done(u):
                 continue
             a, b = layout.unit_range(u)
-            ids = set(static["ids"][a:b].tolist())
+            ids = set(static[cf.IDS][a:b].tolist())
             fs.commit_unit(u, {k: v[a:b] for k, v in rows.items()},
                            [f for f in failures if f["id"] in ids], claim=claim)
         finally:
@@ -130,10 +131,10 @@ def _modality_rows(name: str, seqs: list[np.ndarray | None], max_len: int, ids: 
         dp = pdims.pop() if len(pdims) == 1 else d
     n = len(seqs)
     out = {
-        f"{name}/pooled": np.zeros((n, dp), np.float16),
-        f"{name}/present": np.zeros(n, bool),
-        f"{name}/seq": np.zeros((n, max_len, d), np.float16),
-        f"{name}/len": np.zeros(n, np.int32),
+        cf.pooled(name): np.zeros((n, dp), np.float16),
+        cf.present(name): np.zeros(n, bool),
+        cf.seq(name): np.zeros((n, max_len, d), np.float16),
+        cf.length(name): np.zeros(n, np.int32),
     }
     for i, s in enumerate(seqs):
         if s is None:
@@ -151,10 +152,10 @@ def _modality_rows(name: str, seqs: list[np.ndarray | None], max_len: int, ids: 
                              "message": f"{name}: {why}", "file": None})
             continue
         arr, ln = pad_or_pool(s, max_len)
-        out[f"{name}/seq"][i] = arr.astype(np.float16)
-        out[f"{name}/len"][i] = ln
-        out[f"{name}/pooled"][i] = p.astype(np.float16)
-        out[f"{name}/present"][i] = True
+        out[cf.seq(name)][i] = arr.astype(np.float16)
+        out[cf.length(name)][i] = ln
+        out[cf.pooled(name)][i] = p.astype(np.float16)
+        out[cf.present(name)][i] = True
     layout = ModalityLayout(name=name, pooled_dim=dp, seq_dim=d, max_len=max_len)
     return layout, out
 
@@ -244,8 +245,8 @@ def import_csd(
         ids = _unique_ids(raw_ids)
         vals = np.asarray(values, np.float32)
         ok = np.isfinite(vals)
-        static_targets = {"targets/sentiment/value": np.where(ok, vals, 0).astype(np.float32),
-                          "targets/sentiment/present": ok}
+        static_targets = {cf.target_value("sentiment"): np.where(ok, vals, 0).astype(np.float32),
+                          cf.target_present("sentiment"): ok}
         targets = ["sentiment"]
     else:
         ids = _unique_ids(vids)
@@ -275,15 +276,15 @@ def import_csd(
 
     n = len(ids)
     static = {
-        "ids": np.asarray(ids, dtype=object),
-        "split": np.asarray(["train"] * n, dtype=object),
-        "group": np.asarray(groups, dtype=object),  # the raw video id: not a file name
-        "label": np.full(n, -1, np.int32),
+        cf.IDS: np.asarray(ids, dtype=object),
+        cf.SPLIT: np.asarray(["train"] * n, dtype=object),
+        cf.GROUP: np.asarray(groups, dtype=object),  # the raw video id: not a file name
+        cf.LABEL: np.full(n, -1, np.int32),
         **static_targets,
     }
     if seg_source is not None:  # segment bounds in seconds within the video (the csd intervals)
-        static["segment/start"] = np.asarray([s[1] for s in spans], np.float64)
-        static["segment/end"] = np.asarray([s[2] for s in spans], np.float64)
+        static[cf.SEGMENT_START] = np.asarray([s[1] for s in spans], np.float64)
+        static[cf.SEGMENT_END] = np.asarray([s[2] for s in spans], np.float64)
     key = _key(dataset, ["csd", IMPORTER_VERSION, dataset, max_len, unit_size,
                          [s["sha256"] for s in sources]])
     attrs = {
@@ -423,20 +424,20 @@ def import_mmsa_pkl(
                                     pooled=pm["pooled"] if has_pooled else None, lens=pm["len"])
         if kinds.get(m) == "vector":  # exported pooled-only: keep it a vector modality
             mlay = ModalityLayout(name=m, pooled_dim=mlay.pooled_dim)
-            arrs = {k: v for k, v in arrs.items() if k.endswith(("/pooled", "/present"))}
+            arrs = {k: v for k, v in arrs.items() if k in (cf.pooled(m), cf.present(m))}
         mlay.provenance = {"stage": "import", "backend": "mmsa-pkl", "source": pm["src"]}
         mods[m] = mlay
         rows.update(arrs)
     static: dict[str, np.ndarray] = {
-        "ids": np.asarray(ids, dtype=object),
-        "split": np.asarray(split_col, dtype=object),
-        "group": np.asarray(groups, dtype=object),
-        "label": np.asarray(cls, np.int32),
+        cf.IDS: np.asarray(ids, dtype=object),
+        cf.SPLIT: np.asarray(split_col, dtype=object),
+        cf.GROUP: np.asarray(groups, dtype=object),
+        cf.LABEL: np.asarray(cls, np.int32),
     }
     targets = []
     if any(reg_ok):
-        static["targets/sentiment/value"] = np.asarray(reg, np.float32)
-        static["targets/sentiment/present"] = np.asarray(reg_ok, bool)
+        static[cf.target_value("sentiment")] = np.asarray(reg, np.float32)
+        static[cf.target_present("sentiment")] = np.asarray(reg_ok, bool)
         targets.append("sentiment")
     n_cls = int(max(cls)) + 1 if cls and max(cls) >= 0 else 0
     classes = extra.get("classes") or [str(i) for i in range(n_cls)]
@@ -463,12 +464,7 @@ def _open_complete(cache_root: str | os.PathLike, key_or_alias: str) -> tuple[st
     store = Store(cache_root)
     key = resolve_key(cache_root, key_or_alias)
     fs = store.open(key)
-    rows = np.zeros(fs.layout.n, bool)
-    for u in fs.done_units():
-        if u < fs.layout.n_units:
-            a, b = fs.layout.unit_range(u)
-            rows[a:b] = True
-    return key, fs.attrs, zarr.open_group(fs.path, mode="r"), np.flatnonzero(rows)
+    return key, fs.attrs, zarr.open_group(fs.path, mode="r"), np.flatnonzero(fs.completed_rows())
 
 
 def export_set(cache_root: str | os.PathLike, key_or_alias: str, out: str | os.PathLike, fmt: str = "hdf5") -> Path:
@@ -506,26 +502,24 @@ def export_set(cache_root: str | os.PathLike, key_or_alias: str, out: str | os.P
             import h5py
 
             with h5py.File(tmp, "w") as h:
-                h.attrs["mmemo"] = json.dumps({**attrs, "exported_rows": int(len(rows))}, default=str)
+                h.attrs[cf.ATTRS_KEY] = json.dumps({**attrs, "exported_rows": int(len(rows))}, default=str)
                 sdt = h5py.string_dtype("utf-8")
-                for name in ("ids", "split", "group"):
+                for name in cf.STRING_ARRAYS:
                     h.create_dataset(name, data=col(name), dtype=sdt)
-                h.create_dataset("label", data=col("label").astype(np.int32))
+                h.create_dataset(cf.LABEL, data=col(cf.LABEL).astype(np.int32))
                 for t in targets:
-                    h.create_dataset(f"targets/{t}/value", data=col(f"targets/{t}/value"))
-                    h.create_dataset(f"targets/{t}/present", data=col(f"targets/{t}/present"))
+                    for rel in (cf.target_value(t), cf.target_present(t)):
+                        h.create_dataset(rel, data=col(rel))
                 for m, info in mods.items():
-                    parts = ["pooled", "present"] + (["seq", "len"] if info.get("kind") == "sequence" else [])
-                    for part in parts:
-                        h.create_dataset(f"{m}/{part}", data=col(f"{m}/{part}"), compression="gzip")
+                    for rel in cf.ModalityLayout.from_json(m, info).paths():
+                        h.create_dataset(rel, data=col(rel), compression="gzip")
         elif fmt == "mmsa-pkl":
-            split = col("split")
-            ids = col("ids")
-            label = col("label").astype(np.int64)
-            group = col("group")
+            split = col(cf.SPLIT)
+            ids = col(cf.IDS)
+            label = col(cf.LABEL).astype(np.int64)
+            group = col(cf.GROUP)
             rev = {v: k for k, v in MMSA_NAMES.items()}
-            cols = {m: {p: col(f"{m}/{p}") for p in (["pooled", "present", "seq", "len"]
-                        if info.get("kind") == "sequence" else ["pooled", "present"])}
+            cols = {m: {rel.rsplit("/", 1)[1]: col(rel) for rel in cf.ModalityLayout.from_json(m, info).paths()}
                     for m, info in mods.items()}
             res: dict[str, Any] = {}
             for sp in dict.fromkeys(split.tolist()):
@@ -533,8 +527,8 @@ def export_set(cache_root: str | os.PathLike, key_or_alias: str, out: str | os.P
                 d: dict[str, Any] = {"id": ids[sel].tolist(), "group": group[sel].tolist(),
                                      "classification_labels": label[sel]}
                 if "sentiment" in targets:
-                    d["regression_labels"] = col("targets/sentiment/value")[sel].astype(np.float32)
-                    d["regression_labels_mask"] = col("targets/sentiment/present")[sel]
+                    d["regression_labels"] = col(cf.target_value("sentiment"))[sel].astype(np.float32)
+                    d["regression_labels_mask"] = col(cf.target_present("sentiment"))[sel]
                 for m, c in cols.items():
                     k = rev.get(m, m)
                     present = c["present"][sel]

@@ -10,8 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import zarr
-
+from pipeline import cacheformat as cf
 from pipeline.manifest import Clip, write_dataset_info, write_manifest
 from pipeline.runner import plan_extract, run_extract
 from pipeline.store import cache_root as default_cache
@@ -20,13 +19,13 @@ from pipeline.store import cache_root as default_cache
 def _training_preset(run_cfg: dict[str, Any]) -> dict[str, Any]:
     cache = Path(run_cfg.get("cache_root") or default_cache())
     key = run_cfg.get("feature_set")
-    path = cache / "sets" / str(key)
-    if not (path / "zarr.json").exists():
+    path = cf.set_dir(cache, str(key))
+    if not cf.is_set(path):
         raise FileNotFoundError(
             f"the run's feature set {key} is not in {cache}; pass --preset to extract with a preset instead"
         )
-    attrs = zarr.open_group(path, mode="r").attrs["mmemo"]
-    return dict(attrs["preset_config"]), dict(attrs)
+    attrs = cf.SetReader(path).attrs
+    return dict(attrs.raw["preset_config"]), dict(attrs.raw)
 
 
 def predict_file(video: Path, run: Path, text: str | None = None, title: str | None = None,

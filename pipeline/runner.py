@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import cacheformat as cachefmt
+from pipeline.cacheformat import ModalityLayout, SetLayout
 from pipeline.manifest import Clip, load_dataset, read_dataset_info
 from pipeline.presets import STAGE_ORDER, load_preset, stage_config
 from pipeline.stages.base import (
@@ -42,7 +44,7 @@ from pipeline.stages.base import (
     get_backend,
     pad_or_pool,
 )
-from pipeline.store import ModalityLayout, SetLayout, Store
+from pipeline.store import Store
 
 CODE_VERSION = "1"
 TARGETS = ("sentiment", "valence", "arousal")
@@ -199,7 +201,7 @@ def plan_extract(
     with cf.ThreadPoolExecutor(8) as ex:
         fps = list(ex.map(lambda c: clip_fingerprint(c, root), clips))
     ident = {
-        "format": 1,
+        "format": cachefmt.FORMAT,
         "code": CODE_VERSION,
         "stages": [s.provenance() for s in stages],
         "store": {k: v for k, v in pre.get("store", {}).items()},
@@ -222,10 +224,10 @@ def static_arrays(plan: Plan) -> dict[str, np.ndarray]:
         g = getattr(c, group_by, None) if hasattr(c, group_by) else c.metadata.get(group_by)
         groups.append(str(g) if g is not None else c.id)
     out: dict[str, np.ndarray] = {
-        "ids": np.array([c.id for c in clips], dtype=object),
-        "split": np.array([c.split for c in clips], dtype=object),
-        "group": np.array(groups, dtype=object),
-        "label": np.array(
+        cachefmt.IDS: np.array([c.id for c in clips], dtype=object),
+        cachefmt.SPLIT: np.array([c.split for c in clips], dtype=object),
+        cachefmt.GROUP: np.array(groups, dtype=object),
+        cachefmt.LABEL: np.array(
             [c.labels.emotion_idx if c.labels.emotion_idx is not None else -1 for c in clips],
             dtype=np.int32,
         ),
@@ -233,8 +235,8 @@ def static_arrays(plan: Plan) -> dict[str, np.ndarray]:
     for t in TARGETS:
         vals = [getattr(c.labels, t) for c in clips]
         if any(v is not None for v in vals):
-            out[f"targets/{t}/value"] = np.array([v if v is not None else 0.0 for v in vals], np.float32)
-            out[f"targets/{t}/present"] = np.array([v is not None for v in vals], bool)
+            out[cachefmt.target_value(t)] = np.array([v if v is not None else 0.0 for v in vals], np.float32)
+            out[cachefmt.target_present(t)] = np.array([v is not None for v in vals], bool)
     return out
 
 
@@ -344,11 +346,11 @@ def _assemble(layout: SetLayout, ctxs: list[ClipContext], failures: list[dict[st
                 arr, ln = pad_or_pool(s, m.max_len)
                 seq[i] = arr.astype(np.float16)
                 lens[i] = ln
-        data[f"{name}/pooled"] = pooled
-        data[f"{name}/present"] = present
+        data[cachefmt.pooled(name)] = pooled
+        data[cachefmt.present(name)] = present
         if m.is_sequence:
-            data[f"{name}/seq"] = seq
-            data[f"{name}/len"] = lens
+            data[cachefmt.seq(name)] = seq
+            data[cachefmt.length(name)] = lens
     return data
 
 

@@ -193,6 +193,12 @@ class FeatureSetStore:
     def done_units(self) -> set[int]:
         return set(cf.marker_files(self.path))
 
+    def completed_rows(self) -> np.ndarray:
+        """[n] bool: rows of units that have a completion marker."""
+        return cf.completed_rows(
+            self.layout.n, (self.layout.unit_range(u) for u in self.done_units() if u < self.layout.n_units)
+        )
+
     def read_done(self, u: int) -> dict[str, Any]:
         return json.loads(self.done_path(u).read_text())
 
