@@ -1,9 +1,10 @@
 """Read-only access to one cached feature set (the Zarr v3 group described in ARCHITECTURE.md).
 
-This module is the trainer's only door to data: it never imports `pipeline` (the cache layout
-is the contract) and never touches media or encoders. It reads only the rows of work units
-that carry a `units/<u>.done` marker — anything else may be half written — and only the
-arrays a fit asks for. Problems that would make a fit meaningless (a mixed or inconsistent
+This module is the trainer's only door to data. Of the pipeline it imports only
+`pipeline.cacheformat` (the cache format and its low-level reader; no media, no encoders, no
+store), and it never touches media or encoders. It reads only the rows of work units that
+carry a completion marker — anything else may be half written — and only the arrays a fit
+asks for. Problems that would make a fit meaningless (a mixed or inconsistent
 set, an empty split, one class, a modality with no data or non-finite values) raise
 `DataError` naming the set, before any training starts.
 """
@@ -11,7 +12,6 @@ set, an empty split, one class, a modality with no data or non-finite values) ra
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,14 +22,15 @@ import torch
 import zarr
 
 from fusion.heads.base import InputSpec, ModalitySpec
+from pipeline import cacheformat as cf
+from pipeline.cacheformat import COND, FormatError, read_rows
 
 log = logging.getLogger(__name__)
 
-COND = "cond"  # the conditioning vector: stored like a modality, never a fusion input
-SUPPORTED_FORMATS = (1,)
+__all__ = ["COND", "DataError", "FeatureSet", "open_set"]
 
 
-class DataError(ValueError):
+class DataError(FormatError):
     """A feature set cannot be used as asked; the message names the set and the problem."""
 
 
@@ -40,44 +41,11 @@ def open_set(
     key: str | None = None,
 ) -> FeatureSet:
     """Open a feature set by content key, or by its alias `aliases/<dataset>/<preset>.json`."""
-    root = Path(cache_root)
-    if key is None:
-        if dataset is None:
-            raise DataError("open_set needs a key, or a dataset (and preset) to look up an alias")
-        key = _resolve_alias(root, dataset, preset)
-    path = root / "sets" / key
-    if not (path / "zarr.json").is_file():
-        known = sorted(p.name for p in (root / "sets").glob("*") if p.is_dir())
-        raise DataError(f"feature set {key!r} not found under {root / 'sets'} (known: {known})")
-    return FeatureSet(path)
-
-
-def _resolve_alias(root: Path, dataset: str, preset: str) -> str:
-    alias = root / "aliases" / dataset / f"{preset}.json"
-    if not alias.is_file():
-        have = sorted(p.stem for p in (root / "aliases" / dataset).glob("*.json"))
-        hint = f"presets extracted for {dataset!r}: {have}" if have else "run `mmemo extract` first"
-        raise DataError(f"no feature set for dataset {dataset!r}, preset {preset!r} in {root} ({hint})")
     try:
-        return str(json.loads(alias.read_text())["key"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"alias file {alias} is not {{'key': ...}} JSON: {e}") from e
-
-
-def _read_rows(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
-    """Rows of a chunked-along-N array, touching only the chunks that hold them.
-
-    Dense selections (the usual case: whole completed units) read one bounding slice;
-    sparse ones use orthogonal indexing so unrelated chunks are never decoded.
-    """
-    if len(rows) == 0:
-        return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
-    lo, hi = int(rows[0]), int(rows[-1]) + 1
-    if len(rows) == hi - lo:
-        return np.asarray(arr[lo:hi])
-    if len(rows) * 2 >= hi - lo:
-        return np.asarray(arr[lo:hi])[rows - lo]
-    return np.asarray(arr.oindex[rows])
+        path = cf.resolve_set(cache_root, dataset, preset, key)
+    except FormatError as e:
+        raise DataError(str(e)) from e
+    return FeatureSet(path)
 
 
 @dataclass
@@ -89,49 +57,48 @@ class FeatureSet:
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
-        self._group = zarr.open_group(str(self.path), mode="r")
-        attrs = dict(self._group.attrs.asdict()).get("mmemo")
-        if not isinstance(attrs, dict):
-            raise DataError(f"{self.path} is not an mmemo feature set (no attrs['mmemo'])")
-        self.attrs: dict = attrs
-        if attrs.get("format") not in SUPPORTED_FORMATS:
-            raise DataError(f"feature set {self.name}: format {attrs.get('format')!r} is not "
-                            f"supported (this mmemo reads {SUPPORTED_FORMATS})")
+        try:
+            self._reader = cf.SetReader(self.path)
+        except FormatError as e:
+            raise DataError(str(e)) from e
+        self._group = self._reader.group
+        self.meta: cf.SetAttrs = self._reader.attrs  # typed view over `attrs`
+        self.attrs: dict = self.meta.raw
 
     # --- identity and metadata -------------------------------------------------------
     @property
     def key(self) -> str:
-        return str(self.attrs.get("key") or self.path.name)
+        return self._reader.key
 
     @property
     def name(self) -> str:
         """How errors name the set: dataset/preset and the key."""
-        return f"{self.attrs.get('dataset', '?')}/{self.attrs.get('preset', '?')} ({self.path.name})"
+        return self._reader.name
 
     @property
     def n(self) -> int:
-        return int(self._group["ids"].shape[0])
+        return self._reader.n
 
     @property
     def classes(self) -> list[str]:
-        return list(self.attrs.get("classes") or [])
+        return self.meta.classes
 
     @property
     def task(self) -> str:
-        return str(self.attrs.get("task", "classification"))
+        return self.meta.task
 
     @property
     def group_by(self) -> str | None:
-        return self.attrs.get("group_by")
+        return self.meta.group_by
 
     @property
     def label_derived(self) -> list[str]:
-        return list(self.attrs.get("label_derived") or [])
+        return self.meta.label_derived
 
     @property
     def modalities(self) -> tuple[str, ...]:
         """Fusion inputs: every stored modality except the conditioning vector."""
-        return tuple(m for m in self.attrs.get("modalities", {}) if m != COND)
+        return tuple(m for m in self.meta.modality_names if m != COND)
 
     @cached_property
     def available(self) -> tuple[str, ...]:
@@ -144,78 +111,59 @@ class FeatureSet:
         rows = np.flatnonzero(self.complete)
         out = []
         for m in self.modalities:
-            if len(rows) and _read_rows(self._group[f"{m}/present"], rows).any():
+            if len(rows) and read_rows(self._group[cf.present(m)], rows).any():
                 out.append(m)
         return tuple(out)
 
     @property
     def has_cond(self) -> bool:
-        return COND in self.attrs.get("modalities", {})
+        return COND in self.meta.modality_names
 
     @property
     def target_names(self) -> list[str]:
-        return list(self.attrs.get("targets") or [])
+        return self.meta.targets
 
     # --- row arrays (small, read whole) -----------------------------------------------
     @cached_property
     def ids(self) -> np.ndarray:
-        return _strings(self._group["ids"])
+        return self._reader.strings(cf.IDS)
 
     @cached_property
     def split(self) -> np.ndarray:
-        return _strings(self._group["split"])
+        return self._reader.strings(cf.SPLIT)
 
     @cached_property
     def group(self) -> np.ndarray:
-        return _strings(self._group["group"])
+        return self._reader.strings(cf.GROUP)
 
     @cached_property
     def label(self) -> np.ndarray:
-        return np.asarray(self._group["label"][:], dtype=np.int64)
+        return np.asarray(self._group[cf.LABEL][:], dtype=np.int64)
 
     @cached_property
     def targets(self) -> dict[str, np.ndarray]:
         """Regression targets by name, float32 with NaN where the target is not present."""
         out = {}
         for t in self.target_names:
-            v = np.asarray(self._group[f"targets/{t}/value"][:], dtype=np.float32)
-            p = np.asarray(self._group[f"targets/{t}/present"][:], dtype=bool)
+            v = np.asarray(self._group[cf.target_value(t)][:], dtype=np.float32)
+            p = np.asarray(self._group[cf.target_present(t)][:], dtype=bool)
             out[t] = np.where(p, v, np.float32(np.nan)).astype(np.float32)
         return out
 
     @cached_property
-    def units(self) -> list[dict]:
+    def units(self) -> list[cf.UnitMarker]:
         """The completion markers of finished work units (header excluded), by start row."""
-        udir = self.path / "units"
-        markers = []
-        for f in sorted(udir.glob("*.done")) if udir.is_dir() else []:
-            if f.name == "header.done":
-                continue
-            try:
-                m = json.loads(f.read_text())
-            except ValueError as e:
-                raise DataError(f"feature set {self.name}: unreadable marker {f.name}: {e}") from e
-            m.setdefault("unit", f.name[: -len(".done")])
-            if "start" not in m or "stop" not in m:
-                size = int(self.attrs.get("unit_size", 0))
-                try:
-                    u = int(str(m["unit"]).lstrip("u"))
-                except ValueError as e:
-                    raise DataError(f"feature set {self.name}: marker {f.name} has no "
-                                    "start/stop and its unit name is not an index") from e
-                m["start"], m["stop"] = u * size, min((u + 1) * size, self.n)
-            markers.append(m)
-        return sorted(markers, key=lambda m: int(m["start"]))
+        try:
+            return self._reader.markers()
+        except FormatError as e:
+            raise DataError(str(e)) from e
 
     @cached_property
     def complete(self) -> np.ndarray:
         """Rows whose unit has a `.done` marker (and whose header finished): the only usable rows."""
-        mask = np.zeros(self.n, dtype=bool)
-        if not (self.path / "units" / "header.done").is_file():
-            return mask
-        for m in self.units:
-            mask[max(0, int(m["start"])): min(self.n, int(m["stop"]))] = True
-        return mask
+        if not self._reader.header_done():
+            return np.zeros(self.n, dtype=bool)
+        return cf.completed_rows(self.n, self.units)
 
     # --- inputs ----------------------------------------------------------------------
     def resolve(self, modalities: list[str] | tuple[str, ...] | str) -> list[str]:
@@ -232,16 +180,15 @@ class FeatureSet:
         return mods
 
     def modality_spec(self, m: str) -> ModalitySpec:
-        info = self.attrs["modalities"][m]
-        seq = int(info.get("seq_dim", 0) or 0) if info.get("kind", "sequence") == "sequence" else 0
-        return ModalitySpec(name=m, pooled_dim=int(info["pooled_dim"]), seq_dim=seq,
-                            max_len=int(info.get("max_len", 0) or 0) if seq else 0)
+        lay = self.meta.modality(m)
+        return ModalitySpec(name=m, pooled_dim=lay.pooled_dim, seq_dim=lay.seq_dim,
+                            max_len=lay.max_len if lay.seq_dim else 0)
 
     def spec(self, modalities: list[str] | str) -> InputSpec:
         mods = self.resolve(modalities)
         cond = self.modality_spec(COND) if self.has_cond else None
         return InputSpec(modalities=tuple(self.modality_spec(m) for m in mods), cond=cond,
-                         extra={"dataset": self.attrs.get("dataset"), "key": self.key,
+                         extra={"dataset": self.meta.dataset, "key": self.key,
                                 "classes": self.classes})
 
     def load(self, modalities: list[str] | str, rows: np.ndarray, cond: bool = True,
@@ -266,12 +213,12 @@ class FeatureSet:
                        seq_as_stored: bool = False) -> dict:
         spec = self.modality_spec(m)
         g = self._group
-        out = {"present": _read_rows(g[f"{m}/present"], rows).astype(bool),
-               "pooled": _f32(_read_rows(g[f"{m}/pooled"], rows))}
+        out = {"present": read_rows(g[cf.present(m)], rows).astype(bool),
+               "pooled": _f32(read_rows(g[cf.pooled(m)], rows))}
         if spec.is_sequence and with_seq:
-            seq = _read_rows(g[f"{m}/seq"], rows)
+            seq = read_rows(g[cf.seq(m)], rows)
             out["seq"] = seq if seq_as_stored and seq.dtype.kind == "f" else _f32(seq)
-            out["len"] = _read_rows(g[f"{m}/len"], rows).astype(np.int64)
+            out["len"] = read_rows(g[cf.length(m)], rows).astype(np.int64)
         pres = out["present"]
         for part in ("pooled", "seq"):
             if part in out and not _all_finite(out[part]) and not _all_finite(out[part][pres]):
@@ -298,7 +245,7 @@ class FeatureSet:
             raise DataError(f"feature set {self.name}: no completed rows (no unit has a "
                             ".done marker, or header.done is missing)")
         for m in mods:
-            if not _read_rows(self._group[f"{m}/present"], np.sort(rows)).any():
+            if not read_rows(self._group[cf.present(m)], np.sort(rows)).any():
                 raise DataError(f"feature set {self.name}: modality {m!r} is absent on every "
                                 f"one of the {len(rows)} rows used (see the set's ledger)")
         fields = self.label_derived_inputs(mods)
@@ -310,19 +257,19 @@ class FeatureSet:
         return []
 
     def _check_shapes(self, mods: list[str]) -> None:
-        n = int(self.attrs.get("n", self.n))
-        for name in ("ids", "split", "group", "label"):
+        n = int(self.meta.n if self.meta.n is not None else self.n)
+        for name in cf.ROW_ARRAYS:
             if self._group[name].shape[0] != n:
                 raise DataError(f"feature set {self.name}: {name} has "
                                 f"{self._group[name].shape[0]} rows, attrs say n={n}")
         for m in mods:
             spec = self.modality_spec(m)
-            want = {"pooled": (n, spec.pooled_dim), "present": (n,)}
+            want = {cf.POOLED: (n, spec.pooled_dim), cf.PRESENT: (n,)}
             if spec.is_sequence:
-                want |= {"seq": (n, spec.max_len, spec.seq_dim), "len": (n,)}
+                want |= {cf.SEQ: (n, spec.max_len, spec.seq_dim), cf.LEN: (n,)}
             for part, shape in want.items():
                 try:
-                    got = tuple(self._group[f"{m}/{part}"].shape)
+                    got = tuple(self._group[cf.modality_array(m, part)].shape)
                 except KeyError as e:
                     raise DataError(f"feature set {self.name}: array {m}/{part} is missing") from e
                 if got != shape:
@@ -332,14 +279,14 @@ class FeatureSet:
     def _check_provenance(self, mods: list[str]) -> None:
         """Modalities must come from one configuration of each stage (no mixed versions)."""
         by_stage: dict[str, dict] = {}
-        for s in self.attrs.get("stages") or []:
+        for s in self.meta.stages:
             name = s.get("stage")
             if name in by_stage and by_stage[name] != s:
                 raise DataError(f"feature set {self.name}: stage {name!r} is recorded with two "
                                 f"configurations ({_diff(by_stage[name], s)}); re-extract")
             by_stage[name] = s
         for m in mods:
-            prov = self.attrs["modalities"][m].get("provenance") or {}
+            prov = self.meta.modality_info(m).get("provenance") or {}
             ref = by_stage.get(prov.get("stage"))
             if ref is None:
                 continue
@@ -354,7 +301,7 @@ class FeatureSet:
             if stamp is None:
                 continue
             if seen is not None and stamp != seen:
-                raise DataError(f"feature set {self.name}: unit {u['unit']} was written by "
+                raise DataError(f"feature set {self.name}: unit {u.unit} was written by "
                                 f"different stage versions than earlier units "
                                 f"({_diff(seen, stamp)}); mixed configurations, re-extract")
             seen = stamp
@@ -369,7 +316,7 @@ class FeatureSet:
             return []
         hits: list[str] = []
         for m in mods:
-            prov = self.attrs["modalities"][m].get("provenance") or {}
+            prov = self.meta.modality_info(m).get("provenance") or {}
             if m != "meta" and prov.get("stage") != "metadata":
                 continue
             fields = prov.get("fields")
@@ -395,11 +342,6 @@ def _all_finite(x: np.ndarray) -> bool:
     if x.dtype == np.float16:  # exponent bits all ones <=> inf / nan; no float conversion
         return not bool(((np.ascontiguousarray(x).view(np.uint16) & 0x7C00) == 0x7C00).any())
     return bool(torch.isfinite(torch.from_numpy(x).sum(dtype=torch.float32)))
-
-
-def _strings(arr: zarr.Array) -> np.ndarray:
-    """A zarr string array as a numpy unicode array (zarr 3 returns StringDType/object)."""
-    return np.asarray(arr[:], dtype=object).astype(str)
 
 
 def _diff(a: dict, b: dict, only_shared: bool = False) -> str:
