@@ -38,6 +38,7 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline import cacheformat as cf  # noqa: E402
 from pipeline.store import ModalityLayout, SetLayout, Store  # noqa: E402
 
 MODS = {"audio": (25, 88), "text": (384, 384), "visual": (300, 300)}  # seq dim, pooled dim
@@ -46,7 +47,7 @@ MODS = {"audio": (25, 88), "text": (384, 384), "visual": (300, 300)}  # seq dim,
 def files_of(path: Path, rels: list[str]) -> list[Path]:
     out = []
     for rel in rels:
-        out.extend(p for p in sorted((path / rel / "c").rglob("*")) if p.is_file())
+        out.extend(p for p in sorted((path / cf.chunk_prefix(rel)).rglob("*")) if p.is_file())
     return out
 
 
@@ -87,8 +88,8 @@ def load(set_path: Path, rows: np.ndarray | None, unit_size: int, how: str = "oi
     g = zarr.open_group(set_path, mode="r")
     nbytes = 0
     for m in MODS:
-        for part in ("seq", "pooled", "present", "len"):
-            arr = g[f"{m}/{part}"]
+        for part in (cf.SEQ, cf.POOLED, cf.PRESENT, cf.LEN):
+            arr = g[cf.modality_array(m, part)]
             if rows is None:
                 a = np.asarray(arr[:])
             elif how == "oindex":
@@ -109,10 +110,10 @@ def build(root: Path, n: int, t: int, unit_size: int, compression: str, seed: in
     mods = {m: ModalityLayout(m, pooled_dim=dp, seq_dim=d, max_len=t) for m, (d, dp) in MODS.items()}
     layout = SetLayout(n=n, unit_size=unit_size, modalities=mods, compression=compression, level=3)
     static = {
-        "ids": np.array([f"clip{i:06d}" for i in range(n)], dtype=object),
-        "split": np.array(["train"] * n, dtype=object),
-        "group": np.array([f"g{i % 97}" for i in range(n)], dtype=object),
-        "label": (np.arange(n) % 7).astype(np.int32),
+        cf.IDS: np.array([f"clip{i:06d}" for i in range(n)], dtype=object),
+        cf.SPLIT: np.array(["train"] * n, dtype=object),
+        cf.GROUP: np.array([f"g{i % 97}" for i in range(n)], dtype=object),
+        cf.LABEL: (np.arange(n) % 7).astype(np.int32),
     }
     t0 = time.perf_counter()
     fs = store.create_set(f"bench-{compression}", layout, {"dataset": "bench", "preset": compression}, static)
@@ -125,10 +126,10 @@ def build(root: Path, n: int, t: int, unit_size: int, compression: str, seed: in
             lens = rng.integers(8, t + 1, k).astype(np.int32)
             seq = rng.standard_normal((k, t, d), dtype=np.float32).astype(np.float16)
             seq[np.arange(t)[None, :] >= lens[:, None]] = 0  # zero padding after the valid length
-            data[f"{m}/seq"] = seq
-            data[f"{m}/len"] = lens
-            data[f"{m}/pooled"] = rng.standard_normal((k, dp), dtype=np.float32).astype(np.float16)
-            data[f"{m}/present"] = rng.random(k) > 0.05
+            data[cf.seq(m)] = seq
+            data[cf.length(m)] = lens
+            data[cf.pooled(m)] = rng.standard_normal((k, dp), dtype=np.float32).astype(np.float16)
+            data[cf.present(m)] = rng.random(k) > 0.05
         fs.commit_unit(u, data)
     return fs.path, time.perf_counter() - t0
 
@@ -147,7 +148,7 @@ def main() -> None:
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="mmemo-bench-"))
     rng = np.random.default_rng(args.seed)
     subset = np.sort(rng.choice(args.n, size=max(1, args.n // 10), replace=False))
-    rels = [f"{m}/{p}" for m in MODS for p in ("seq", "pooled", "present", "len")]
+    rels = [cf.modality_array(m, p) for m in MODS for p in (cf.SEQ, cf.POOLED, cf.PRESENT, cf.LEN)]
     mb = 1e6
     print(f"# cache read bench: N={args.n} T={args.t} dims={ {m: d for m, (d, _) in MODS.items()} } "
           f"float16, unit_size={args.unit_size}, dir={base}")
