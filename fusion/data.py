@@ -1,8 +1,8 @@
 """Read-only access to one cached feature set (the Zarr v3 group described in ARCHITECTURE.md).
 
 This module is the trainer's only door to data. Of the pipeline it imports only
-`pipeline.cacheformat` (the cache format and its low-level reader; no media, no encoders, no
-store), and it never touches media or encoders. It reads only the rows of work units that
+`pipeline.cacheformat` (the cache format and its low-level reader), and it never touches media
+or encoders. It reads only the rows of work units that
 carry a completion marker — anything else may be half written — and only the arrays a fit
 asks for. Problems that would make a fit meaningless (a mixed or inconsistent
 set, an empty split, one class, a modality with no data or non-finite values) raise
