@@ -32,6 +32,7 @@ Reading a set from your own code (see README, "Reading the cache from your own c
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -726,10 +727,12 @@ class CachedSet:
         "len" int64, "mask" [T] bool (True on real steps of a present clip)}}.
         `split` keeps only the clips of that split.
         """
-        return _TorchSet(self, self._mods(modalities), split, sequences)
+        return _torch_set_class()(self, self._mods(modalities), split, sequences)
 
 
+@functools.cache
 def _torch_set_class() -> type:
+    """The Dataset class, defined on first use so that importing this module never imports torch."""
     import torch
     from torch.utils.data import Dataset
 
@@ -760,7 +763,3 @@ def _torch_set_class() -> type:
             return item
 
     return TorchSet
-
-
-def _TorchSet(s: CachedSet, mods: list[str], split: str | None, sequences: bool) -> Any:  # noqa: N802
-    return _torch_set_class()(s, mods, split, sequences)
