@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 
 from pipeline.manifest import MANIFEST_DIR, Clip, Labels, sanitize_id
-from pipeline.recipes import (
+from pipeline.recipes.common import (
     AUDIO_EXTS,
     VIDEO_EXTS,
     PrepareResult,
@@ -41,6 +41,8 @@ from pipeline.recipes import (
     write_result,
 )
 
+LAYOUT = ("Actor_XX/MM-VC-EE-II-SS-RR-AA.{mp4,wav}: 01- audio-video, 02- video-only, "
+          "03- audio-only; speech and song")
 CLASSES = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
 STATEMENTS = {1: "Kids are talking by the door", 2: "Dogs are sitting by the door"}
 INTENSITY = {1: "normal", 2: "strong"}
