@@ -11,14 +11,19 @@ from collections.abc import Callable
 from types import ModuleType
 
 from pipeline.manifest import MANIFEST_DIR
-from pipeline.recipes import avamerg, folder, meld, ravdess
+from pipeline.recipes import avamerg, cremad, folder, iemocap, meld, mosi, ravdess, ugc
 from pipeline.recipes.common import PrepareResult, grouped_split, hash_fraction, write_result
 
 MODULES: dict[str, ModuleType] = {
     "avamerg": avamerg,
+    "cremad": cremad,
     "folder": folder,
+    "iemocap": iemocap,
     "meld": meld,
+    "mosei": mosi,
+    "mosi": mosi,
     "ravdess": ravdess,
+    "ugc": ugc,
 }
 
 RECIPES: dict[str, Callable[..., PrepareResult]] = {
