@@ -519,3 +519,15 @@ def test_ugc_titles_and_plutchik(tmp_path: Path) -> None:
     (root / "labels.csv").write_text("id,video,label\na,v/0.mp4,joy\n")
     with pytest.raises(ValueError, match="needs a 'title' column"):
         ugc.prepare(root, out=tmp_path / "m")
+
+
+@pytest.mark.parametrize("recipe,expected", [
+    ("avamerg", "train.json"), ("cremad", "summaryTable.csv"), ("folder", "labels.csv"),
+    ("iemocap", "EmoEvaluation"), ("meld", "train_sent_emo.csv"),
+    ("mosei", "CMU_MOSEI_Labels.csd"), ("mosi", "CMU_MOSI_Opinion_Labels.csd"),
+    ("ravdess", "MM-VC-EE-II-SS-RR-AA"), ("ugc", "labels.csv"),
+])
+def test_wrong_root_names_expected_file(tmp_path: Path, recipe: str, expected: str) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=expected):
+        RECIPES[recipe](root=tmp_path / "empty", out=tmp_path / "m")
