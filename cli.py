@@ -93,28 +93,53 @@ def sample(
 
 @app.command()
 def prepare(
-    recipe: str = typer.Argument(..., help="Recipe: avamerg, folder, meld, ravdess."),
-    root: Path = typer.Option(..., "--root", help="Dataset root folder."),
+    recipe: str = typer.Argument(None, help="Recipe name (see --list)."),
+    root: Path = typer.Option(None, "--root", help="Dataset root folder."),
     name: str = typer.Option(None, "--name", help="Dataset name (default: the recipe's)."),
     labels: Path = typer.Option(None, "--labels", help="folder recipe: a labels.csv kept outside the root."),
+    opt: list[str] = typer.Option(None, "--opt", help="Recipe option KEY=VALUE, repeatable: "
+                                  "cremad labels=av, ravdess folds=6, iemocap media=wav, mosi folds=FILE."),
+    list_: bool = typer.Option(False, "--list", help="List the recipes, the layout each expects and its labels."),
     out: Path = ManifestsOpt,
 ) -> None:
     """Write JSONL manifests for a dataset on disk."""
-    from pipeline.recipes import RECIPES
+    from pipeline.recipes import RECIPES, describe
 
+    if list_:
+        t = Table(title="recipes (mmemo prepare RECIPE --root DIR)")
+        for col in ("recipe", "expects under --root", "labels"):
+            t.add_column(col, overflow="fold")
+        for r in sorted(RECIPES):
+            d = describe(r)
+            t.add_row(r, str(d["layout"]), ", ".join(d["classes"]) or "(the dataset's own)")
+        console.print(t)
+        return
+    if recipe is None or root is None:
+        _fail("give a recipe and --root (or --list to see the recipes)")
     if recipe not in RECIPES:
-        _fail(f"unknown recipe '{recipe}' (known: {', '.join(sorted(RECIPES))})")
-    extra = {"labels": labels} if labels is not None else {}
+        _fail(f"unknown recipe '{recipe}' (known: {', '.join(sorted(RECIPES))}; see --list)")
+    extra: dict = {"labels": labels} if labels is not None else {}
+    for item in opt or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--opt {item!r}: expected KEY=VALUE")
+        v: object = value.strip()
+        if isinstance(v, str) and v.lstrip("-").isdigit():
+            v = int(v)
+        extra[key.strip()] = v
     try:
         res = RECIPES[recipe](root=root, out=out, name=name, **extra)
-    except (FileNotFoundError, ValueError) as e:
+    except TypeError as e:  # an option this recipe does not take
+        _fail(f"{recipe}: {e}")
+    except (FileNotFoundError, ValueError, KeyError) as e:
         _fail(str(e))
     t = Table(title=f"manifests for '{res.dataset}'")
     t.add_column("split")
     t.add_column("clips", justify="right")
     t.add_column("labelled", justify="right")
     for split, clips in res.splits.items():
-        labelled = sum(c.labels.emotion_idx is not None for c in clips)
+        labelled = sum(c.labels.emotion_idx is not None or c.labels.sentiment is not None
+                       for c in clips)
         t.add_row(split, str(len(clips)), str(labelled))
     console.print(t)
     for cid, reason in res.missing[:10]:

@@ -1,164 +1,55 @@
-"""Dataset recipes: one `prepare()` per corpus turns its official layout into manifests.
+"""The recipe registry: recipe name -> module (its `prepare`, `LAYOUT` and `CLASSES`).
 
-A recipe reads a corpus where it lies (never copies media), writes
-`<out>/<name>/<split>.jsonl` plus `<out>/<name>/dataset.json`, and returns a `PrepareResult`.
-Missing media is reported per clip in `PrepareResult.missing` and is never fatal: what each
-recipe does with such a clip (keep it text-only, or leave it out) is documented in its module.
-
-Splits are never random per utterance: when a corpus has no official split for some data, the
-split is derived from a stable hash of the grouping key (speaker, conversation), so the same
-group always lands in the same split, on every machine and every run.
+Only the registry lives here; the shared helpers are in `pipeline.recipes.common` (the
+recipes import them from there, so importing a recipe module never re-enters this package's
+initialisation). The helper names below are re-exported for existing callers.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from types import ModuleType
 
-from pipeline.manifest import (
-    MANIFEST_DIR,
-    Clip,
-    dataset_info_path,
-    manifest_path,
-    write_dataset_info,
-    write_manifest,
-)
+from pipeline.manifest import MANIFEST_DIR
+from pipeline.recipes import avamerg, cremad, folder, iemocap, meld, mosi, ravdess, ugc
+from pipeline.recipes.common import PrepareResult, grouped_split, hash_fraction, write_result
 
-# Fractions of the derived (hash) split, used when a corpus gives no split of its own.
-DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "valid": 0.1, "test": 0.1}
-
-VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".flv", ".mpg", ".mpeg")
-AUDIO_EXTS = (".wav", ".mp3", ".flac", ".m4a", ".ogg", ".opus", ".aac")
-
-
-@dataclass
-class PrepareResult:
-    """What a recipe produced: clips per split, per-clip problems, and the files written."""
-
-    dataset: str
-    splits: dict[str, list[Clip]]
-    missing: list[tuple[str, str]] = field(default_factory=list)  # (clip id, reason)
-    info: dict[str, Any] = field(default_factory=dict)  # the dataset.json content
-    paths: dict[str, Path] = field(default_factory=dict)  # split / "dataset" -> file
-
-    @property
-    def n_clips(self) -> int:
-        return sum(len(v) for v in self.splits.values())
-
-
-def hash_fraction(key: str) -> float:
-    """A stable number in [0, 1) for a key (sha1, so it never changes between runs)."""
-    digest = hashlib.sha1(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def grouped_split(group: str, fractions: dict[str, float] | None = None) -> str:
-    """The split of a group under a deterministic hash split (no random state involved)."""
-    fractions = fractions or DEFAULT_FRACTIONS
-    total = sum(fractions.values())
-    if total <= 0 or any(v < 0 for v in fractions.values()):
-        raise ValueError(f"split fractions must be non-negative with a positive sum: {fractions}")
-    x = hash_fraction(group) * total
-    acc = 0.0
-    names = list(fractions)
-    for name in names:
-        acc += fractions[name]
-        if x < acc:
-            return name
-    return names[-1]
-
-
-def dataset_name(name: str | None, default: str) -> str:
-    """The dataset name: a given one must already be a simple name (it names folders)."""
-    if name is None:
-        return re.sub(r"[^A-Za-z0-9_.\-]+", "_", default).strip("._") or "dataset"
-    if not re.match(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$", name) or ".." in name:
-        raise ValueError(f"dataset name must be a simple name (letters, digits, _ . -): {name!r}")
-    return name
-
-
-def relative_to_root(path: Path, root: Path) -> str:
-    """A media path as the manifest stores it: POSIX, relative to the dataset root."""
-    return path.resolve().relative_to(root.resolve()).as_posix()
-
-
-def index_media(dirs: Iterable[Path], exts: tuple[str, ...]) -> dict[str, Path]:
-    """File name -> path for every media file under `dirs` (recursive; first one wins).
-
-    Hidden files (macOS `._x.mp4` forks shipped in some corpus archives) are ignored.
-    """
-    found: dict[str, Path] = {}
-    for d in dirs:
-        if not d.is_dir():
-            continue
-        for p in sorted(d.rglob("*")):
-            if p.name.startswith(".") or p.suffix.lower() not in exts or not p.is_file():
-                continue
-            found.setdefault(p.name, p)
-    return found
-
-
-def context_title(lines: list[str], max_lines: int | None, header: str | None = None) -> str | None:
-    """Conditioning text from previous utterances (most recent last), optionally headed."""
-    if max_lines is not None:
-        lines = lines[-max_lines:] if max_lines > 0 else []
-    parts = ([header] if header else []) + lines
-    text = "\n".join(p for p in parts if p)
-    return text or None
-
-
-def write_result(
-    dataset: str,
-    root: Path,
-    out: Path,
-    splits: dict[str, list[Clip]],
-    missing: list[tuple[str, str]],
-    info: dict[str, Any],
-) -> PrepareResult:
-    """Write every non-empty split and dataset.json; remove split files of an older run.
-
-    Stale `<split>.jsonl` files must go: `load_dataset` reads every split file it finds.
-    """
-    splits = {k: v for k, v in splits.items() if v}
-    d = manifest_path(dataset, "x", out).parent
-    if d.is_dir():
-        for old in d.glob("*.jsonl"):
-            if old.stem not in splits:
-                old.unlink()
-    paths = {s: write_manifest(clips, manifest_path(dataset, s, out)) for s, clips in splits.items()}
-    full = {
-        "name": dataset,
-        "root": os.path.abspath(root),  # normalised, symlinks kept as given
-        "classes": [],
-        "task": "classification",
-        "group_by": "speaker",
-        "label_derived": [],
-        **info,
-        "counts": {s: len(c) for s, c in splits.items()},
-    }
-    write_dataset_info(dataset, full, out)
-    paths["dataset"] = dataset_info_path(dataset, out)
-    return PrepareResult(dataset=dataset, splits=splits, missing=missing, info=full, paths=paths)
-
-
-from pipeline.recipes import avamerg, folder, meld, ravdess  # noqa: E402 - need the helpers above
+MODULES: dict[str, ModuleType] = {
+    "avamerg": avamerg,
+    "cremad": cremad,
+    "folder": folder,
+    "iemocap": iemocap,
+    "meld": meld,
+    "mosei": mosi,
+    "mosi": mosi,
+    "ravdess": ravdess,
+    "ugc": ugc,
+}
 
 RECIPES: dict[str, Callable[..., PrepareResult]] = {
-    "avamerg": avamerg.prepare,
-    "folder": folder.prepare,
-    "meld": meld.prepare,
-    "ravdess": ravdess.prepare,
+    name: getattr(mod, f"prepare_{name}", mod.prepare) for name, mod in MODULES.items()
 }
+
+
+def describe(name: str) -> dict[str, object]:
+    """What `mmemo prepare --list` shows for one recipe, read from the recipe module itself."""
+    mod = MODULES[name]
+    layouts = getattr(mod, "LAYOUTS", None)
+    classes = getattr(mod, "CLASSES_OF", None)
+    return {
+        "name": name,
+        "layout": layouts[name] if layouts else mod.LAYOUT,
+        "classes": list(classes[name] if classes else getattr(mod, "CLASSES", [])),
+        "summary": (mod.__doc__ or "").strip().splitlines()[0],
+    }
+
 
 __all__ = [
     "MANIFEST_DIR",
+    "MODULES",
     "PrepareResult",
     "RECIPES",
+    "describe",
     "grouped_split",
     "hash_fraction",
     "write_result",

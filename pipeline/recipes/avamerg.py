@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.manifest import MANIFEST_DIR, Clip, Labels, sanitize_id
-from pipeline.recipes import (
+from pipeline.recipes.common import (
     AUDIO_EXTS,
     DEFAULT_FRACTIONS,
     VIDEO_EXTS,
@@ -56,6 +56,8 @@ from pipeline.recipes import (
     write_result,
 )
 
+LAYOUT = ("train.json / valid.json / test.json (official) or random_video_mappings_*.json "
+          "(mapped); video/ dia{conv:05d}utt{i}_{ID}.mp4, audio/ ... .wav")
 CLASSES = ["happy", "surprised", "angry", "fear", "sad", "disgusted", "contempt"]
 
 # Official projection (AvaMERG-Pipeline ed_emotion_projection, resolved to the 7 classes).

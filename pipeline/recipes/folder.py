@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.manifest import MANIFEST_DIR, Clip, Labels, check_rel_path, sanitize_id
-from pipeline.recipes import (
+from pipeline.recipes.common import (
     AUDIO_EXTS,
     VIDEO_EXTS,
     PrepareResult,
@@ -45,6 +45,9 @@ from pipeline.recipes import (
     write_result,
 )
 
+LAYOUT = ("labels.csv (id,video,audio,text,title,label,speaker,split; optional), "
+          "classes.txt (optional), media under the root")
+CLASSES: list[str] = []  # the dataset's own labels (labels.csv / classes.txt)
 KNOWN = ("id", "video", "audio", "text", "title", "label", "speaker", "split")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 

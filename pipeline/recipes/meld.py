@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.manifest import MANIFEST_DIR, Clip, Labels, sanitize_id
-from pipeline.recipes import (
+from pipeline.recipes.common import (
     VIDEO_EXTS,
     PrepareResult,
     context_title,
@@ -43,6 +43,8 @@ from pipeline.recipes import (
     write_result,
 )
 
+LAYOUT = ("{train,dev,test}_sent_emo.csv; train_splits/, dev_splits_complete/, "
+          "output_repeated_splits_test/ dia{D}_utt{U}.mp4")
 # The order used by the MELD baselines.
 CLASSES = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
 SENTIMENT = {"negative": -1.0, "neutral": 0.0, "positive": 1.0}

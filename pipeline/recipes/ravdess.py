@@ -20,6 +20,12 @@ Decisions:
   audio-only file when present, else of the file giving the video.
 * ``speaker`` is ``Actor_AA`` and ``group_by`` is ``speaker`` (actor-grouped folds). Everything
   is in ``train`` unless ``valid_actors`` / ``test_actors`` hold actors out.
+* ``folds=5`` or ``folds=6`` selects an actor-fold protocol: the actors present, sorted, are cut
+  into contiguous blocks (``block_folds``: 6 folds of 4 actors for the 24 actors; 5 folds of
+  5/5/5/5/4), written to ``metadata.fold``; ``group_by`` becomes ``fold`` so
+  ``fit --split kfold --folds 6`` reproduces exactly those folds.
+* An audio-visual take and its audio-only twin (same ``VC-EE-II-SS-RR-AA``) are one clip:
+  ``metadata.modalities`` lists the files paired (``audio-video+audio-only``).
 * ``metadata.intensity`` is listed in ``label_derived``: it annotates the emotion (neutral
   has no strong intensity), so using it as an input would leak the label.
 * The transcript is the statement (what the actor says); it carries no emotion by design.
@@ -32,15 +38,18 @@ import re
 from pathlib import Path
 
 from pipeline.manifest import MANIFEST_DIR, Clip, Labels, sanitize_id
-from pipeline.recipes import (
+from pipeline.recipes.common import (
     AUDIO_EXTS,
     VIDEO_EXTS,
     PrepareResult,
+    block_folds,
     dataset_name,
     relative_to_root,
     write_result,
 )
 
+LAYOUT = ("Actor_XX/MM-VC-EE-II-SS-RR-AA.{mp4,wav}: 01- audio-video, 02- video-only, "
+          "03- audio-only; speech and song")
 CLASSES = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
 STATEMENTS = {1: "Kids are talking by the door", 2: "Dogs are sitting by the door"}
 INTENSITY = {1: "normal", 2: "strong"}
@@ -85,7 +94,8 @@ def _recording_files(root: Path, missing: list[tuple[str, str]]) -> dict[str, di
     return recs
 
 
-def _clip(files: dict[int, Path], root: Path, dataset: str, split_of: dict[int, str]) -> Clip:
+def _clip(files: dict[int, Path], root: Path, dataset: str, split_of: dict[int, str],
+          fold_of: dict[int, int]) -> Clip:
     video = files.get(1) or files.get(2)
     audio = files.get(3)
     primary = audio or video
@@ -108,6 +118,7 @@ def _clip(files: dict[int, Path], root: Path, dataset: str, split_of: dict[int, 
             "gender": "male" if actor % 2 else "female",
             "vocal_channel": CHANNEL[c["channel"]],
             "modalities": "+".join(MODALITY[m] for m in sorted(files)),
+            **({"fold": f"fold{fold_of[actor]}"} if fold_of else {}),
         },
     )
 
@@ -119,12 +130,15 @@ def prepare(
     *,
     valid_actors: list[int] | tuple[int, ...] = (),
     test_actors: list[int] | tuple[int, ...] = (),
+    folds: int | None = None,
 ) -> PrepareResult:
     """Write RAVDESS manifests (one clip per recording, labels from the file names)."""
     root = Path(root)
     dataset = dataset_name(name, "ravdess")
     if not root.is_dir():
-        raise FileNotFoundError(f"RAVDESS root {root} is not a folder")
+        raise FileNotFoundError(f"ravdess: dataset root {root} is not a folder")
+    if folds not in (None, 5, 6):
+        raise ValueError(f"ravdess: folds must be 5 or 6 (the actor-fold protocols), not {folds}")
     both = set(valid_actors) & set(test_actors)
     if both:
         raise ValueError(f"actors {sorted(both)} are in both valid_actors and test_actors")
@@ -132,13 +146,19 @@ def prepare(
     missing: list[tuple[str, str]] = []
     splits: dict[str, list[Clip]] = {}
     recs = _recording_files(root, missing)
+    actors = {int(k[-2:]) for k in recs}
+    if folds and len(actors) < folds:
+        raise ValueError(f"ravdess: folds={folds} needs at least {folds} actors, found {len(actors)}")
+    fold_of = block_folds(actors, folds) if folds else {}
     for key in sorted(recs, key=lambda k: (k[-2:], k)):  # actor first
         files = recs[key]
-        clip = _clip(files, root, dataset, split_of)
+        clip = _clip(files, root, dataset, split_of, fold_of)
         splits.setdefault(clip.split, []).append(clip)
     if not splits:
-        raise FileNotFoundError(f"no RAVDESS media (MM-VC-EE-II-SS-RR-AA.wav/.mp4) under {root}")
+        raise FileNotFoundError(f"ravdess: expected Actor_XX/MM-VC-EE-II-SS-RR-AA.wav or .mp4 "
+                                f"under {root} (not found)")
     # intensity is part of the emotion annotation (neutral is never "strong"): label-derived
-    info = {"classes": CLASSES, "task": "classification", "group_by": "speaker",
-            "label_derived": ["intensity"]}  # fmt: skip
+    info = {"classes": CLASSES, "task": "classification",
+            "group_by": "fold" if fold_of else "speaker", "label_derived": ["intensity"],
+            "folds": {f"Actor_{a:02d}": f"fold{f}" for a, f in sorted(fold_of.items())} or None}
     return write_result(dataset, root, Path(out), splits, missing, info)

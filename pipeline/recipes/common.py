@@ -1,0 +1,189 @@
+"""Helpers shared by the recipes (no recipe imports here, so no import cycle).
+
+Dataset recipes: one `prepare()` per corpus turns its official layout into manifests.
+
+A recipe reads a corpus where it lies (never copies media), writes
+`<out>/<name>/<split>.jsonl` plus `<out>/<name>/dataset.json`, and returns a `PrepareResult`.
+Missing media is reported per clip in `PrepareResult.missing` and is never fatal: what each
+recipe does with such a clip (keep it text-only, or leave it out) is documented in its module.
+
+Splits are never random per utterance: when a corpus has no official split for some data, the
+split is derived from a stable hash of the grouping key (speaker, conversation), so the same
+group always lands in the same split, on every machine and every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.manifest import (
+    Clip,
+    dataset_info_path,
+    manifest_path,
+    write_dataset_info,
+    write_manifest,
+)
+
+# Fractions of the derived (hash) split, used when a corpus gives no split of its own.
+DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "valid": 0.1, "test": 0.1}
+
+VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".flv", ".mpg", ".mpeg")
+AUDIO_EXTS = (".wav", ".mp3", ".flac", ".m4a", ".ogg", ".opus", ".aac")
+
+
+@dataclass
+class PrepareResult:
+    """What a recipe produced: clips per split, per-clip problems, and the files written."""
+
+    dataset: str
+    splits: dict[str, list[Clip]]
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (clip id, reason)
+    info: dict[str, Any] = field(default_factory=dict)  # the dataset.json content
+    paths: dict[str, Path] = field(default_factory=dict)  # split / "dataset" -> file
+
+    @property
+    def n_clips(self) -> int:
+        return sum(len(v) for v in self.splits.values())
+
+
+def hash_fraction(key: str) -> float:
+    """A stable number in [0, 1) for a key (sha1, so it never changes between runs)."""
+    digest = hashlib.sha1(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def grouped_split(group: str, fractions: dict[str, float] | None = None) -> str:
+    """The split of a group under a deterministic hash split (no random state involved)."""
+    fractions = fractions or DEFAULT_FRACTIONS
+    total = sum(fractions.values())
+    if total <= 0 or any(v < 0 for v in fractions.values()):
+        raise ValueError(f"split fractions must be non-negative with a positive sum: {fractions}")
+    x = hash_fraction(group) * total
+    acc = 0.0
+    names = list(fractions)
+    for name in names:
+        acc += fractions[name]
+        if x < acc:
+            return name
+    return names[-1]
+
+
+def dataset_name(name: str | None, default: str) -> str:
+    """The dataset name: a given one must already be a simple name (it names folders)."""
+    if name is None:
+        return re.sub(r"[^A-Za-z0-9_.\-]+", "_", default).strip("._") or "dataset"
+    if not re.match(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$", name) or ".." in name:
+        raise ValueError(f"dataset name must be a simple name (letters, digits, _ . -): {name!r}")
+    return name
+
+
+def relative_to_root(path: Path, root: Path) -> str:
+    """A media path as the manifest stores it: POSIX, relative to the dataset root."""
+    return path.resolve().relative_to(root.resolve()).as_posix()
+
+
+def index_media(dirs: Iterable[Path], exts: tuple[str, ...]) -> dict[str, Path]:
+    """File name -> path for every media file under `dirs` (recursive; first one wins).
+
+    Hidden files (macOS `._x.mp4` forks shipped in some corpus archives) are ignored.
+    """
+    found: dict[str, Path] = {}
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        for p in sorted(d.rglob("*")):
+            if p.name.startswith(".") or p.suffix.lower() not in exts or not p.is_file():
+                continue
+            found.setdefault(p.name, p)
+    return found
+
+
+def context_title(lines: list[str], max_lines: int | None, header: str | None = None) -> str | None:
+    """Conditioning text from previous utterances (most recent last), optionally headed."""
+    if max_lines is not None:
+        lines = lines[-max_lines:] if max_lines > 0 else []
+    parts = ([header] if header else []) + lines
+    text = "\n".join(p for p in parts if p)
+    return text or None
+
+
+def write_result(
+    dataset: str,
+    root: Path,
+    out: Path,
+    splits: dict[str, list[Clip]],
+    missing: list[tuple[str, str]],
+    info: dict[str, Any],
+) -> PrepareResult:
+    """Write every non-empty split and dataset.json; remove split files of an older run.
+
+    Stale `<split>.jsonl` files must go: `load_dataset` reads every split file it finds.
+    """
+    splits = {k: v for k, v in splits.items() if v}
+    d = manifest_path(dataset, "x", out).parent
+    if d.is_dir():
+        for old in d.glob("*.jsonl"):
+            if old.stem not in splits:
+                old.unlink()
+    paths = {s: write_manifest(clips, manifest_path(dataset, s, out)) for s, clips in splits.items()}
+    full = {
+        "name": dataset,
+        "root": os.path.abspath(root),  # normalised, symlinks kept as given
+        "classes": [],
+        "task": "classification",
+        "group_by": "speaker",
+        "label_derived": [],
+        **info,
+        "counts": {s: len(c) for s, c in splits.items()},
+    }
+    write_dataset_info(dataset, full, out)
+    paths["dataset"] = dataset_info_path(dataset, out)
+    return PrepareResult(dataset=dataset, splits=splits, missing=missing, info=full, paths=paths)
+
+
+def require_file(root: Path, rel: str, recipe: str) -> Path:
+    """`root / rel`, or FileNotFoundError naming the file the recipe expected there."""
+    p = Path(root) / rel
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{recipe}: dataset root {root} is not a folder")
+    if not p.exists():
+        raise FileNotFoundError(f"{recipe}: expected {rel} under {root} (not found); "
+                                f"see `mmemo prepare --list` for the layout")
+    return p
+
+
+def find_one(root: Path, patterns: Iterable[str], recipe: str) -> Path:
+    """The first file matching one of `patterns` (globs, tried in order, recursive from root),
+    or FileNotFoundError naming the first pattern, i.e. the file the layout expects."""
+    patterns = list(patterns)
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{recipe}: dataset root {root} is not a folder")
+    for pat in patterns:
+        hits = sorted(p for p in Path(root).glob(pat) if not p.name.startswith("."))
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"{recipe}: expected {patterns[0]} under {root} (not found); "
+                            f"see `mmemo prepare --list` for the layout")
+
+
+def block_folds(members: Iterable[int], k: int) -> dict[int, int]:
+    """Member (actor, session) -> fold 1..k: the sorted members cut into k contiguous blocks
+    of near-equal size (the first `len % k` blocks one larger). Deterministic, documented."""
+    ordered = sorted(set(members))
+    if k < 2 or k > len(ordered):
+        raise ValueError(f"{k} folds need between 2 and {len(ordered)} groups")
+    size, extra = divmod(len(ordered), k)
+    out: dict[int, int] = {}
+    i = 0
+    for f in range(k):
+        n = size + (1 if f < extra else 0)
+        for m in ordered[i:i + n]:
+            out[m] = f + 1
+        i += n
+    return out
