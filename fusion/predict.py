@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from fusion.data import open_set
 from fusion.heads import build_head
-from fusion.train import apply_stats
+from fusion.normalise import apply_stats
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:

@@ -17,20 +17,9 @@ from safetensors.torch import load_file
 
 from fusion.data import DataError, open_set
 from fusion.heads import build_head
-from fusion.train import (
-    Task,
-    _groups,
-    _moments,
-    _plan,
-    apply_stats,
-    auto_batch,
-    drop_modalities,
-    fit,
-    fit_stats,
-    load_inputs,
-    loss_min_delta,
-    to_tensors,
-)
+from fusion.normalise import _moments, apply_stats, drop_modalities, fit_stats, to_tensors
+from fusion.splits import Task, _groups, _plan
+from fusion.train import auto_batch, fit, load_inputs, loss_min_delta
 from tests.fusion.conftest import TinyHead, tiny_head, write_feature_set
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,7 +203,7 @@ def test_moments_match_float64_numpy_at_egemaps_scale() -> None:
 
 
 def test_sequence_stats_of_a_large_set_come_from_a_subset_close_to_the_full_data() -> None:
-    import fusion.train as T
+    import fusion.normalise as T
 
     g = torch.Generator().manual_seed(1)
     n, t, d = 6000, 12, 5
