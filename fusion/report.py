@@ -22,6 +22,7 @@ import numpy as np
 from fusion import metrics as M
 
 if TYPE_CHECKING:
+    from fusion.config import FitConfig
     from fusion.data import FeatureSet
     from fusion.splits import Fold, Task
 
@@ -228,25 +229,15 @@ def _summarise(per_seed: list[dict], task: Task, fs: FeatureSet, mods: list[str]
 
 
 # --- outputs --------------------------------------------------------------------------------
-def _toml_safe(v: Any) -> Any:
-    """tomli_w has no None and no Path: drop the former, stringify the latter."""
-    if isinstance(v, dict):
-        return {str(k): _toml_safe(x) for k, x in v.items() if x is not None}
-    if isinstance(v, (list, tuple)):
-        return [_toml_safe(x) for x in v if x is not None]
-    if isinstance(v, Path):
-        return str(v)
-    return v
-
-
 def _write_outputs(run_dir: Path, metrics: dict, logs: list[dict], first: tuple | None,
-                   task: Task, fs: FeatureSet, mods: list[str], fusion: str, locals_cfg: dict
-                   ) -> None:
-    import tomli_w
+                   task: Task, fs: FeatureSet, mods: list[str], fusion: str, cfg: FitConfig,
+                   run: dict) -> None:
+    """metrics.json, config.toml (`cfg` and the `run` facts), log.csv, model / norm
+    safetensors (the first seed's), confusion.png."""
     from safetensors.torch import save_file
 
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
-    (run_dir / "config.toml").write_text(tomli_w.dumps(_toml_safe(locals_cfg)))
+    cfg.to_toml(run_dir / "config.toml", **run)
     with (run_dir / "log.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, ["seed", "fold", "epoch", "train_loss", "val_loss", "val_metric",
                                 "epoch_s"])

@@ -15,15 +15,16 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fusion import metrics as M
+from fusion.config import FitConfig
 from fusion.data import FeatureSet, open_set
 from fusion.normalise import Batch, apply_stats, drop_modalities, fit_stats, take, to_tensors
 from fusion.report import _scalar_keys, _seed_metrics, _summarise, _write_outputs
@@ -50,52 +51,39 @@ def fit(
     dataset: str | None,
     fusion: str | HeadFactory,
     modalities: list[str] | str = "all",
-    seeds: int | list[int] = 3,
+    cfg: FitConfig | None = None,
+    *,
     name: str | None = None,
     runs_dir: Path | str = Path("runs"),
-    split: Literal["official", "kfold"] = "official",
-    folds: int = 5,
-    group_by: str | None = None,
-    epochs: int = 40,
-    batch_size: int | None = None,
-    lr: float = 2e-3,
-    patience: int = 5,
-    modality_dropout: float = 0.1,
-    class_weight: bool = True,
-    device: str = "cpu",
-    head_options: dict | None = None,
-    target: str = "label",
     preset: str = "offline",
     key: str | None = None,
-    weight_decay: float = 1e-2,
-    val_fraction: float = 0.15,
-    threads: int | None = None,
-    aux_weight: float = 0.0,
+    **settings: Any,
 ) -> RunResult:
-    """Train `fusion` on `modalities` of a cached feature set over `seeds`; write runs/<name>/.
+    """Train `fusion` on `modalities` of a cached feature set over `cfg.seeds`; write runs/<name>/.
 
+    `cfg` holds the training settings (fusion.config.FitConfig; its defaults when None);
+    keyword `settings` are FitConfig fields that override it (`fit(..., seeds=1, epochs=5)`).
     `fusion` is a registered head name (fusion.heads.HEADS) or a factory
-    `(spec, n_out, **options) -> nn.Module`. `group_by=None` uses the set's grouping;
-    "none" asks for row-level (ungrouped) validation and folds. `aux_weight` > 0 adds the
-    loss of the head's `aux_logits` branches (late / hybrid heads). `batch_size=None` picks
-    128 rows, or more on large training sets so that an epoch is at most MAX_STEPS optimiser
-    steps; `lr` is then scaled by sqrt(batch / 128) (see `auto_batch`). A head's optional
-    `seq_inputs` and `prepare` hooks (fusion/heads/base.py) decide which sequences are loaded
-    and what is precomputed once per fold. Raises DataError before training when the data
-    cannot support the fit.
+    `(spec, n_out, **options) -> nn.Module` (a FusionHead, or a module whose forward returns
+    logits). `group_by=None` uses the set's grouping; "none" asks for row-level (ungrouped)
+    validation and folds. `aux_weight` > 0 adds the loss of the head's aux logits (late /
+    hybrid heads). `batch_size=None` picks 128 rows, or more on large training sets so that an
+    epoch is at most MAX_STEPS optimiser steps; `lr` is then scaled by sqrt(batch / 128) (see
+    `auto_batch`). A head's `seq_inputs` and `prepare` (fusion/heads/base.py) decide which
+    sequences are loaded and what is precomputed once per fold. Raises DataError before
+    training when the data cannot support the fit.
     """
+    cfg = replace(cfg or FitConfig(), **settings)
     t0 = time.perf_counter()
-    torch.set_num_threads(threads or default_threads())
+    torch.set_num_threads(cfg.threads or default_threads())
     fs = open_set(cache_root, dataset, preset=preset, key=key)
     mods = fs.resolve(modalities)
-    task = _task(fs, target)
+    task = _task(fs, cfg.target)
     usable = np.flatnonzero(fs.complete & task.labelled())
     warnings = fs.check(mods, usable)
-    groups = _groups(fs, group_by)
-    plan = _plan(fs, task, usable, groups, split, folds, val_fraction)
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not seed_list:
-        raise ValueError("seeds must be a positive count or a non-empty list")
+    groups = _groups(fs, cfg.group_by)
+    plan = _plan(fs, task, usable, groups, cfg.split, cfg.folds, cfg.val_fraction)
+    seed_list = list(cfg.seeds)
     fusion_name = fusion if isinstance(fusion, str) else getattr(fusion, "__name__", "custom")
     name = name or f"{fs.attrs.get('dataset', 'set')}-{fusion_name}-{'+'.join(mods)}"
     run_dir = Path(runs_dir) / name
@@ -106,14 +94,12 @@ def fit(
     # The first seed's head, built first: it says what to load (its seq_inputs) and prepares
     # the data once per fold; then it is the head trained for the first (fold, seed).
     torch.manual_seed(seed_list[0])
-    probe = _make_head(fusion, spec, task.n_out, head_options or {})
+    probe = _make_head(fusion, spec, task.n_out, cfg.head_options)
     fresh: tuple[nn.Module, Tensor] | None = (probe, torch.get_rng_state())
     raw = load_inputs(fs, mods, rows, getattr(probe, "seq_inputs", None))
     n_train = int(round(np.mean([len(f.train) for f in plan])))
-    bs, lr_used = (batch_size, lr) if batch_size else auto_batch(n_train, lr)
-    hp = _Hyper(epochs, bs, lr_used, weight_decay, patience, modality_dropout, class_weight,
-                aux_weight)
-    trainer = _Trainer(fusion, spec, task, hp, torch.device(device), head_options or {})
+    bs, lr_used = (cfg.batch_size, cfg.lr) if cfg.batch_size else auto_batch(n_train, cfg.lr)
+    trainer = _Trainer(fusion, spec, task, cfg, bs, lr_used, torch.device(cfg.device))
     trainer.labels = task.y[rows]
     raw_t = to_tensors(raw)
     # parameter-free work (window averages) done once on the raw features, for every fold and
@@ -136,18 +122,12 @@ def fit(
             out["fold"] = fold
             outs[seed].append(out)
     per_seed = [_seed_metrics(s, outs[s], task) for s in seed_list]
-    metrics = _summarise(per_seed, task, fs, mods, fusion_name, plan, split, warnings)
+    metrics = _summarise(per_seed, task, fs, mods, fusion_name, plan, cfg.split, warnings)
     metrics["elapsed_s"] = round(time.perf_counter() - t0, 3)
     metrics["run_dir"] = str(run_dir)
-    _write_outputs(run_dir, metrics, logs, first_state, task, fs, mods, fusion_name, locals_cfg={
-        "dataset": dataset, "fusion": fusion_name, "modalities": mods, "seeds": seed_list,
-        "split": split, "folds": folds, "group_by": group_by, "epochs": epochs,
-        "batch_size": bs, "lr": lr_used, "batch_size_asked": batch_size or "auto", "lr_base": lr,
-        "patience": patience,
-        "modality_dropout": modality_dropout, "class_weight": class_weight, "device": device,
-        "target": target, "preset": preset, "weight_decay": weight_decay,
-        "val_fraction": val_fraction, "aux_weight": aux_weight, "head_options": head_options or {},
-        "feature_set": fs.key, "cache_root": str(cache_root)})
+    _write_outputs(run_dir, metrics, logs, first_state, task, fs, mods, fusion_name, cfg, run={
+        "dataset": dataset, "fusion": fusion_name, "modalities": mods, "batch_size": bs,
+        "lr": lr_used, "preset": preset, "feature_set": fs.key, "cache_root": str(cache_root)})
     log.info("fit %s: %s", name, {k: metrics.get(k) for k in _scalar_keys(task)})
     return RunResult(name=name, run_dir=run_dir, metrics=metrics, log=logs)
 
@@ -189,18 +169,6 @@ def load_inputs(fs: FeatureSet, mods: list[str], rows: np.ndarray,
 
 
 # --- training ---------------------------------------------------------------------------
-@dataclass
-class _Hyper:
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    patience: int
-    modality_dropout: float
-    class_weight: bool
-    aux_weight: float = 0.0
-
-
 def _make_head(fusion: str | HeadFactory, spec, n_out: int, options: dict) -> nn.Module:
     if callable(fusion):
         return fusion(spec, n_out, **options)
@@ -214,17 +182,18 @@ def _make_head(fusion: str | HeadFactory, spec, n_out: int, options: dict) -> nn
 class _Trainer:
     """Trains one head per (seed, fold) on tensors already in memory."""
 
-    def __init__(self, fusion, spec, task: Task, hp: _Hyper, device: torch.device,
-                 options: dict):
-        self.fusion, self.spec, self.task, self.hp = fusion, spec, task, hp
-        self.device, self.options = device, options
+    def __init__(self, fusion, spec, task: Task, cfg: FitConfig, batch_size: int, lr: float,
+                 device: torch.device):
+        self.fusion, self.spec, self.task, self.cfg = fusion, spec, task, cfg
+        self.batch_size, self.lr = batch_size, lr  # as used (auto batch size, scaled lr)
+        self.device, self.options = device, cfg.head_options
         self.names = list(spec.names)
         self.labels: np.ndarray = np.empty(0)  # task.y at the loaded rows, set by fit
 
     def _loss_fn(self, y_train: np.ndarray) -> nn.Module:
         if self.task.kind == "regression":
             return nn.L1Loss()
-        if not self.hp.class_weight:
+        if not self.cfg.class_weight:
             return nn.CrossEntropyLoss()
         k = self.task.n_out
         counts = np.bincount(y_train, minlength=k).astype(np.float64)
@@ -303,16 +272,16 @@ class _Trainer:
         y_tr, y_va = self.labels[f.train], self.labels[f.val]
         # fused: one kernel for all parameters instead of ~10 small ops per tensor per step
         # (about 5 ms of a 40 ms step of an attention head on a CPU core)
-        opt = torch.optim.AdamW(model.parameters(), lr=self.hp.lr,
-                                weight_decay=self.hp.weight_decay,
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr,
+                                weight_decay=self.cfg.weight_decay,
                                 fused=self.device.type in ("cpu", "cuda"))
         loss_fn = self._loss_fn(y_tr)
         yt, yv = self._y(y_tr), self._y(y_va)
         best_score, best_loss = -math.inf, math.inf
         best_state, best_epoch, bad = _state(model), 0, 0
-        n, bs = len(f.train), self.hp.batch_size
+        n, bs = len(f.train), self.batch_size
         train_pos = torch.from_numpy(f.train).to(self.device)
-        for epoch in range(1, self.hp.epochs + 1):
+        for epoch in range(1, self.cfg.epochs + 1):
             t_epoch = time.perf_counter()
             model.train()
             perm = torch.randperm(n, generator=gen).to(self.device)
@@ -320,10 +289,10 @@ class _Trainer:
             for i in range(0, n, bs):
                 sel = perm[i:i + bs]
                 batch = drop_modalities(take(data, train_pos[sel]), self.names,
-                                        self.hp.modality_dropout, gen)
+                                        self.cfg.modality_dropout, gen)
                 loss = loss_fn(self._out(model(batch)), yt[sel])
-                if self.hp.aux_weight > 0:
-                    loss = loss + self.hp.aux_weight * self._aux_loss(model, loss_fn, yt[sel])
+                if self.cfg.aux_weight > 0:
+                    loss = loss + self.cfg.aux_weight * self._aux_loss(model, loss_fn, yt[sel])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -341,7 +310,7 @@ class _Trainer:
                 best_state, best_epoch, bad = _state(model), epoch, 0
             else:
                 bad += 1
-                if bad >= self.hp.patience:
+                if bad >= self.cfg.patience:
                     break
         model.load_state_dict(best_state)
         model.eval()
