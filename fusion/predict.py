@@ -57,7 +57,7 @@ def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | No
 
     def probs(b: dict) -> torch.Tensor:
         with torch.no_grad():
-            out = head(b)
+            out = head(b).logits
         return torch.softmax(out, -1) if n_out > 1 else out
 
     base = probs(batch)

@@ -26,13 +26,14 @@ from torch import Tensor, nn
 from fusion import metrics as M
 from fusion.config import FitConfig
 from fusion.data import FeatureSet, open_set
+from fusion.heads.base import FusionHead
 from fusion.normalise import Batch, apply_stats, drop_modalities, fit_stats, take, to_tensors
 from fusion.report import _scalar_keys, _seed_metrics, _summarise, _write_outputs
 from fusion.splits import Fold, Task, _groups, _plan, _positions, _task
 
 log = logging.getLogger(__name__)
 
-HeadFactory = Callable[..., nn.Module]
+HeadFactory = Callable[..., FusionHead]
 
 
 @dataclass
@@ -64,8 +65,7 @@ def fit(
     `cfg` holds the training settings (fusion.config.FitConfig; its defaults when None);
     keyword `settings` are FitConfig fields that override it (`fit(..., seeds=1, epochs=5)`).
     `fusion` is a registered head name (fusion.heads.HEADS) or a factory
-    `(spec, n_out, **options) -> nn.Module` (a FusionHead, or a module whose forward returns
-    logits). `group_by=None` uses the set's grouping; "none" asks for row-level (ungrouped)
+    `(spec, n_out, **options) -> FusionHead`. `group_by=None` uses the set's grouping; "none" asks for row-level (ungrouped)
     validation and folds. `aux_weight` > 0 adds the loss of the head's aux logits (late /
     hybrid heads). `batch_size=None` picks 128 rows, or more on large training sets so that an
     epoch is at most MAX_STEPS optimiser steps; `lr` is then scaled by sqrt(batch / 128) (see
@@ -95,8 +95,8 @@ def fit(
     # the data once per fold; then it is the head trained for the first (fold, seed).
     torch.manual_seed(seed_list[0])
     probe = _make_head(fusion, spec, task.n_out, cfg.head_options)
-    fresh: tuple[nn.Module, Tensor] | None = (probe, torch.get_rng_state())
-    raw = load_inputs(fs, mods, rows, getattr(probe, "seq_inputs", None))
+    fresh: tuple[FusionHead, Tensor] | None = (probe, torch.get_rng_state())
+    raw = load_inputs(fs, mods, rows, probe.seq_inputs)
     n_train = int(round(np.mean([len(f.train) for f in plan])))
     bs, lr_used = (cfg.batch_size, cfg.lr) if cfg.batch_size else auto_batch(n_train, cfg.lr)
     trainer = _Trainer(fusion, spec, task, cfg, bs, lr_used, torch.device(cfg.device))
@@ -104,7 +104,7 @@ def fit(
     raw_t = to_tensors(raw)
     # parameter-free work (window averages) done once on the raw features, for every fold and
     # seed; each fold then scales the prepared tensors with its own training statistics
-    prepared = probe.prepare(raw_t) if hasattr(probe, "prepare") else raw_t
+    prepared = probe.prepare(raw_t)
     outs: dict[int, list[dict]] = {s: [] for s in seed_list}
     logs: list[dict] = []
     first_state = None
@@ -169,14 +169,16 @@ def load_inputs(fs: FeatureSet, mods: list[str], rows: np.ndarray,
 
 
 # --- training ---------------------------------------------------------------------------
-def _make_head(fusion: str | HeadFactory, spec, n_out: int, options: dict) -> nn.Module:
-    if callable(fusion):
-        return fusion(spec, n_out, **options)
-    try:
+def _make_head(fusion: str | HeadFactory, spec, n_out: int, options: dict) -> FusionHead:
+    if not callable(fusion):
         from fusion.heads import build_head
-    except ImportError as e:
-        raise RuntimeError(f"fusion head {fusion!r}: fusion.heads has no build_head yet") from e
-    return build_head(fusion, spec, n_out, **options)
+
+        return build_head(fusion, spec, n_out, **options)
+    head = fusion(spec, n_out, **options)
+    if not isinstance(head, FusionHead):
+        raise TypeError(f"fusion head factory {getattr(fusion, '__name__', fusion)!r} returned "
+                        f"{type(head).__name__}, not a fusion.heads.base.FusionHead")
+    return head
 
 
 class _Trainer:
@@ -210,32 +212,30 @@ class _Trainer:
         return logits.squeeze(-1) if self.task.kind == "regression" else logits
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, data: Batch, pos: np.ndarray, chunk: int = 2048
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Outputs for rows pos (eval mode, in chunks), and any `aux_logits` the head exposes."""
+    def predict(self, model: FusionHead, data: Batch, pos: np.ndarray, chunk: int = 2048
+                ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+        """Outputs for rows pos (eval mode, in chunks), and the head's aux (branch) outputs."""
         model.eval()
         outs, aux = [], {}
         for i in range(0, len(pos), chunk):
             idx = torch.from_numpy(pos[i:i + chunk]).to(self.device)
-            outs.append(self._out(model(take(data, idx))))
-            present = getattr(model, "aux_present", None) or {}
-            for k, v in (getattr(model, "aux_logits", None) or {}).items():
-                p = present.get(k, torch.ones(len(v), dtype=torch.bool, device=v.device))
+            out = model(take(data, idx))
+            outs.append(self._out(out.logits))
+            for k, (v, p) in out.aux.items():
                 aux.setdefault(k, []).append((self._out(v.detach()), p.bool()))
         return torch.cat(outs), {k: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v]))
                                  for k, v in aux.items()}
 
-    def _aux_loss(self, model: nn.Module, loss_fn: nn.Module, y: Tensor) -> Tensor:
-        """Mean loss of the head's branch logits (`aux_logits`) on the rows they saw.
+    def _aux_loss(self, aux: dict[str, tuple[Tensor, Tensor]], loss_fn: nn.Module, y: Tensor
+                  ) -> Tensor:
+        """Mean loss of the head's branch logits (HeadOutput.aux) on the rows they saw.
 
         Trains each unimodal branch of a late / hybrid head to predict on its own, which
         keeps a branch useful when the others are absent.
         """
-        logits = getattr(model, "aux_logits", None) or {}
-        present = getattr(model, "aux_present", None) or {}
         terms = []
-        for k, v in logits.items():
-            p = present.get(k, torch.ones(len(v), dtype=torch.bool, device=v.device)).bool()
+        for v, p in aux.values():
+            p = p.bool()
             if p.any():
                 terms.append(loss_fn(self._out(v)[p], y[p]))
         return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
@@ -248,7 +248,7 @@ class _Trainer:
         return -float(np.mean(np.abs(pred.cpu().numpy() - y)))
 
     def run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict],
-            fresh: tuple[nn.Module, Tensor] | None = None) -> dict:
+            fresh: tuple[FusionHead, Tensor] | None = None) -> dict:
         """Train with early stopping, restore the best state, call after_fit, predict test.
 
         `fresh` is an untrained head built just after torch.manual_seed(seed), with the RNG
@@ -260,7 +260,7 @@ class _Trainer:
             return self._run(data, f, task, seed, fold, logs, fresh)
 
     def _run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict],
-             fresh: tuple[nn.Module, Tensor] | None = None) -> dict:
+             fresh: tuple[FusionHead, Tensor] | None = None) -> dict:
         if fresh is None:
             torch.manual_seed(seed)
             model = _make_head(self.fusion, self.spec, task.n_out, self.options)
@@ -290,9 +290,10 @@ class _Trainer:
                 sel = perm[i:i + bs]
                 batch = drop_modalities(take(data, train_pos[sel]), self.names,
                                         self.cfg.modality_dropout, gen)
-                loss = loss_fn(self._out(model(batch)), yt[sel])
+                out = model(batch)
+                loss = loss_fn(self._out(out.logits), yt[sel])
                 if self.cfg.aux_weight > 0:
-                    loss = loss + self.cfg.aux_weight * self._aux_loss(model, loss_fn, yt[sel])
+                    loss = loss + self.cfg.aux_weight * self._aux_loss(out.aux, loss_fn, yt[sel])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -314,8 +315,8 @@ class _Trainer:
                     break
         model.load_state_dict(best_state)
         model.eval()
-        if hasattr(model, "after_fit"):  # e.g. a stacking meta-learner fit on validation
-            model.after_fit(take(data, torch.from_numpy(f.val).to(self.device)), yv)
+        # e.g. a stacking meta-learner fit on validation (FusionHead's default: nothing)
+        model.after_fit(take(data, torch.from_numpy(f.val).to(self.device)), yv)
         pt, aux = self.predict(model, data, f.test)
         return {"pred": pt.cpu().numpy(),
                 "aux": {k: (v.cpu().numpy(), p.cpu().numpy()) for k, (v, p) in aux.items()},

@@ -242,7 +242,7 @@ def test_prepare_on_raw_then_scale_equals_scale_then_prepare(tmp_path: Path, hea
     assert "seq" not in via_prepare["audio"] and "seq@3" in via_prepare["audio"]
     scaled = apply_stats(raw, stats)
     with torch.no_grad():
-        a, b = model(via_prepare), model(scaled)
+        a, b = model(via_prepare).logits, model(scaled).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     pad = ~_valid_windows(via_prepare["audio"])
     assert (via_prepare["audio"]["seq@3"][pad] == 0).all()  # non-data windows stay zero
@@ -348,3 +348,11 @@ def test_token_head_fit_prepares_once_and_learns(signal_cache: Path, tmp_path: P
             **{**QUICK, "head_options": {"hidden": 32, "max_tokens": 4}}).metrics
     assert len(calls) == 1 and len(made) == 2  # once per fold, not per seed; no spare head
     assert m["macro_f1"] > m["majority_baseline"]["macro_f1"] + 0.3
+
+
+def test_a_factory_must_return_a_fusion_head(signal_cache: Path, tmp_path: Path) -> None:
+    def plain(spec, n_out, **_):
+        return torch.nn.Linear(2, n_out)
+
+    with pytest.raises(TypeError, match="not a fusion.heads.base.FusionHead"):
+        fit(signal_cache, "synth", plain, ["audio"], seeds=1, runs_dir=tmp_path, epochs=1)
