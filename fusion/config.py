@@ -18,6 +18,11 @@ from typing import Any
 # The keys under which config.toml records the asked-for learning rate and batch size ("lr" and
 # "batch_size" hold the values used, after the automatic batch size scaled them).
 LR_KEY, BATCH_KEY = "lr_base", "batch_size_asked"
+# config.toml's key order (as runs have always written it); keys not listed follow
+RECORD_ORDER = ("dataset", "fusion", "modalities", "seeds", "split", "folds", "group_by", "epochs",
+                "batch_size", "lr", BATCH_KEY, LR_KEY, "patience", "modality_dropout",
+                "class_weight", "device", "target", "preset", "weight_decay", "val_fraction",
+                "aux_weight", "head_options", "feature_set", "cache_root")
 
 
 @dataclass(eq=False)
@@ -75,7 +80,9 @@ class FitConfig:
     def record(self, **run: Any) -> dict[str, Any]:
         """What config.toml holds: `run` (dataset, fusion, modalities, feature set, the batch size
         and lr used, ...) and the settings, with `device`."""
-        return toml_safe({**run, **self.settings(), "device": self.device})
+        merged = {**run, **self.settings(), "device": self.device}
+        rank = {k: i for i, k in enumerate(RECORD_ORDER)}
+        return toml_safe(dict(sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank)))))
 
     def to_toml(self, path: Path | str, **run: Any) -> None:
         import tomli_w
