@@ -194,15 +194,6 @@ ModDropOpt = typer.Option(0.1, "--modality-dropout", help="Chance a modality is 
 ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: the cores, at most 4).")
 
 
-def _trainer_kwargs(lr: float, batch_size: int | None, patience: int, modality_dropout: float,
-                    threads: int | None) -> dict:
-    kw = {"lr": lr, "batch_size": batch_size, "patience": patience,
-          "modality_dropout": modality_dropout}
-    if threads is not None:
-        kw["threads"] = threads
-    return kw
-
-
 @app.command()
 def fit(
     dataset: str = typer.Option(..., "--dataset"),
@@ -227,6 +218,7 @@ def fit(
     threads: int = ThreadsOpt,
 ) -> None:
     """Fit a fusion head on cached features (never touches media or encoders)."""
+    from fusion.config import FitConfig
     from fusion.data import DataError
     from fusion.report import load_run, print_table, run_row
     from fusion.train import fit as do_fit
@@ -234,12 +226,12 @@ def fit(
     mods = "all" if modalities == "all" else _split_list(modalities)
     head_opts = _head_opts(opt, [fusion]).get(fusion)
     try:
-        res = do_fit(
-            cache_root=_cache(cache), dataset=dataset, fusion=fusion, modalities=mods, seeds=seeds,
-            name=name, runs_dir=runs, split=split, folds=folds, group_by=group_by, epochs=epochs,
-            device=device, target=target, preset=preset, head_options=head_opts,
-            **_trainer_kwargs(lr, batch_size, patience, modality_dropout, threads),
-        )
+        cfg = FitConfig(seeds=seeds, split=split, folds=folds, group_by=group_by, epochs=epochs,
+                        device=device, target=target, head_options=head_opts or {}, lr=lr,
+                        batch_size=batch_size, patience=patience,
+                        modality_dropout=modality_dropout, threads=threads)
+        res = do_fit(_cache(cache), dataset, fusion, mods, cfg, name=name, runs_dir=runs,
+                     preset=preset)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(str(e))
     m = load_run(res.run_dir)
@@ -274,6 +266,7 @@ def ablate(
 ) -> None:
     """Run a fusion × modality-subset × seed grid; resumable; writes csv, Markdown, plot."""
     from fusion.ablate import ablate as do_ablate
+    from fusion.config import FitConfig
     from fusion.data import DataError
 
     heads = _split_list(fusion) or []
@@ -282,11 +275,13 @@ def ablate(
     else:
         msets = [_split_list(s) for s in modalities.split(";")]
     try:
+        cfg = FitConfig(seeds=seeds, split=split, folds=folds, epochs=epochs,
+                        head_options=_head_opts(opt, heads), lr=lr, batch_size=batch_size,
+                        patience=patience, modality_dropout=modality_dropout)
         df = do_ablate(
             cache_root=_cache(cache), dataset=dataset, fusions=heads, modality_sets=msets,
-            seeds=seeds, name=name, workers=workers, scheduler=scheduler, runs_dir=runs, preset=preset,
-            split=split, folds=folds, epochs=epochs, head_options=_head_opts(opt, heads), fresh=fresh,
-            **_trainer_kwargs(lr, batch_size, patience, modality_dropout, None),
+            name=name, workers=workers, scheduler=scheduler, runs_dir=runs, preset=preset,
+            fresh=fresh, cfg=cfg,
         )
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(str(e))

@@ -16,6 +16,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fusion.config import FitConfig
 from fusion.data import open_set
 from fusion.report import CLASSIFICATION_COLUMNS, REGRESSION_COLUMNS, fmt_pm, markdown_table
 
@@ -67,17 +69,16 @@ def cell_name(fusion: str, mods: Sequence[str]) -> str:
     return f"{fusion}__{'+'.join(mods)}"
 
 
-def _run_cell(cache_root: str, dataset: str | None, fusion: str, mods: list[str], seeds: Any,
-              cell: str, runs_dir: str, fit_kwargs: dict) -> str:
+def _run_cell(cache_root: str, dataset: str | None, fusion: str, mods: list[str], cell: str,
+              runs_dir: str, cfg: FitConfig, preset: str, set_key: str | None) -> str:
     """Worker entry point (module level so process pools and Dask can pickle it).
 
-    `fit_kwargs["head_options"]` may be per head (see `options_for`).
+    `cfg` is the cell's own config (its head's options, see `cell_config`).
     """
     from fusion.train import fit
 
-    kw = dict(fit_kwargs)
-    kw["head_options"] = options_for(kw.get("head_options"), fusion) or None
-    fit(cache_root, dataset, fusion, mods, seeds=seeds, name=cell, runs_dir=Path(runs_dir), **kw)
+    fit(cache_root, dataset, fusion, mods, cfg, name=cell, runs_dir=Path(runs_dir),
+        preset=preset, key=set_key)
     return cell
 
 
@@ -93,54 +94,31 @@ def options_for(head_options: dict | None, fusion: str) -> dict:
     return dict(opts)
 
 
-# config.toml keys a finished cell must share with the grid asked for, to be reused on resume
-RESUME_KEYS = ("feature_set", "seeds", "split", "folds", "group_by", "epochs", "patience",
-               "modality_dropout", "class_weight", "target", "weight_decay", "val_fraction",
-               "aux_weight", "head_options", "lr_base", "batch_size_asked")
-# keys that cells written by older versions do not record: compared only where present
-RECENT_KEYS = ("lr_base", "batch_size_asked")
+def cell_config(cfg: FitConfig, fusion: str) -> FitConfig:
+    """The config of the grid's cells of head `fusion`: the grid's, with that head's options."""
+    return replace(cfg, head_options=options_for(cfg.head_options, fusion))
 
 
-def _wanted_config(fusion: str, seeds: Any, feature_set: str, fit_kwargs: dict) -> dict:
-    """The RESUME_KEYS values a cell of this grid records in its config.toml."""
-    import inspect
+def _check_resumable(cell_dir: Path, want: FitConfig, feature_set: str) -> None:
+    """A finished cell run with other settings must not be mixed into this grid silently.
 
-    from fusion.train import fit
-
-    defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()}
-    want = {k: fit_kwargs.get(k, defaults.get(k)) for k in RESUME_KEYS}
-    want["seeds"] = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    want["feature_set"] = feature_set
-    want["head_options"] = options_for(fit_kwargs.get("head_options"), fusion)
-    want["lr_base"] = fit_kwargs.get("lr", defaults["lr"])
-    want["batch_size_asked"] = fit_kwargs.get("batch_size") or "auto"
-    return want
-
-
-def _check_resumable(cell_dir: Path, want: dict) -> None:
-    """A finished cell run with other settings must not be mixed into this grid silently."""
+    The cell's config.toml must record the same feature set and `FitConfig.from_toml(...) ==
+    want`; settings that older runs did not record are not compared.
+    """
     import tomllib
 
     cfg_path = cell_dir / "config.toml"
     if not cfg_path.is_file():
         return
-    cfg = tomllib.loads(cfg_path.read_text())
-    diff = {k: (cfg.get(k), v) for k, v in want.items()  # config.toml leaves out None values
-            if _norm(cfg.get(k)) != _norm(v) and (k in cfg or k not in RECENT_KEYS)}
+    recorded = tomllib.loads(cfg_path.read_text())
+    have = FitConfig.from_dict(recorded, unrecorded_from=want)
+    diff = have.differences(want) if have != want else {}
+    if recorded.get("feature_set") != feature_set:
+        diff["feature_set"] = (recorded.get("feature_set"), feature_set)
     if diff:
         shown = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(f"{cell_dir} was run with other settings ({shown}); resume only repeats "
                          f"the same grid: choose another --name or delete {cell_dir.parent}")
-
-
-def _norm(v: Any) -> Any:
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, dict):
-        return {k: _norm(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_norm(x) for x in v]
-    return v
 
 
 def ablate(
@@ -148,7 +126,7 @@ def ablate(
     dataset: str | None,
     fusions: list[str],
     modality_sets: ModalitySets = "all,singles",
-    seeds: int | list[int] = 3,
+    seeds: int | list[int] | None = None,
     name: str = "ablation",
     runs_dir: Path | str = Path("runs"),
     workers: int = 1,
@@ -156,17 +134,22 @@ def ablate(
     preset: str = "offline",
     key: str | None = None,
     fresh: bool = False,
-    **fit_kwargs: Any,
+    cfg: FitConfig | None = None,
+    **settings: Any,
 ) -> pd.DataFrame:
     """Run (or resume) the fusion × modality-subset grid; write and return the summary table.
 
-    `fit_kwargs` go to every `fit`; `head_options` may also map head names to their own options
-    (see `options_for`). A finished cell is reused only if its config.toml records the same
-    settings (feature set, seeds, split, head options, ...); otherwise a ValueError says what
+    `cfg` (its defaults when None; `seeds` and keyword `settings`, FitConfig fields, override it) is every cell's
+    config; its `head_options` may also map head names to their own options (see
+    `options_for`). A finished cell is reused only if its config.toml records the same feature
+    set and settings (`FitConfig.from_toml(...) == cfg`); otherwise a ValueError says what
     differs. `fresh` discards the grid's earlier cells instead. A failing cell (e.g. a
     DataError for one subset) is recorded in the table's `error` column and the grid goes on.
     """
     t0 = time.perf_counter()
+    if seeds is not None:
+        settings["seeds"] = seeds
+    cfg = replace(cfg or FitConfig(), **settings)
     fs = open_set(cache_root, dataset, preset=preset, key=key)
     subsets = [fs.resolve(s) for s in modality_subsets(fs.available, modality_sets)]
     out_dir = Path(runs_dir) / name
@@ -178,12 +161,11 @@ def ablate(
     done = {c for _, _, c in cells if (out_dir / c / "metrics.json").is_file()}
     for f, _, c in cells:
         if c in done:
-            _check_resumable(out_dir / c, _wanted_config(f, seeds, fs.key, fit_kwargs))
+            _check_resumable(out_dir / c, cell_config(cfg, f), fs.key)
     todo = [c for c in cells if c[2] not in done]
     log.info("ablation %s: %d cells, %d already done, %d to run", name, len(cells), len(done),
              len(todo))
-    kwargs = {"preset": preset, "key": fs.key, **fit_kwargs}
-    errors = _execute(todo, str(cache_root), dataset, seeds, str(out_dir), kwargs, workers,
+    errors = _execute(todo, str(cache_root), dataset, str(out_dir), cfg, preset, fs.key, workers,
                       scheduler)
     df = summary_table(out_dir, cells, done, errors)
     write_outputs(out_dir, df, title=f"{fs.attrs.get('dataset')}/{preset} ({fs.key})",
@@ -191,25 +173,28 @@ def ablate(
     return df
 
 
-def _execute(todo: list, cache_root: str, dataset: str | None, seeds: Any, out_dir: str,
-             kwargs: dict, workers: int, scheduler: str | None) -> dict[str, str]:
+def _execute(todo: list, cache_root: str, dataset: str | None, out_dir: str, cfg: FitConfig,
+             preset: str, key: str, workers: int, scheduler: str | None) -> dict[str, str]:
     """Run the cells; returns {cell: error message} for the ones that failed."""
     errors: dict[str, str] = {}
     if not todo:
         return errors
     if scheduler:
-        return _execute_dask(todo, cache_root, dataset, seeds, out_dir, kwargs, scheduler)
+        return _execute_dask(todo, cache_root, dataset, out_dir, cfg, preset, key, scheduler)
     if workers <= 1:
         for f, mods, c in todo:
             try:
-                _run_cell(cache_root, dataset, f, mods, seeds, c, out_dir, kwargs)
+                _run_cell(cache_root, dataset, f, mods, c, out_dir, cell_config(cfg, f), preset,
+                          key)
             except Exception as e:  # one bad cell must not lose the grid
                 errors[c] = _err(c, e)
         return errors
     # Each process gets a fair share of the cores: oversubscribed BLAS threads are far slower.
-    kw = {"threads": max(1, (os.cpu_count() or 1) // workers), **kwargs}
+    if cfg.threads is None:
+        cfg = replace(cfg, threads=max(1, (os.cpu_count() or 1) // workers))
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futs = {pool.submit(_run_cell, cache_root, dataset, f, mods, seeds, c, out_dir, kw): c
+        futs = {pool.submit(_run_cell, cache_root, dataset, f, mods, c, out_dir,
+                            cell_config(cfg, f), preset, key): c
                 for f, mods, c in todo}
         for fut in as_completed(futs):
             try:
@@ -219,14 +204,15 @@ def _execute(todo: list, cache_root: str, dataset: str | None, seeds: Any, out_d
     return errors
 
 
-def _execute_dask(todo: list, cache_root: str, dataset: str | None, seeds: Any, out_dir: str,
-                  kwargs: dict, scheduler: str) -> dict[str, str]:
+def _execute_dask(todo: list, cache_root: str, dataset: str | None, out_dir: str,
+                  cfg: FitConfig, preset: str, key: str, scheduler: str) -> dict[str, str]:
     from distributed import Client
     from distributed import as_completed as dask_completed
 
     errors: dict[str, str] = {}
     with Client(scheduler) as client:
-        futs = {client.submit(_run_cell, cache_root, dataset, f, mods, seeds, c, out_dir, kwargs,
+        futs = {client.submit(_run_cell, cache_root, dataset, f, mods, c, out_dir,
+                              cell_config(cfg, f), preset, key,
                               pure=False, key=f"mmemo-{c}-{time.time_ns()}"): c
                 for f, mods, c in todo}
         for fut in dask_completed(list(futs)):

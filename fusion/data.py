@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import zarr
 
-from fusion.heads.base import InputSpec, ModalitySpec
 from pipeline import cacheformat as cf
 from pipeline.cacheformat import COND, FormatError, read_rows
 
@@ -348,3 +347,33 @@ def _diff(a: dict, b: dict, only_shared: bool = False) -> str:
     keys = (a.keys() & b.keys()) if only_shared else (a.keys() | b.keys())
     return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(keys)
                      if a.get(k) != b.get(k))
+
+
+# --- what a head is told about its inputs (FeatureSet.spec makes one) ---------------------
+@dataclass(frozen=True)
+class ModalitySpec:
+    name: str
+    pooled_dim: int
+    seq_dim: int = 0  # 0: a vector modality (no sequence)
+    max_len: int = 0
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.seq_dim > 0 and self.max_len > 0
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    modalities: tuple[ModalitySpec, ...]  # the inputs the head fuses (any non-empty subset)
+    cond: ModalitySpec | None = None  # conditioning vector (title / dialogue context), if any
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modalities)
+
+    def __getitem__(self, name: str) -> ModalitySpec:
+        for m in self.modalities:
+            if m.name == name:
+                return m
+        raise KeyError(name)

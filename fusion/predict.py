@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from fusion.data import open_set
 from fusion.heads import build_head
-from fusion.train import apply_stats
+from fusion.normalise import apply_stats
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
@@ -57,7 +57,7 @@ def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | No
 
     def probs(b: dict) -> torch.Tensor:
         with torch.no_grad():
-            out = head(b)
+            out = head(b).logits
         return torch.softmax(out, -1) if n_out > 1 else out
 
     base = probs(batch)

@@ -1,4 +1,8 @@
-"""Side-by-side comparison of finished runs (Markdown for files, rich for the terminal).
+"""What a fit reports: its metrics.json / outputs, and side-by-side comparison of runs.
+
+`_seed_metrics` / `_summarise` turn the trainer's per-fold predictions into metrics.json (seed
+means, std, pooled confusion, the trivial baseline); `_write_outputs` writes a run folder.
+The comparison half reads finished runs (Markdown for files, rich for the terminal).
 
 Every score is shown as mean ± std over seeds next to its trivial baseline and the sizes it
 was measured on, so a reader sees at once whether a difference is larger than seed noise
@@ -7,10 +11,20 @@ and whether the model beats predicting the majority class (or the mean).
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fusion import metrics as M
+
+if TYPE_CHECKING:
+    from fusion.config import FitConfig
+    from fusion.data import FeatureSet
+    from fusion.splits import Fold, Task
 
 CLASSIFICATION_COLUMNS = (("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("uar", "UAR"))
 REGRESSION_COLUMNS = (("mae", "MAE"), ("corr", "corr"), ("acc2", "Acc-2"), ("acc7", "Acc-7"),
@@ -128,3 +142,141 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return "" if v is None else str(v)
+
+
+# --- metrics over folds and seeds ---------------------------------------------------------
+def _scalar_keys(task: Task) -> tuple[str, ...]:
+    if task.kind == "classification":
+        return M.SCALAR_KEYS_CLASSIFICATION
+    return M.SCALAR_KEYS_REGRESSION
+
+
+def baseline_key(task_kind: str) -> str:
+    """Name of the trivial baseline in metrics.json for a task kind."""
+    return "majority_baseline" if task_kind == "classification" else "mean_baseline"
+
+
+def _score(task: Task, y: np.ndarray, pred: np.ndarray) -> dict:
+    if task.kind == "classification":
+        return M.classification_metrics(y, pred.argmax(-1), task.n_out, task.classes)
+    return M.regression_metrics(y, pred)
+
+
+def _aux_score(task: Task, y: np.ndarray, outs: list[dict], k: str) -> dict:
+    """A head's per-branch (e.g. unimodal) predictions scored on the rows where it had input."""
+    pred = np.concatenate([o["aux"][k][0] for o in outs])
+    present = np.concatenate([o["aux"][k][1] for o in outs])
+    keys = ("accuracy", "macro_f1", "uar") if task.kind == "classification" else ("mae", "corr")
+    scored = _score(task, y[present], pred[present]) if present.any() else {}
+    return {s: float(scored.get(s, 0.0)) for s in keys} | {"n": int(present.sum())}
+
+
+def _seed_metrics(seed: int, outs: list[dict], task: Task) -> dict:
+    """One seed's metrics on the test rows pooled over folds (each row predicted once)."""
+    y = np.concatenate([task.y[o["fold"].test] for o in outs])
+    pred = np.concatenate([o["pred"] for o in outs])
+    m = _score(task, y, pred)
+    if task.kind == "classification":
+        base = np.concatenate([np.full(len(o["fold"].test),
+                                       M.majority_class(task.y[o["fold"].train], task.n_out))
+                               for o in outs])
+        b = M.classification_metrics(y, base, task.n_out)
+        m["majority_baseline"] = {k: b[k] for k in ("accuracy", "macro_f1", "uar")}
+    else:
+        base = np.concatenate([np.full(len(o["fold"].test), float(np.mean(task.y[o["fold"].train])))
+                               for o in outs])
+        b = M.regression_metrics(y, base)
+        m["mean_baseline"] = {k: b[k] for k in ("mae", "corr", "acc2", "acc7", "f1")}
+    aux_keys = outs[0]["aux"].keys() if all(o["aux"] for o in outs) else []
+    if aux_keys:
+        m["aux"] = {k: _aux_score(task, y, outs, k) for k in aux_keys}
+    if len(outs) > 1:
+        m["folds"] = [{k: v for k, v in _score(task, task.y[o["fold"].test], o["pred"]).items()
+                       if k in _scalar_keys(task)} for o in outs]
+    m["seed"] = seed
+    m["best_epoch"] = [o["best_epoch"] for o in outs]
+    m["epochs_run"] = [o["epochs_run"] for o in outs]
+    return m
+
+
+def _summarise(per_seed: list[dict], task: Task, fs: FeatureSet, mods: list[str], fusion: str,
+               plan: list[Fold], split: str, warnings: list[str]) -> dict:
+    """metrics.json: seed means at top level, mean/std, pooled confusion, each seed's metrics."""
+    keys = _scalar_keys(task)
+    agg = M.aggregate(per_seed, keys)
+    out: dict[str, Any] = {
+        "feature_set": fs.key, "dataset": fs.attrs.get("dataset"), "preset": fs.attrs.get("preset"),
+        "fusion": fusion, "modalities": mods, "target": task.target, "task": task.kind,
+        "split": split, "folds": len(plan),
+        **agg["mean"], "mean": agg["mean"], "std": agg["std"],
+        baseline_key(task.kind): per_seed[0][baseline_key(task.kind)],
+        "n_train": int(round(np.mean([len(f.train) for f in plan]))),
+        "n_val": int(round(np.mean([len(f.val) for f in plan]))),
+        "n_test": int(sum(len(f.test) for f in plan)),
+        "n_seeds": len(per_seed),
+        "warnings": list(warnings),
+    }
+    if task.kind == "classification":
+        cm = np.sum([np.asarray(s["confusion"]) for s in per_seed], axis=0)
+        pooled = M.metrics_from_confusion(cm, task.classes)
+        out |= {"classes": task.classes, "per_class": pooled["per_class"],
+                "confusion": pooled["confusion"]}
+    if "aux" in per_seed[0]:
+        out["aux"] = {k: M.aggregate([s["aux"][k] for s in per_seed])["mean"]
+                      | {"n": per_seed[0]["aux"][k]["n"]} for k in per_seed[0]["aux"]}
+    out["seeds"] = per_seed
+    return out
+
+
+# --- outputs --------------------------------------------------------------------------------
+def _write_outputs(run_dir: Path, metrics: dict, logs: list[dict], first: tuple | None,
+                   task: Task, fs: FeatureSet, mods: list[str], fusion: str, cfg: FitConfig,
+                   run: dict) -> None:
+    """metrics.json, config.toml (`cfg` and the `run` facts), log.csv, model / norm
+    safetensors (the first seed's), confusion.png."""
+    from safetensors.torch import save_file
+
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    cfg.to_toml(run_dir / "config.toml", **run)
+    with (run_dir / "log.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, ["seed", "fold", "epoch", "train_loss", "val_loss", "val_metric",
+                                "epoch_s"])
+        w.writeheader()
+        w.writerows(logs)
+    if first is not None:
+        state, stats = first
+        meta = {"fusion": fusion, "modalities": json.dumps(mods), "feature_set": fs.key,
+                "classes": json.dumps(task.classes), "target": task.target,
+                "seed": str(metrics["seeds"][0]["seed"])}
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
+                  str(run_dir / "model.safetensors"), metadata=meta)
+        save_file({k: v.detach().cpu().contiguous() for k, v in stats.items()},
+                  str(run_dir / "norm.safetensors"), metadata=meta)
+    if task.kind == "classification":
+        plot_confusion(np.asarray(metrics["confusion"]), task.classes, run_dir / "confusion.png",
+                       title=f"{fusion} · {'+'.join(mods)}")
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
+    """Row-normalised confusion matrix with counts, pooled over seeds (and folds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k), dpi=100)
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
+                    color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

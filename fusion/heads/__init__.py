@@ -4,17 +4,17 @@ Every head is `Head(spec: InputSpec, n_out: int, hidden=..., dropout=0.2, **head
 (hidden 128 for early / late, 64 for cquery / tfn, and 32 with 4 tokens and 2 attention heads
 for hybrid / mult / cfnsr, whose several attention blocks per modality make them the costliest:
 sized so one fit of a 10k-clip set takes seconds on a CPU core; see BENCHMARKS.md) with
-`forward(batch) -> [B, n_out]`; see fusion/heads/base.py for the batch format and the optional
-`seq_inputs` / `prepare` hooks.
+`forward(batch) -> HeadOutput` (logits [B, n_out] and per-branch `aux`), a `FusionHead`
+subclass; see fusion/heads/base.py for the batch format and the hooks with defaults
+(`seq_inputs`, `prepare`, `after_fit`).
 """
 
 from __future__ import annotations
 
 import inspect
 
-from torch import nn
-
-from fusion.heads.base import InputSpec, ModalitySpec
+from fusion.data import InputSpec
+from fusion.heads.base import FusionHead, HeadOutput
 from fusion.heads.cfnsr import CrossFusionSR
 from fusion.heads.cquery import ConditionalQueryFusion
 from fusion.heads.early import EarlyFusion
@@ -23,7 +23,7 @@ from fusion.heads.late import LateFusion
 from fusion.heads.mult import MulTLite
 from fusion.heads.tfn import TensorFusion
 
-HEADS: dict[str, type[nn.Module]] = {
+HEADS: dict[str, type[FusionHead]] = {
     "early": EarlyFusion,
     "late": LateFusion,
     "hybrid": HybridFusion,
@@ -40,7 +40,7 @@ def head_options(name: str) -> dict[str, object]:
     return {k: p.default for k, p in params.items() if k not in ("self", "spec", "n_out")}
 
 
-def build_head(name: str, spec: InputSpec, n_out: int, **options) -> nn.Module:
+def build_head(name: str, spec: InputSpec, n_out: int, **options) -> FusionHead:
     """Build head `name`; an unknown head or option is a ValueError naming what is valid."""
     if name not in HEADS:
         raise ValueError(f"unknown fusion head {name!r}; known heads: {', '.join(HEADS)}")
@@ -56,4 +56,4 @@ def build_head(name: str, spec: InputSpec, n_out: int, **options) -> nn.Module:
     return HEADS[name](spec, n_out, **options)
 
 
-__all__ = ["HEADS", "InputSpec", "ModalitySpec", "build_head", "head_options"]
+__all__ = ["HEADS", "FusionHead", "HeadOutput", "build_head", "head_options"]

@@ -5,18 +5,28 @@ A batch is a dict: for each input modality m, batch[m] = {"pooled": [B, Dp] floa
 batch["cond"] (when the feature set has a conditioning vector, e.g. the title embedding) has
 the same keys as a vector modality. Absent rows have present=False: heads must mask them.
 
-Two optional hooks let a trainer skip work a head does not need (fusion/train.py uses both):
+Every head derives from `FusionHead` (at the end of this file), whose defaults a head
+overrides where it needs to:
 
-* `seq_inputs: tuple[str, ...]` — the modalities whose "seq"/"len" the head reads; a trainer
-  may leave the sequences of the others unloaded. Without it, every sequence is assumed read.
+* `forward(batch) -> HeadOutput` — the logits [B, n_out], and in `aux` any per-branch logits
+  with the rows each branch saw (late / hybrid heads: name -> (logits [B, n_out], present [B])),
+  which the trainer scores and may add to the loss (`aux_weight`). Nothing is kept on the module.
+* `seq_inputs: tuple[str, ...] | None` — the modalities whose "seq"/"len" the head reads; a
+  trainer may leave the sequences of the others unloaded. None (the default): every sequence.
 * `prepare(data) -> data` — called once on the full, raw (not yet standardised) tensors of a
   fit, before folds and mini-batches are cut from them: parameter-free work the head would
-  otherwise redo every step (the window averaging of `Tokens`), stored under keys of its own.
-  It must depend only on the head's configuration, never on its parameters, so one result
-  serves every fold and seed, and the head must give the same outputs on prepared rows as on
-  raw ones. The trainer standardises the result per fold: `pooled` as usual, and `seq@<w>`
-  keys with their sequence's statistics (valid windows counted by `len@<w>`), which is exact
-  because window averages (weights summing to one) commute with per-feature affine scaling.
+  otherwise redo every step. The default does the window averaging of the head's `Tokens`
+  (none: data unchanged), stored under keys of their own. It must depend only on the head's
+  configuration, never on its parameters, so one result serves every fold and seed, and the
+  head must give the same outputs on prepared rows as on raw ones. The trainer standardises the
+  result per fold: `pooled` as usual, and `seq@<w>` keys with their sequence's statistics
+  (valid windows counted by `len@<w>`), which is exact because window averages (weights summing
+  to one) commute with per-feature affine scaling.
+* `after_fit(val_batch, val_y)` — called once the best state is restored, on the validation
+  rows (the late head fits its stacking meta-learner there); the default does nothing.
+
+The input description, `InputSpec` / `ModalitySpec`, lives in fusion/data.py (the feature set
+makes it).
 """
 
 from __future__ import annotations
@@ -28,35 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True)
-class ModalitySpec:
-    name: str
-    pooled_dim: int
-    seq_dim: int = 0  # 0: a vector modality (no sequence)
-    max_len: int = 0
-
-    @property
-    def is_sequence(self) -> bool:
-        return self.seq_dim > 0 and self.max_len > 0
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    modalities: tuple[ModalitySpec, ...]  # the inputs the head fuses (any non-empty subset)
-    cond: ModalitySpec | None = None  # conditioning vector (title / dialogue context), if any
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.modalities)
-
-    def __getitem__(self, name: str) -> ModalitySpec:
-        for m in self.modalities:
-            if m.name == name:
-                return m
-        raise KeyError(name)
-
+from fusion.data import InputSpec, ModalitySpec
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks shared by the heads. Two rules run through all of them:
@@ -366,3 +348,31 @@ class Block(nn.Module):
             kv, kv_pad = self.ln_kv(ctx), ctx_pad
         x = x + self.drop(self.attn(q, kv, kv_pad))
         return x + self.drop(self.ff(self.ln_ff(x)))
+
+
+@dataclass
+class HeadOutput:
+    """What a head's forward returns: logits [B, n_out], and per-branch side outputs `aux`
+    (branch name -> (logits [B, n_out], present [B] bool): the rows that branch had input)."""
+
+    logits: Tensor
+    aux: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+class FusionHead(nn.Module):
+    """Base class of the fusion heads: `Head(spec, n_out, **options)`, `forward(batch) ->
+    HeadOutput`, with the defaults of the optional hooks (see the module docstring)."""
+
+    seq_inputs: tuple[str, ...] | None = None  # None: reads every sequence
+
+    def forward(self, batch: dict) -> HeadOutput:
+        raise NotImplementedError
+
+    def prepare(self, data: dict) -> dict:
+        """Window-average once, for all rows, the sequences this head's Tokens read (see
+        Tokens.prepare); data as it is for a head without Tokens."""
+        tokens = {t.name: t for t in self.modules() if isinstance(t, Tokens)}
+        return prepare_tokens(tokens, data) if tokens else data
+
+    def after_fit(self, val_batch: dict, val_y: Tensor) -> None:
+        """Hook after training (best state restored) with the validation rows: nothing here."""

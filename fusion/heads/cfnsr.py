@@ -18,21 +18,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fusion.data import InputSpec
 from fusion.heads.base import (
     Block,
-    InputSpec,
+    FusionHead,
+    HeadOutput,
     Tokens,
     VectorEncoder,
     check_spec,
     fill_absent,
     masked_mean,
     mlp,
-    prepare_tokens,
     token_inputs,
 )
 
 
-class CrossFusionSR(nn.Module):
+class CrossFusionSR(FusionHead):
     def __init__(
         self,
         spec: InputSpec,
@@ -67,11 +68,7 @@ class CrossFusionSR(nn.Module):
         n_in = len(names) + (self.cond is not None)
         self.head = mlp(n_in * hidden, hidden, n_out, dropout)
 
-    def prepare(self, data: dict) -> dict:
-        """Window-average every sequence once for all rows (see Tokens.prepare)."""
-        return prepare_tokens(self.tokens, data)
-
-    def forward(self, batch: dict) -> Tensor:
+    def forward(self, batch: dict) -> HeadOutput:
         xa, pa, ya = self.tokens[self.anchor](batch[self.anchor])
         for block in self.self_attn:
             xa = block(xa, pa)
@@ -88,4 +85,4 @@ class CrossFusionSR(nn.Module):
         parts.insert(0, fused)
         if self.cond is not None:
             parts.append(self.cond(batch["cond"])[0])
-        return self.head(torch.cat(parts, dim=-1))
+        return HeadOutput(self.head(torch.cat(parts, dim=-1)))

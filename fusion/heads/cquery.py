@@ -18,20 +18,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fusion.data import InputSpec
 from fusion.heads.base import (
     Attention,
-    InputSpec,
+    FusionHead,
+    HeadOutput,
     Tokens,
     check_spec,
     clean_pooled,
     fill_absent,
     mlp,
-    prepare_tokens,
     token_inputs,
 )
 
 
-class ConditionalQueryFusion(nn.Module):
+class ConditionalQueryFusion(FusionHead):
     def __init__(
         self,
         spec: InputSpec,
@@ -68,11 +69,7 @@ class ConditionalQueryFusion(nn.Module):
         c, present = clean_pooled(batch["cond"], self.learned_query.dtype)
         return fill_absent(self.query_proj(c), present, self.learned_query)
 
-    def prepare(self, data: dict) -> dict:
-        """Window-average every sequence once for all rows (see Tokens.prepare)."""
-        return prepare_tokens(self.tokens, data)
-
-    def forward(self, batch: dict) -> Tensor:
+    def forward(self, batch: dict) -> HeadOutput:
         q = self.query(batch)
         parts: list[Tensor] = []
         for name in self.names:
@@ -80,4 +77,4 @@ class ConditionalQueryFusion(nn.Module):
             kv = self.ln_kv[name](x)
             a = self.attn[name](q[:, None], kv, pad)[:, 0]
             parts.append(fill_absent(a, present, self.absent[name]))
-        return self.head(torch.cat([q, *parts], dim=-1))
+        return HeadOutput(self.head(torch.cat([q, *parts], dim=-1)))

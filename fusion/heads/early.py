@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fusion.data import InputSpec
 from fusion.heads.base import (
     AttentionPool,
-    InputSpec,
+    FusionHead,
+    HeadOutput,
     VectorEncoder,
     check_spec,
     clean_pooled,
@@ -28,7 +30,7 @@ from fusion.heads.base import (
 POOLS = ("pooled", "mean", "attention")
 
 
-class EarlyFusion(nn.Module):
+class EarlyFusion(FusionHead):
     def __init__(
         self,
         spec: InputSpec,
@@ -69,7 +71,7 @@ class EarlyFusion(nn.Module):
             return masked_mean(seq, valid), present
         return self.attn_pool[name](seq, valid), present
 
-    def forward(self, batch: dict) -> Tensor:
+    def forward(self, batch: dict) -> HeadOutput:
         parts = []
         for name in self.names:
             v, present = self.summarise(name, batch[name])
@@ -78,4 +80,4 @@ class EarlyFusion(nn.Module):
         if self.cond is not None:
             z, present = self.cond(batch["cond"])
             parts += [z, present[:, None].to(z.dtype)]
-        return self.head(torch.cat(parts, dim=-1))
+        return HeadOutput(self.head(torch.cat(parts, dim=-1)))

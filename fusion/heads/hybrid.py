@@ -13,8 +13,8 @@ for emotion recognition in user-generated video).
    learned weights, renormalised per row over the units whose inputs are present (a pair needs
    both members). Rows with nothing present return a learned prior.
 
-The decisions of the last forward are kept in `aux_logits` / `aux_present` (unit name ->
-[B, n_out] / [B]; pairs are named "text+visual"), for optional auxiliary losses.
+The units' decisions come back in the output's `aux` (unit name -> (logits [B, n_out],
+present [B]); pairs are named "text+visual"), for optional auxiliary losses.
 """
 
 from __future__ import annotations
@@ -22,23 +22,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fusion.data import InputSpec
 from fusion.heads.base import (
     Block,
-    InputSpec,
+    FusionHead,
+    HeadOutput,
     Tokens,
     VectorEncoder,
     check_spec,
     masked_mean,
     masked_softmax,
     mlp,
-    prepare_tokens,
     token_inputs,
 )
 
 PAIRS = (("text", "visual"), ("visual", "audio"))
 
 
-class HybridFusion(nn.Module):
+class HybridFusion(FusionHead):
     def __init__(
         self,
         spec: InputSpec,
@@ -84,14 +85,8 @@ class HybridFusion(nn.Module):
             self.decide[unit] = mlp(d_in, hidden, n_out, dropout)
         self.unit_weights = nn.Parameter(torch.zeros(len(self.units)))
         self.prior = nn.Parameter(torch.zeros(n_out))
-        self.aux_logits: dict[str, Tensor] = {}
-        self.aux_present: dict[str, Tensor] = {}
 
-    def prepare(self, data: dict) -> dict:
-        """Window-average every sequence once for all rows (see Tokens.prepare)."""
-        return prepare_tokens(self.tokens, data)
-
-    def forward(self, batch: dict) -> Tensor:
+    def forward(self, batch: dict) -> HeadOutput:
         enc: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for name in self.names:
             x, pad, present = self.tokens[name](batch[name])
@@ -115,9 +110,8 @@ class HybridFusion(nn.Module):
 
         logits = torch.stack([self.decide[u](reps[u]) for u in self.units], dim=1)
         mask = torch.stack([present[u] for u in self.units], dim=1)
-        self.aux_logits = {u: logits[:, i] for i, u in enumerate(self.units)}
-        self.aux_present = {u: mask[:, i] for i, u in enumerate(self.units)}
+        aux = {u: (logits[:, i], mask[:, i]) for i, u in enumerate(self.units)}
         w = masked_softmax(self.unit_weights.expand_as(mask), mask)
         out = (w[..., None] * logits).sum(dim=1)
         nothing = ~mask.any(dim=1)
-        return torch.where(nothing[:, None], self.prior.expand_as(out), out)
+        return HeadOutput(torch.where(nothing[:, None], self.prior.expand_as(out), out), aux)

@@ -13,9 +13,9 @@ combination, which is one of:
                 concatenated per-modality probabilities and presence flags, fitted in
                 `after_fit` on validation predictions; until then the head averages ("mean").
 
-Rows with no present input return a learned prior. The per-modality logits of the last forward
-are kept in `aux_logits` (name -> [B, n_out]) with their masks in `aux_present` (name -> [B]),
-so a trainer can add per-modality auxiliary losses on the present rows.
+Rows with no present input return a learned prior. The per-modality logits come back in the
+output's `aux` (name -> (logits [B, n_out], present [B])), so a trainer can add per-modality
+auxiliary losses on the present rows.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusion.heads.base import InputSpec, check_spec, clean_pooled, masked_softmax, mlp
+from fusion.data import InputSpec
+from fusion.heads.base import FusionHead, HeadOutput, check_spec, clean_pooled, masked_softmax, mlp
 
 COMBINES = ("mean", "learned", "confidence", "stacking")
 
 
-class LateFusion(nn.Module):
+class LateFusion(FusionHead):
     def __init__(
         self,
         spec: InputSpec,
@@ -67,18 +68,14 @@ class LateFusion(nn.Module):
         self.register_buffer("stack_w", torch.zeros(n_feat, n_out))
         self.register_buffer("stack_b", torch.zeros(n_out))
         self.register_buffer("stacked", torch.tensor(False))
-        self.aux_logits: dict[str, Tensor] = {}
-        self.aux_present: dict[str, Tensor] = {}
 
     def unimodal(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """Per-input logits [B, k, n_out] and presence [B, k]; also kept in aux_logits."""
+        """Per-input logits [B, k, n_out] and presence [B, k]."""
         logits, present = [], []
         for name in self.names:
             v, p = clean_pooled(batch[name], self.prior.dtype)
             logits.append(self.clf[name](v))
             present.append(p)
-        self.aux_logits = dict(zip(self.names, logits))
-        self.aux_present = dict(zip(self.names, present))
         return torch.stack(logits, dim=1), torch.stack(present, dim=1)
 
     def stack_features(self, logits: Tensor, present: Tensor) -> Tensor:
@@ -87,10 +84,12 @@ class LateFusion(nn.Module):
         p = torch.where(present[..., None], p, torch.zeros_like(p))
         return torch.cat([p, present[..., None].to(p.dtype)], dim=-1).flatten(1)
 
-    def forward(self, batch: dict) -> Tensor:
+    def forward(self, batch: dict) -> HeadOutput:
         logits, present = self.unimodal(batch)
+        aux = {name: (logits[:, i], present[:, i]) for i, name in enumerate(self.names)}
         if self.combine == "stacking" and bool(self.stacked):
-            return self.stack_features(logits, present) @ self.stack_w + self.stack_b
+            return HeadOutput(self.stack_features(logits, present) @ self.stack_w + self.stack_b,
+                              aux)
         if self.combine == "learned":
             w = masked_softmax(self.weight_logits.expand_as(present), present)
         elif self.combine == "confidence":
@@ -102,7 +101,7 @@ class LateFusion(nn.Module):
             w = masked_softmax(torch.zeros_like(present, dtype=logits.dtype), present)
         out = (w[..., None] * logits).sum(dim=1)
         nothing = ~present.any(dim=1)
-        return torch.where(nothing[:, None], self.prior.expand_as(out), out)
+        return HeadOutput(torch.where(nothing[:, None], self.prior.expand_as(out), out), aux)
 
     def after_fit(self, val_batch: dict, val_y: Tensor) -> None:
         """Fit the stacking meta-learner on validation predictions (no-op for other combines)."""

@@ -16,21 +16,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fusion.data import InputSpec
 from fusion.heads.base import (
     Block,
-    InputSpec,
+    FusionHead,
+    HeadOutput,
     Tokens,
     VectorEncoder,
     check_spec,
     fill_absent,
     masked_mean,
     mlp,
-    prepare_tokens,
     token_inputs,
 )
 
 
-class MulTLite(nn.Module):
+class MulTLite(FusionHead):
     def __init__(
         self,
         spec: InputSpec,
@@ -67,11 +68,7 @@ class MulTLite(nn.Module):
         n_in = k + (self.cond is not None)
         self.head = mlp(n_in * hidden, hidden, n_out, dropout)
 
-    def prepare(self, data: dict) -> dict:
-        """Window-average every sequence once for all rows (see Tokens.prepare)."""
-        return prepare_tokens(self.tokens, data)
-
-    def forward(self, batch: dict) -> Tensor:
+    def forward(self, batch: dict) -> HeadOutput:
         toks = {name: self.tokens[name](batch[name]) for name in self.names}
         parts: list[Tensor] = []
         for t, (xt, pt, yt) in toks.items():
@@ -82,4 +79,4 @@ class MulTLite(nn.Module):
             parts.append(fill_absent(masked_mean(h, ~pt), yt, self.absent[t]))
         if self.cond is not None:
             parts.append(self.cond(batch["cond"])[0])
-        return self.head(torch.cat(parts, dim=-1))
+        return HeadOutput(self.head(torch.cat(parts, dim=-1)))

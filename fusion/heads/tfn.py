@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fusion.heads.base import Dropout, InputSpec, check_spec, clean_pooled, mlp
+from fusion.data import InputSpec
+from fusion.heads.base import Dropout, FusionHead, HeadOutput, check_spec, clean_pooled, mlp
 
 
 def auto_dim(k: int, max_tensor: int, cap: int = 32) -> int:
@@ -30,7 +31,7 @@ def auto_dim(k: int, max_tensor: int, cap: int = 32) -> int:
     return d
 
 
-class TensorFusion(nn.Module):
+class TensorFusion(FusionHead):
     def __init__(
         self,
         spec: InputSpec,
@@ -62,7 +63,7 @@ class TensorFusion(nn.Module):
         )
         self.head = nn.Sequential(Dropout(dropout), mlp(size, hidden, n_out, dropout))
 
-    def forward(self, batch: dict) -> Tensor:
+    def forward(self, batch: dict) -> HeadOutput:
         fused: Tensor | None = None
         for name in self.names:
             v, present = clean_pooled(batch[name], self.proj[name][1].weight.dtype)
@@ -70,4 +71,4 @@ class TensorFusion(nn.Module):
             z1 = torch.cat([torch.ones_like(z[:, :1]), z], dim=-1)  # [B, dim + 1]
             fused = z1 if fused is None else (fused[:, :, None] * z1[:, None, :]).flatten(1)
         assert fused is not None
-        return self.head(fused)
+        return HeadOutput(self.head(fused))

@@ -19,6 +19,8 @@ import torch
 import zarr
 from torch import nn
 
+from fusion.heads.base import FusionHead, HeadOutput
+
 DEFAULT_MODALITIES = {
     # name: (seq_dim, pooled_dim, max_len, signal)
     "audio": (6, 10, 8, 1.0),
@@ -188,7 +190,7 @@ def _write_modality(g, m, label, n_classes, seq_dim, pooled_dim, max_len, signal
     return {"stage": stage, "backend": "synthetic", "version": "1"}
 
 
-class TinyHead(nn.Module):
+class TinyHead(FusionHead):
     """A minimal head following the fusion interface: masked mean of pooled projections."""
 
     def __init__(self, spec, n_out: int, hidden: int = 16, **_: object):
@@ -198,19 +200,19 @@ class TinyHead(nn.Module):
         self.out = nn.Linear(hidden, n_out)
         self.after_fit_calls = 0
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict) -> HeadOutput:
         zs, ws = [], []
         for m in self.names:
             p = batch[m]["present"].float()[:, None]
             zs.append(torch.relu(self.proj[m](batch[m]["pooled"])) * p)
             ws.append(p)
-        return self.out(sum(zs) / torch.clamp(sum(ws), min=1.0))
+        return HeadOutput(self.out(sum(zs) / torch.clamp(sum(ws), min=1.0)))
 
     def after_fit(self, val_batch: dict, val_y: torch.Tensor) -> None:
         self.after_fit_calls += 1
 
 
-def tiny_head(spec, n_out: int, **options) -> nn.Module:
+def tiny_head(spec, n_out: int, **options) -> FusionHead:
     return TinyHead(spec, n_out, **options)
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fusion.data import InputSpec, ModalitySpec
 from fusion.heads import HEADS, build_head, head_options
-from fusion.heads.base import InputSpec, ModalitySpec, window_weights
+from fusion.heads.base import window_weights
 from fusion.heads.tfn import auto_dim
 
 # name: (seq_dim, pooled_dim, max_len); meta is a vector modality
@@ -81,7 +82,7 @@ def make_batch(spec: InputSpec, b: int, g: torch.Generator, p_absent: float = 0.
 def run(head, batch: dict) -> torch.Tensor:
     head.eval()
     with torch.no_grad():
-        return head(batch)
+        return head(batch).logits
 
 
 # ---- registry and construction --------------------------------------------------------------
@@ -163,7 +164,7 @@ def test_finite_with_absent_rows_and_nothing_present(name, opts):
             x["len"][0] = 0
     assert torch.isfinite(run(head, batch)).all()
     head.train()
-    out = head(batch)
+    out = head(batch).logits
     out.sum().backward()
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
@@ -332,7 +333,7 @@ def test_gradients_reach_parameters_and_every_modality(name, opts):
             if k in x:
                 x[k].requires_grad_(True)
     head.train()
-    F.cross_entropy(head(batch), torch.arange(12) % 3).backward()
+    F.cross_entropy(head(batch).logits, torch.arange(12) % 3).backward()
     for pname, p in head.named_parameters():
         assert p.grad is not None, f"no gradient reaches {pname}"
         assert torch.isfinite(p.grad).all(), pname
@@ -377,7 +378,7 @@ def fit(head, batch: dict, y: torch.Tensor, steps: int = 200, seed: int = 0) -> 
     head.train()
     for _ in range(steps):
         idx = torch.randint(0, len(y), (32,), generator=g)
-        loss = F.cross_entropy(head(take(batch, idx)), y[idx])
+        loss = F.cross_entropy(head(take(batch, idx)).logits, y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -432,8 +433,10 @@ def test_late_stacking_regression_is_a_ridge_on_scores():
     spec = make_spec(("audio", "text"), cond=False)
     head = make_head("late", {"combine": "stacking"}, spec, n_out=1)
     val = make_batch(spec, 200, g)
-    run(head, val)
-    target = 3 * head.aux_logits["audio"] - head.aux_logits["text"] + 0.5
+    head.eval()
+    with torch.no_grad():
+        aux = head(val).aux
+    target = 3 * aux["audio"][0] - aux["text"][0] + 0.5
     head.train()
     head.after_fit(val, target.view(-1))
     assert head.training  # after_fit restores the mode it found
@@ -449,11 +452,14 @@ def test_late_uses_only_present_classifiers(combine):
     batch = make_batch(spec, 4, g)
     for key in (*MODALITIES[1:], "cond"):
         batch[key]["present"][0] = False
-    out = run(head, batch)
-    assert set(head.aux_logits) == {*MODALITIES, "cond"}
-    assert head.aux_logits["audio"].shape == (4, 3)
-    assert head.aux_present["text"].tolist() == [False, True, True, True]
-    torch.testing.assert_close(out[0], head.aux_logits["audio"][0])  # only audio present
+    head.eval()
+    with torch.no_grad():
+        res = head(batch)
+    out = res.logits
+    assert set(res.aux) == {*MODALITIES, "cond"}
+    assert res.aux["audio"][0].shape == (4, 3)
+    assert res.aux["text"][1].tolist() == [False, True, True, True]
+    torch.testing.assert_close(out[0], res.aux["audio"][0][0])  # only audio present
 
 
 def test_hybrid_pairs_follow_the_spec():
@@ -464,9 +470,11 @@ def test_hybrid_pairs_follow_the_spec():
     g = torch.Generator().manual_seed(12)
     batch = make_batch(make_spec(), 3, g)
     batch["visual"]["present"][0] = False
-    run(full, batch)
-    assert full.aux_present["text+visual"].tolist() == [False, True, True]
-    assert full.aux_present["visual+audio"].tolist() == [False, True, True]
+    full.eval()
+    with torch.no_grad():
+        aux = full(batch).aux
+    assert aux["text+visual"][1].tolist() == [False, True, True]
+    assert aux["visual+audio"][1].tolist() == [False, True, True]
 
 
 def test_cquery_follows_cond_when_present_and_works_without():
@@ -508,3 +516,28 @@ def test_cfnsr_anchor_falls_back_when_audio_is_missing():
     assert make_head("cfnsr", {}, make_spec()).anchor == "audio"
     assert make_head("cfnsr", {}, make_spec(("meta", "text"), cond=False)).anchor == "text"
     assert make_head("cfnsr", {}, make_spec(("meta",), cond=False)).anchor == "meta"
+
+
+# ---- the head interface -----------------------------------------------------------------------
+
+
+def test_every_head_is_a_fusion_head_with_the_default_hooks():
+    from fusion.heads import FusionHead, HeadOutput
+
+    spec = make_spec()
+    g = torch.Generator().manual_seed(13)
+    batch = make_batch(spec, 4, g)
+    for name, cls in HEADS.items():
+        assert issubclass(cls, FusionHead), name
+        head = make_head(name, {}, spec)
+        out = head(batch)
+        assert isinstance(out, HeadOutput) and out.logits.shape == (4, 3), name
+        for k, (logits, present) in out.aux.items():
+            assert logits.shape == (4, 3) and present.shape == (4,), (name, k)
+        assert not hasattr(head, "aux_logits"), name  # side outputs are returned, not kept
+    # heads without Tokens: prepare leaves the data as it is; after_fit does nothing
+    tfn = make_head("tfn", {}, spec)
+    assert tfn.prepare(batch) is batch
+    before = {k: v.clone() for k, v in tfn.state_dict().items()}
+    tfn.after_fit(batch, torch.zeros(4, dtype=torch.long))
+    assert all(before[k].equal(v) for k, v in tfn.state_dict().items())

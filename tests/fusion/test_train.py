@@ -17,20 +17,9 @@ from safetensors.torch import load_file
 
 from fusion.data import DataError, open_set
 from fusion.heads import build_head
-from fusion.train import (
-    Task,
-    _groups,
-    _moments,
-    _plan,
-    apply_stats,
-    auto_batch,
-    drop_modalities,
-    fit,
-    fit_stats,
-    load_inputs,
-    loss_min_delta,
-    to_tensors,
-)
+from fusion.normalise import _moments, apply_stats, drop_modalities, fit_stats, to_tensors
+from fusion.splits import Task, _groups, _plan
+from fusion.train import auto_batch, fit, load_inputs, loss_min_delta
 from tests.fusion.conftest import TinyHead, tiny_head, write_feature_set
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,7 +203,7 @@ def test_moments_match_float64_numpy_at_egemaps_scale() -> None:
 
 
 def test_sequence_stats_of_a_large_set_come_from_a_subset_close_to_the_full_data() -> None:
-    import fusion.train as T
+    import fusion.normalise as T
 
     g = torch.Generator().manual_seed(1)
     n, t, d = 6000, 12, 5
@@ -253,7 +242,7 @@ def test_prepare_on_raw_then_scale_equals_scale_then_prepare(tmp_path: Path, hea
     assert "seq" not in via_prepare["audio"] and "seq@3" in via_prepare["audio"]
     scaled = apply_stats(raw, stats)
     with torch.no_grad():
-        a, b = model(via_prepare), model(scaled)
+        a, b = model(via_prepare).logits, model(scaled).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     pad = ~_valid_windows(via_prepare["audio"])
     assert (via_prepare["audio"]["seq@3"][pad] == 0).all()  # non-data windows stay zero
@@ -361,3 +350,11 @@ def test_token_head_fit_prepares_once_and_learns(signal_cache: Path, tmp_path: P
             **{**QUICK, "head_options": {"hidden": 32, "max_tokens": 4}}).metrics
     assert len(calls) == 1 and len(made) == 2  # once per fold, not per seed; no spare head
     assert m["macro_f1"] > m["majority_baseline"]["macro_f1"] + 0.3
+
+
+def test_a_factory_must_return_a_fusion_head(signal_cache: Path, tmp_path: Path) -> None:
+    def plain(spec, n_out, **_):
+        return torch.nn.Linear(2, n_out)
+
+    with pytest.raises(TypeError, match="not a fusion.heads.base.FusionHead"):
+        fit(signal_cache, "synth", plain, ["audio"], seeds=1, runs_dir=tmp_path, epochs=1)
