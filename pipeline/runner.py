@@ -363,7 +363,7 @@ def process_clips(
     """Run every stage over the clips; returns ledger rows. ModelMissingError propagates."""
     timings = timings if timings is not None else {}
     failures: list[dict[str, Any]] = []
-    decode = stages[0] if stages and stages[0].stage == "decode" else None
+    decode = stages[0] if stages and stages[0].name == "decode" else None
     rest = stages[1:] if decode else stages
     # transcript-only clips (no media in the manifest) are text/metadata data by design,
     # not failures: they skip decode and their media modalities are absent with a reason
@@ -395,7 +395,7 @@ def process_clips(
                     failures.append(_fail_row(ctx, "decode", e))
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t0
         for stage in rest:
-            needs_media = stage.stage not in ("text", "metadata")
+            needs_media = stage.needs_media
             ok = [c for c in batch if c.media is not None and "decode" not in c.failed]
             todo = ok if needs_media else list(batch)
             for c in batch:
@@ -412,17 +412,17 @@ def process_clips(
                 raise
             except Exception as e:  # noqa: BLE001 - a batch-level crash: fail each clip
                 errors = [e] * len(todo)
-            timings[stage.stage] = timings.get(stage.stage, 0.0) + time.perf_counter() - t0
+            timings[stage.name] = timings.get(stage.name, 0.0) + time.perf_counter() - t0
             for ctx, err in zip(todo, errors):
                 if err is None:
                     continue
                 if isinstance(err, ModelMissingError):
                     raise err
-                ctx.failed[stage.stage] = str(err)
-                failures.append(_fail_row(ctx, stage.stage, err))
+                ctx.failed[stage.name] = str(err)
+                failures.append(_fail_row(ctx, stage.name, err))
                 for mod in stage.output_dims():
                     ctx.features.pop(mod, None)
-                    ctx.absent.setdefault(mod, f"{stage.stage} failed: {err}")
+                    ctx.absent.setdefault(mod, f"{stage.name} failed: {err}")
     return failures
 
 

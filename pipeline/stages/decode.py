@@ -512,7 +512,7 @@ class PyAVDecode(Stage):
     """Decode a clip's media with PyAV: audio from `clip.audio` (else the video), frames from
     `clip.video`; both inside the dataset root."""
 
-    stage = "decode"
+    name = "decode"
     backend = "pyav"
     version = "1"
     Config = DecodeConfig
