@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.manifest import Clip, load_dataset, read_dataset_info
-from pipeline.presets import STAGE_ORDER, load_preset, stage_config
+from pipeline.presets import STAGE_ORDER, Preset, RunSettings, load_preset
 from pipeline.stages.base import (
     ClipContext,
     ClipError,
@@ -52,15 +52,16 @@ SEQUENCE_MODALITIES = ("audio", "text", "visual")
 
 
 # --- planning ------------------------------------------------------------------------------
-def build_stages(preset: dict[str, Any], device: str = "cpu", info: dict[str, Any] | None = None) -> list[Stage]:
+def build_stages(preset: Preset | dict[str, Any], device: str = "cpu", info: dict[str, Any] | None = None) -> list[Stage]:
     """The preset's stages in DAG order ('skip' leaves a stage out); models are not loaded."""
+    if not isinstance(preset, Preset):
+        preset = load_preset(preset)
     stages = []
     for name in STAGE_ORDER:
-        backend, cfg = stage_config(preset, name)
-        if backend == "skip":
+        pick = preset.stages[name]
+        if pick.skipped:
             continue
-        cls = get_backend(name, backend)
-        stage = cls(cfg, device=device)
+        stage = get_backend(name, pick.backend)(pick.config, device=device)
         stage.bind_dataset(info or {})
         stages.append(stage)
     return stages
@@ -113,7 +114,7 @@ def clip_fingerprint(clip: Clip, root: Path) -> str:
 @dataclass
 class Plan:
     dataset: str
-    preset: dict[str, Any]
+    preset: Preset
     root: Path
     clips: list[Clip]
     info: dict[str, Any]
@@ -124,7 +125,7 @@ class Plan:
 
     @property
     def preset_name(self) -> str:
-        return str(self.preset.get("name", "custom"))
+        return self.preset.name
 
 
 def resolve_unit_size(value: Any, n: int) -> int:
@@ -147,9 +148,8 @@ def resolve_unit_size(value: Any, n: int) -> int:
     return value
 
 
-def _layout(preset: dict[str, Any], stages: list[Stage], n: int) -> SetLayout:
-    st = preset.get("store", {})
-    max_len = st.get("max_len", {})
+def _layout(preset: Preset, stages: list[Stage], n: int) -> SetLayout:
+    st = preset.store
     mods: dict[str, ModalityLayout] = {}
     for s in stages:
         for mod, (seq_dim, pooled_dim) in s.output_dims().items():
@@ -158,23 +158,23 @@ def _layout(preset: dict[str, Any], stages: list[Stage], n: int) -> SetLayout:
                 name=mod,
                 pooled_dim=int(pooled_dim),
                 seq_dim=int(seq_dim) if is_seq else 0,
-                max_len=int(max_len.get(mod, 32)) if is_seq else 0,
+                max_len=st.max_len_of(mod) if is_seq else 0,
                 provenance=s.provenance(),
             )
     return SetLayout(
         n=n,
-        unit_size=resolve_unit_size(st.get("unit_size", "auto"), n),
+        unit_size=resolve_unit_size(st.unit_size, n),
         modalities=mods,
-        compression=str(st.get("compression", "zstd")),
-        level=int(st.get("level", 3)),
-        inner_chunk=int(st.get("inner_chunk", 64)),
+        compression=st.compression,
+        level=st.level,
+        inner_chunk=st.inner_chunk,
     )
 
 
 def plan_extract(
     dataset: str,
     root: str | os.PathLike | None = None,
-    preset: str | dict[str, Any] = "offline",
+    preset: str | dict[str, Any] | Preset = "offline",
     overrides: list[str] | None = None,
     manifests: str | os.PathLike = "manifests",
     device: str = "cpu",
@@ -202,8 +202,9 @@ def plan_extract(
         "format": 1,
         "code": CODE_VERSION,
         "stages": [s.provenance() for s in stages],
-        "store": {k: v for k, v in pre.get("store", {}).items()},
-        "decode_run": pre.get("run", {}).get("clip_timeout"),
+        # the tables as written (not the filled-in defaults), so keys of existing sets stay
+        "store": {k: v for k, v in pre.data.get("store", {}).items()},
+        "decode_run": pre.data.get("run", {}).get("clip_timeout"),
         "classes": info.get("classes"),
         "clips": [c.model_dump(mode="json") for c in clips],
         "media": fps,
@@ -242,15 +243,32 @@ def static_arrays(plan: Plan) -> dict[str, np.ndarray]:
 _STAGE_CACHE: dict[str, list[Stage]] = {}
 
 
-def _stages_for(preset: dict[str, Any], device: str, info: dict[str, Any] | None = None) -> list[Stage]:
+def _stages_for(preset: Preset, device: str, info: dict[str, Any] | None = None) -> list[Stage]:
     """Stages are built and their models loaded once per worker process."""
-    k = hashlib.sha256(json.dumps([preset, device, info], sort_keys=True, default=str).encode()).hexdigest()
+    k = hashlib.sha256(json.dumps([preset.data, device, info], sort_keys=True, default=str).encode()).hexdigest()
     if k not in _STAGE_CACHE:
         stages = build_stages(preset, device=device, info=info)
         for s in stages:
             s.ensure_loaded()
         _STAGE_CACHE[k] = stages
     return _STAGE_CACHE[k]
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    """One work unit to run: plain picklable data, so any executor (process pool, Dask) can ship it."""
+
+    cache: str
+    key: str
+    unit: int
+    root: str
+    clips: list[Clip]
+    preset: Preset
+    info: dict[str, Any]
+    lease: float  # seconds the unit's claim lasts
+    device: str = "cpu"
+    batch_size: int | None = None  # overrides the preset's run.batch_size
+    threads: int | None = None  # torch threads in the worker
 
 
 @dataclass
@@ -355,12 +373,12 @@ def _assemble(layout: SetLayout, ctxs: list[ClipContext], failures: list[dict[st
 def process_clips(
     stages: list[Stage],
     ctxs: list[ClipContext],
-    batch_size: int = 16,
-    clip_timeout: float = 300.0,
-    decode_workers: int = 2,
+    run: RunSettings | None = None,
     timings: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every stage over the clips; returns ledger rows. ModelMissingError propagates."""
+    run = run if run is not None else RunSettings()
+    batch_size, clip_timeout = run.batch_size, run.clip_timeout
     timings = timings if timings is not None else {}
     failures: list[dict[str, Any]] = []
     decode = stages[0] if stages and stages[0].name == "decode" else None
@@ -371,7 +389,7 @@ def process_clips(
         if c.clip.media is None:
             c.status["decode"] = "no media in the manifest"
             c.failed["decode"] = "no media"
-    futs = _decode_all(decode, [c for c in ctxs if c.clip.media is not None], decode_workers) if decode else None
+    futs = _decode_all(decode, [c for c in ctxs if c.clip.media is not None], run.decode_workers) if decode else None
     if futs is not None:
         it = iter(futs)
         futs = [next(it) if c.clip.media is not None else None for c in ctxs]
@@ -426,43 +444,36 @@ def process_clips(
     return failures
 
 
-def run_unit(task: dict[str, Any]) -> UnitResult:
-    """One work unit, end to end. `task` is plain data so any executor can ship it."""
+def run_unit(task: UnitTask) -> UnitResult:
+    """One work unit, end to end."""
     t_start = time.perf_counter()
-    store = Store(task["cache"])
-    u = int(task["unit"])
-    fs = store.open(task["key"])
+    store = Store(task.cache)
+    u = task.unit
+    fs = store.open(task.key)
     if fs.is_done(u):  # --force clears markers before any task is made
         return UnitResult(u, "skipped")
-    claim = store.claim(task["key"], u, lease_s=float(task.get("lease", 3600)))
+    claim = store.claim(task.key, u, lease_s=task.lease)
     if claim is None:
         return UnitResult(u, "busy")
     try:
         if fs.is_done(u):
             return UnitResult(u, "skipped")
-        if task.get("threads"):
-            _limit_threads(int(task["threads"]))
-        preset = task["preset"]
-        stages = _stages_for(preset, task.get("device", "cpu"), task.get("info"))
-        root = Path(task["root"])
-        clips = [Clip.model_validate(c) for c in task["clips"]]
-        ctxs = [ClipContext(clip=c, root=root) for c in clips]
-        run = preset.get("run", {})
+        if task.threads:
+            _limit_threads(task.threads)
+        stages = _stages_for(task.preset, task.device, task.info)
+        root = Path(task.root)
+        ctxs = [ClipContext(clip=c, root=root) for c in task.clips]
+        run = task.preset.run
+        if task.batch_size:
+            run = run.model_copy(update={"batch_size": task.batch_size})
         timings: dict[str, float] = {}
-        failures = process_clips(
-            stages,
-            ctxs,
-            batch_size=int(task.get("batch_size") or run.get("batch_size", 16)),
-            clip_timeout=float(run.get("clip_timeout", 300)),
-            decode_workers=int(run.get("decode_workers", 2)),
-            timings=timings,
-        )
+        failures = process_clips(stages, ctxs, run, timings=timings)
         data = _assemble(fs.layout, ctxs, failures)
         for ctx in ctxs:
             if ctx.srt:
                 from pipeline.store import atomic_write
 
-                atomic_write(store.srt_path(task["key"], ctx.id), ctx.srt.encode("utf-8"))
+                atomic_write(store.srt_path(task.key, ctx.id), ctx.srt.encode("utf-8"))
         absent = Counter(m for c in ctxs for m in c.absent)
         # numbers vary per clip ("3 cues"); the summary counts kinds of status
         statuses = Counter(re.sub(r"\d+(\.\d+)?", "#", f"{s}: {v}") for c in ctxs for s, v in c.status.items())
@@ -522,24 +533,24 @@ class Summary:
 
 
 def unit_tasks(plan: Plan, cache: Path, units: list[int], batch_size: int | None,
-               lease: float, threads: int | None) -> list[dict[str, Any]]:
+               lease: float, threads: int | None) -> list[UnitTask]:
     tasks = []
     for u in units:
         a, b = plan.layout.unit_range(u)
         tasks.append(
-            {
-                "cache": str(cache),
-                "key": plan.key,
-                "unit": u,
-                "root": str(plan.root),
-                "clips": [c.model_dump(mode="json") for c in plan.clips[a:b]],
-                "preset": plan.preset,
-                "info": plan.info,
-                "device": plan.device,
-                "batch_size": batch_size,
-                "lease": lease,
-                "threads": threads,
-            }
+            UnitTask(
+                cache=str(cache),
+                key=plan.key,
+                unit=u,
+                root=str(plan.root),
+                clips=plan.clips[a:b],
+                preset=plan.preset,
+                info=plan.info,
+                lease=float(lease),
+                device=plan.device,
+                batch_size=batch_size,
+                threads=threads,
+            )
         )
     return tasks
 
@@ -554,7 +565,7 @@ def create_set(plan: Plan, store: Store):
         "label_derived": plan.info.get("label_derived", []),
         "targets": [t for t in TARGETS if any(getattr(c.labels, t) is not None for c in plan.clips)],
         "stages": [s.provenance() for s in plan.stages],
-        "preset_config": plan.preset,
+        "preset_config": plan.preset.data,
         "code_version": CODE_VERSION,
     }
     fs = store.create_set(plan.key, plan.layout, attrs, static_arrays(plan))
@@ -571,7 +582,7 @@ def run_extract(
     force: bool = False,
     units: list[int] | None = None,
     batch_size: int | None = None,
-    lease: float = 3600.0,
+    lease: float | None = None,
     wait: bool = True,
     progress: Any = None,
 ) -> Summary:
@@ -579,9 +590,11 @@ def run_extract(
 
     executor: 'inline' (this process), 'process' (local pool of `workers`), 'dask'
     (LocalCluster of `workers`, or the cluster at `scheduler`), 'auto' (inline for 1 worker,
-    dask when a scheduler is given, else process).
+    dask when a scheduler is given, else process). lease: seconds a unit's claim lasts
+    (default: the preset's run.lease).
     """
     t0 = time.perf_counter()
+    lease = plan.preset.run.lease if lease is None else lease
     store = Store(cache)
     fs = create_set(plan, store)
     all_units = list(range(plan.layout.n_units)) if units is None else sorted(units)
@@ -634,7 +647,7 @@ def run_extract(
     return summary
 
 
-def _execute(tasks: list[dict[str, Any]], executor: str, workers: int, scheduler: str | None):
+def _execute(tasks: list[UnitTask], executor: str, workers: int, scheduler: str | None):
     if executor == "inline":
         for t in tasks:
             yield run_unit(t)
