@@ -35,8 +35,8 @@ import torch  # noqa: E402
 from fusion.data import open_set  # noqa: E402
 from fusion.heads import HEADS  # noqa: E402
 from fusion.train import default_threads, fit  # noqa: E402
-from pipeline.presets import load_preset  # noqa: E402
 from pipeline.plan import resolve_unit_size  # noqa: E402
+from pipeline.presets import load_preset  # noqa: E402
 from pipeline.store import codec  # noqa: E402
 from tests.fusion.conftest import write_feature_set  # noqa: E402  (the contract writer)
 

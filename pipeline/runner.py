@@ -39,7 +39,7 @@ from pipeline.plan import (  # noqa: F401 - plan_extract, resolve_unit_size: re-
     resolve_unit_size,
     static_arrays,
 )
-from pipeline.presets import Preset, RunSettings
+from pipeline.presets import Preset, RunSettings, load_preset
 from pipeline.stages.base import (
     ClipContext,
     ClipError,
@@ -54,8 +54,10 @@ from pipeline.store import SetLayout, Store
 _STAGE_CACHE: dict[str, list[Stage]] = {}
 
 
-def _stages_for(preset: Preset, device: str, info: dict[str, Any] | None = None) -> list[Stage]:
+def _stages_for(preset: Preset | dict[str, Any], device: str, info: dict[str, Any] | None = None) -> list[Stage]:
     """Stages are built and their models loaded once per worker process."""
+    if not isinstance(preset, Preset):
+        preset = load_preset(preset)
     k = hashlib.sha256(json.dumps([preset.data, device, info], sort_keys=True, default=str).encode()).hexdigest()
     if k not in _STAGE_CACHE:
         stages = build_stages(preset, device=device, info=info)
