@@ -69,13 +69,17 @@ def _stages_for(preset: Preset | dict[str, Any], device: str, info: dict[str, An
 
 @dataclass(frozen=True)
 class UnitTask:
-    """One work unit to run: plain picklable data, so any executor (process pool, Dask) can ship it."""
+    """One work unit to run: plain picklable data, so any executor (process pool, Dask) can ship it.
+
+    Unpickling does not validate, so the worker re-validates what crossed the process boundary:
+    the clips (kept as JSON data, `Clip.model_dump(mode="json")`) and the preset's tables.
+    """
 
     cache: str
     key: str
     unit: int
     root: str
-    clips: list[Clip]
+    clips: list[dict[str, Any]]
     preset: Preset
     info: dict[str, Any]
     lease: float  # seconds the unit's claim lasts
@@ -273,10 +277,11 @@ def run_unit(task: UnitTask) -> UnitResult:
             return UnitResult(u, "skipped")
         if task.threads:
             _limit_threads(task.threads)
-        stages = _stages_for(task.preset, task.device, task.info)
+        preset = load_preset(task.preset.data)
+        stages = _stages_for(preset, task.device, task.info)
         root = Path(task.root)
-        ctxs = [ClipContext(clip=c, root=root) for c in task.clips]
-        run = task.preset.run
+        ctxs = [ClipContext(clip=Clip.model_validate(c), root=root) for c in task.clips]
+        run = preset.run
         if task.batch_size:
             run = run.model_copy(update={"batch_size": task.batch_size})
         timings: dict[str, float] = {}
@@ -356,7 +361,7 @@ def unit_tasks(plan: Plan, cache: Path, units: list[int], batch_size: int | None
                 key=plan.key,
                 unit=u,
                 root=str(plan.root),
-                clips=plan.clips[a:b],
+                clips=[c.model_dump(mode="json") for c in plan.clips[a:b]],
                 preset=plan.preset,
                 info=plan.info,
                 lease=float(lease),

@@ -132,6 +132,7 @@ def test_unit_task_pickles_and_carries_the_run_settings(tiny, tmp_path):
     plan = plan_extract("tiny", root, _table("offline") | {"store": SMALL}, manifests=man)
     tasks = unit_tasks(plan, tmp_path / "cache", [0, 1], None, 60.0, 1)
     assert all(isinstance(t, UnitTask) for t in tasks)
-    assert [len(t.clips) for t in tasks] == [2, 1] and tasks[1].clips == plan.clips[2:]
+    assert [len(t.clips) for t in tasks] == [2, 1]
+    assert tasks[1].clips == [c.model_dump(mode="json") for c in plan.clips[2:]]
     back = pickle.loads(pickle.dumps(tasks[0]))
     assert back == tasks[0] and back.preset.run == plan.preset.run and back.lease == 60.0
