@@ -59,7 +59,8 @@ def main() -> None:
         plan = plan_extract(name, root, args.preset, manifests=man, device=args.device)
 
         # decode-only floor (same decode config as the preset)
-        dcfg = DecodeConfig(**{k: v for k, v in plan.preset["decode"].items() if k != "backend"})
+        dcfg = plan.preset.stages["decode"].config
+        assert isinstance(dcfg, DecodeConfig)
         t0 = time.perf_counter()
         media_s = 0.0
         for c in clips:

@@ -35,8 +35,8 @@ import torch  # noqa: E402
 from fusion.data import open_set  # noqa: E402
 from fusion.heads import HEADS  # noqa: E402
 from fusion.train import default_threads, fit  # noqa: E402
+from pipeline.plan import resolve_unit_size  # noqa: E402
 from pipeline.presets import load_preset  # noqa: E402
-from pipeline.runner import resolve_unit_size  # noqa: E402
 from pipeline.store import codec  # noqa: E402
 from tests.fusion.conftest import write_feature_set  # noqa: E402  (the contract writer)
 
@@ -54,12 +54,12 @@ def make_set(root: Path, n: int, t: int, signal: float) -> tuple[str, float]:
     counts a real set needs.
     """
     t0 = time.perf_counter()
-    store = load_preset("offline")["store"]  # the layout extraction writes: chunks, codec
-    lens = {m: t or store["max_len"][m] for m in ("audio", "text", "visual")}
+    store = load_preset("offline").store  # the layout extraction writes: chunks, codec
+    lens = {m: t or store.max_len[m] for m in ("audio", "text", "visual")}
     key = write_feature_set(
-        root, dataset="bench", n=n, unit_size=resolve_unit_size(store["unit_size"], n),
-        inner_chunk=store["inner_chunk"], n_classes=7, n_groups=max(20, n // 40),
-        compressors=codec(store["compression"], store["level"]),
+        root, dataset="bench", n=n, unit_size=resolve_unit_size(store.unit_size, n),
+        inner_chunk=store.inner_chunk, n_classes=7, n_groups=max(20, n // 40),
+        compressors=codec(store.compression, store.level),
         modalities={"audio": (25, 88, lens["audio"], 0.4 * signal),
                     "text": (384, 384, lens["text"], 0.4 * signal),
                     "visual": (64, 64, lens["visual"], 0.2 * signal)},

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import cacheformat as cf
-from pipeline.manifest import Clip, write_dataset_info, write_manifest
+from pipeline.manifest import Clip
 from pipeline.runner import plan_extract, run_extract
 from pipeline.store import cache_root as default_cache
 
@@ -46,12 +46,10 @@ def predict_file(video: Path, run: Path, text: str | None = None, title: str | N
         clip = Clip(id="predict", dataset="predict", split="test",
                     video=None if is_audio else video.name, audio=video.name if is_audio else None,
                     transcript=text, title=title)
-        write_manifest([clip], tmp / "manifests" / "predict" / "test.jsonl")
         info = {"name": "predict", "root": str(video.parent), "classes": attrs.get("classes", []),
                 "label_derived": attrs.get("label_derived", []), "group_by": attrs.get("group_by")}
-        write_dataset_info("predict", info, tmp / "manifests")
         plan = plan_extract("predict", video.parent, preset_cfg if preset is None else preset,
-                            manifests=tmp / "manifests")
+                            clips=[clip], info=info)
         summary = run_extract(plan, cache=tmp / "cache")
         out = predict_set(Path(run), tmp / "cache", plan.key)[0]
         out["failures"] = summary.failures

@@ -1,14 +1,13 @@
-"""The runner: manifest → work units → stages → one committed chunk per array per unit.
+"""The runner: a `Plan` (pipeline/plan.py) → work units → stages → one committed chunk per
+array per unit.
 
 Stages know nothing of scheduling; this module does all of it (datatrove's split between
 pipeline steps and executors):
-- `plan_extract` reads the manifest and preset, builds the stages (without loading models),
-  fingerprints the media and derives the content key of the feature set.
-- `run_extract` creates (or joins) the set, then runs every unfinished unit on an executor:
-  in-process, a local process pool, or Dask (a LocalCluster, or `--scheduler ADDR`).
-- `run_unit` is the task: claim the unit, decode clips in a thread pool that runs ahead of the
-  model stages (so CPU decoding overlaps GPU work), run the stages batch by batch, then commit
-  the unit's arrays, its ledger lines and, last, its completion marker.
+- `run_extract` creates (or joins) the plan's set, then runs every unfinished unit on an
+  executor: in-process, a local process pool, or Dask (a LocalCluster, or `--scheduler ADDR`).
+- `run_unit` is the task (a `UnitTask`): claim the unit, decode clips in a thread pool that
+  runs ahead of the model stages (so CPU decoding overlaps GPU work), run the stages batch by
+  batch, then commit the unit's arrays, its ledger lines and, last, its completion marker.
 A rerun skips finished units; a killed run loses at most its in-flight units, whose claims
 expire and are taken over.
 """
@@ -21,7 +20,6 @@ import json
 import os
 import queue
 import re
-import stat
 import threading
 import time
 from collections import Counter
@@ -32,227 +30,64 @@ from typing import Any
 import numpy as np
 
 from pipeline import cacheformat as cachefmt
-from pipeline.cacheformat import ModalityLayout, SetLayout
-from pipeline.manifest import Clip, load_dataset, read_dataset_info
-from pipeline.presets import STAGE_ORDER, load_preset, stage_config
+from pipeline.cacheformat import SetLayout
+from pipeline.manifest import Clip
+from pipeline.plan import (  # noqa: F401 - plan_extract, resolve_unit_size: re-exported for callers
+    CODE_VERSION,
+    TARGETS,
+    Plan,
+    build_stages,
+    plan_extract,
+    resolve_unit_size,
+    static_arrays,
+)
+from pipeline.presets import Preset, RunSettings, load_preset
 from pipeline.stages.base import (
     ClipContext,
     ClipError,
     Feature,
     ModelMissingError,
     Stage,
-    get_backend,
     pad_or_pool,
 )
 from pipeline.store import Store
-
-CODE_VERSION = "1"
-TARGETS = ("sentiment", "valence", "arousal")
-FP_BYTES = 64 * 1024
-# modalities whose sequence is stored (others are vectors)
-SEQUENCE_MODALITIES = ("audio", "text", "visual")
-
-
-# --- planning ------------------------------------------------------------------------------
-def build_stages(preset: dict[str, Any], device: str = "cpu", info: dict[str, Any] | None = None) -> list[Stage]:
-    """The preset's stages in DAG order ('skip' leaves a stage out); models are not loaded."""
-    stages = []
-    for name in STAGE_ORDER:
-        backend, cfg = stage_config(preset, name)
-        if backend == "skip":
-            continue
-        cls = get_backend(name, backend)
-        stage = cls(cfg, device=device)
-        stage.bind_dataset(info or {})
-        stages.append(stage)
-    return stages
-
-
-def media_fingerprint(path: Path, root: Path | None = None) -> str:
-    """size + mtime + hash of the first and last 64 KiB: cheap on NFS, catches re-encodes.
-
-    Only regular files inside `root` (after following symlinks) are opened: a FIFO or device
-    would block or never end, and a link out of the dataset root must not be read. Those get
-    a marker instead; the decode stage then fails the clip with a ledger line.
-    """
-    try:
-        st = path.stat()
-    except (FileNotFoundError, NotADirectoryError, OSError) as e:
-        return f"missing:{type(e).__name__}"
-    except RuntimeError:  # symlink loop (Python < 3.13)
-        return "missing:loop"
-    if not stat.S_ISREG(st.st_mode):
-        return f"special:{stat.S_IFMT(st.st_mode):o}"
-    if root is not None:
-        try:
-            if not path.resolve(strict=True).is_relative_to(Path(root).resolve()):
-                return "outside-root"
-        except (OSError, RuntimeError) as e:
-            return f"unresolvable:{type(e).__name__}"
-    h = hashlib.sha256()
-    try:
-        # O_NONBLOCK: if the path was swapped for a FIFO since stat(), open must not hang
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return "special:changed"
-            h.update(f.read(FP_BYTES))
-            if st.st_size > 2 * FP_BYTES:
-                f.seek(-FP_BYTES, os.SEEK_END)
-                h.update(f.read(FP_BYTES))
-    except OSError as e:
-        return f"unreadable:{type(e).__name__}"
-    return f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()[:16]}"
-
-
-def clip_fingerprint(clip: Clip, root: Path) -> str:
-    parts = []
-    for rel in (clip.video, clip.audio):
-        parts.append(media_fingerprint(root / rel, root) if rel else "-")
-    return "|".join(parts)
-
-
-@dataclass
-class Plan:
-    dataset: str
-    preset: dict[str, Any]
-    root: Path
-    clips: list[Clip]
-    info: dict[str, Any]
-    stages: list[Stage]
-    layout: SetLayout
-    key: str
-    device: str = "cpu"
-
-    @property
-    def preset_name(self) -> str:
-        return str(self.preset.get("name", "custom"))
-
-
-def resolve_unit_size(value: Any, n: int) -> int:
-    """`store.unit_size`: clips per work unit (= per chunk file), or "auto".
-
-    "auto" is 32 clips for sets of up to 2,048 clips, 64 up to 4,096, and 128 beyond (the
-    size doubles while the set would still have more than 64 units). Small units keep a small set
-    spread over many workers and make resumption fine-grained; on a large set they make
-    thousands of small chunk files per array, and reading those, not decoding, becomes most of
-    a fit's set-up (10k clips: 3.2 s at 32 clips per chunk, 0.8 s at 128; BENCHMARKS.md).
-    Depends on n only, so the set key never depends on the number of workers.
-    """
-    if value == "auto":
-        size = 32
-        while size < 128 and n > size * 64:
-            size *= 2
-        return size
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'store.unit_size must be a positive integer or "auto", got {value!r}')
-    return value
-
-
-def _layout(preset: dict[str, Any], stages: list[Stage], n: int) -> SetLayout:
-    st = preset.get("store", {})
-    max_len = st.get("max_len", {})
-    mods: dict[str, ModalityLayout] = {}
-    for s in stages:
-        for mod, (seq_dim, pooled_dim) in s.output_dims().items():
-            is_seq = mod in SEQUENCE_MODALITIES and seq_dim > 0
-            mods[mod] = ModalityLayout(
-                name=mod,
-                pooled_dim=int(pooled_dim),
-                seq_dim=int(seq_dim) if is_seq else 0,
-                max_len=int(max_len.get(mod, 32)) if is_seq else 0,
-                provenance=s.provenance(),
-            )
-    return SetLayout(
-        n=n,
-        unit_size=resolve_unit_size(st.get("unit_size", "auto"), n),
-        modalities=mods,
-        compression=str(st.get("compression", "zstd")),
-        level=int(st.get("level", 3)),
-        inner_chunk=int(st.get("inner_chunk", 64)),
-    )
-
-
-def plan_extract(
-    dataset: str,
-    root: str | os.PathLike | None = None,
-    preset: str | dict[str, Any] = "offline",
-    overrides: list[str] | None = None,
-    manifests: str | os.PathLike = "manifests",
-    device: str = "cpu",
-    limit: int | None = None,
-) -> Plan:
-    clips = load_dataset(dataset, manifests)
-    if limit:
-        clips = clips[:limit]
-    if not clips:
-        raise ValueError(f"dataset '{dataset}' has no clips in {manifests}/{dataset}/")
-    info = read_dataset_info(dataset, manifests)
-    if root is None:
-        if "root" not in info:
-            raise ValueError(f"dataset '{dataset}': no --root given and dataset.json names none")
-        root = info["root"]
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset root {root} is not a directory")
-    pre = load_preset(preset, overrides)
-    stages = build_stages(pre, device=device, info=info)
-    layout = _layout(pre, stages, len(clips))
-    with cf.ThreadPoolExecutor(8) as ex:
-        fps = list(ex.map(lambda c: clip_fingerprint(c, root), clips))
-    ident = {
-        "format": cachefmt.FORMAT,
-        "code": CODE_VERSION,
-        "stages": [s.provenance() for s in stages],
-        "store": {k: v for k, v in pre.get("store", {}).items()},
-        "decode_run": pre.get("run", {}).get("clip_timeout"),
-        "classes": info.get("classes"),
-        "clips": [c.model_dump(mode="json") for c in clips],
-        "media": fps,
-    }
-    blob = json.dumps(ident, sort_keys=True, default=str).encode()
-    key = f"{dataset}-{hashlib.sha256(blob).hexdigest()[:16]}"
-    return Plan(dataset, pre, root, clips, info, stages, layout, key, device)
-
-
-def static_arrays(plan: Plan) -> dict[str, np.ndarray]:
-    """Arrays known from the manifest alone: ids, split, group, label, regression targets."""
-    clips = plan.clips
-    group_by = plan.info.get("group_by") or "speaker"
-    groups = []
-    for c in clips:
-        g = getattr(c, group_by, None) if hasattr(c, group_by) else c.metadata.get(group_by)
-        groups.append(str(g) if g is not None else c.id)
-    out: dict[str, np.ndarray] = {
-        cachefmt.IDS: np.array([c.id for c in clips], dtype=object),
-        cachefmt.SPLIT: np.array([c.split for c in clips], dtype=object),
-        cachefmt.GROUP: np.array(groups, dtype=object),
-        cachefmt.LABEL: np.array(
-            [c.labels.emotion_idx if c.labels.emotion_idx is not None else -1 for c in clips],
-            dtype=np.int32,
-        ),
-    }
-    for t in TARGETS:
-        vals = [getattr(c.labels, t) for c in clips]
-        if any(v is not None for v in vals):
-            out[cachefmt.target_value(t)] = np.array([v if v is not None else 0.0 for v in vals], np.float32)
-            out[cachefmt.target_present(t)] = np.array([v is not None for v in vals], bool)
-    return out
-
 
 # --- the unit task ---------------------------------------------------------------------------
 _STAGE_CACHE: dict[str, list[Stage]] = {}
 
 
-def _stages_for(preset: dict[str, Any], device: str, info: dict[str, Any] | None = None) -> list[Stage]:
+def _stages_for(preset: Preset | dict[str, Any], device: str, info: dict[str, Any] | None = None) -> list[Stage]:
     """Stages are built and their models loaded once per worker process."""
-    k = hashlib.sha256(json.dumps([preset, device, info], sort_keys=True, default=str).encode()).hexdigest()
+    if not isinstance(preset, Preset):
+        preset = load_preset(preset)
+    k = hashlib.sha256(json.dumps([preset.data, device, info], sort_keys=True, default=str).encode()).hexdigest()
     if k not in _STAGE_CACHE:
         stages = build_stages(preset, device=device, info=info)
         for s in stages:
             s.ensure_loaded()
         _STAGE_CACHE[k] = stages
     return _STAGE_CACHE[k]
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    """One work unit to run: plain picklable data, so any executor (process pool, Dask) can ship it.
+
+    Unpickling does not validate, so the worker re-validates what crossed the process boundary:
+    the clips (kept as JSON data, `Clip.model_dump(mode="json")`) and the preset's tables.
+    """
+
+    cache: str
+    key: str
+    unit: int
+    root: str
+    clips: list[dict[str, Any]]
+    preset: Preset
+    info: dict[str, Any]
+    lease: float  # seconds the unit's claim lasts
+    device: str = "cpu"
+    batch_size: int | None = None  # overrides the preset's run.batch_size
+    threads: int | None = None  # torch threads in the worker
 
 
 @dataclass
@@ -357,15 +192,15 @@ def _assemble(layout: SetLayout, ctxs: list[ClipContext], failures: list[dict[st
 def process_clips(
     stages: list[Stage],
     ctxs: list[ClipContext],
-    batch_size: int = 16,
-    clip_timeout: float = 300.0,
-    decode_workers: int = 2,
+    run: RunSettings | None = None,
     timings: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every stage over the clips; returns ledger rows. ModelMissingError propagates."""
+    run = run if run is not None else RunSettings()
+    batch_size, clip_timeout = run.batch_size, run.clip_timeout
     timings = timings if timings is not None else {}
     failures: list[dict[str, Any]] = []
-    decode = stages[0] if stages and stages[0].stage == "decode" else None
+    decode = stages[0] if stages and stages[0].name == "decode" else None
     rest = stages[1:] if decode else stages
     # transcript-only clips (no media in the manifest) are text/metadata data by design,
     # not failures: they skip decode and their media modalities are absent with a reason
@@ -373,7 +208,7 @@ def process_clips(
         if c.clip.media is None:
             c.status["decode"] = "no media in the manifest"
             c.failed["decode"] = "no media"
-    futs = _decode_all(decode, [c for c in ctxs if c.clip.media is not None], decode_workers) if decode else None
+    futs = _decode_all(decode, [c for c in ctxs if c.clip.media is not None], run.decode_workers) if decode else None
     if futs is not None:
         it = iter(futs)
         futs = [next(it) if c.clip.media is not None else None for c in ctxs]
@@ -397,7 +232,7 @@ def process_clips(
                     failures.append(_fail_row(ctx, "decode", e))
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t0
         for stage in rest:
-            needs_media = stage.stage not in ("text", "metadata")
+            needs_media = stage.needs_media
             ok = [c for c in batch if c.media is not None and "decode" not in c.failed]
             todo = ok if needs_media else list(batch)
             for c in batch:
@@ -414,57 +249,51 @@ def process_clips(
                 raise
             except Exception as e:  # noqa: BLE001 - a batch-level crash: fail each clip
                 errors = [e] * len(todo)
-            timings[stage.stage] = timings.get(stage.stage, 0.0) + time.perf_counter() - t0
+            timings[stage.name] = timings.get(stage.name, 0.0) + time.perf_counter() - t0
             for ctx, err in zip(todo, errors):
                 if err is None:
                     continue
                 if isinstance(err, ModelMissingError):
                     raise err
-                ctx.failed[stage.stage] = str(err)
-                failures.append(_fail_row(ctx, stage.stage, err))
+                ctx.failed[stage.name] = str(err)
+                failures.append(_fail_row(ctx, stage.name, err))
                 for mod in stage.output_dims():
                     ctx.features.pop(mod, None)
-                    ctx.absent.setdefault(mod, f"{stage.stage} failed: {err}")
+                    ctx.absent.setdefault(mod, f"{stage.name} failed: {err}")
     return failures
 
 
-def run_unit(task: dict[str, Any]) -> UnitResult:
-    """One work unit, end to end. `task` is plain data so any executor can ship it."""
+def run_unit(task: UnitTask) -> UnitResult:
+    """One work unit, end to end."""
     t_start = time.perf_counter()
-    store = Store(task["cache"])
-    u = int(task["unit"])
-    fs = store.open(task["key"])
+    store = Store(task.cache)
+    u = task.unit
+    fs = store.open(task.key)
     if fs.is_done(u):  # --force clears markers before any task is made
         return UnitResult(u, "skipped")
-    claim = store.claim(task["key"], u, lease_s=float(task.get("lease", 3600)))
+    claim = store.claim(task.key, u, lease_s=task.lease)
     if claim is None:
         return UnitResult(u, "busy")
     try:
         if fs.is_done(u):
             return UnitResult(u, "skipped")
-        if task.get("threads"):
-            _limit_threads(int(task["threads"]))
-        preset = task["preset"]
-        stages = _stages_for(preset, task.get("device", "cpu"), task.get("info"))
-        root = Path(task["root"])
-        clips = [Clip.model_validate(c) for c in task["clips"]]
-        ctxs = [ClipContext(clip=c, root=root) for c in clips]
-        run = preset.get("run", {})
+        if task.threads:
+            _limit_threads(task.threads)
+        preset = load_preset(task.preset.data)
+        stages = _stages_for(preset, task.device, task.info)
+        root = Path(task.root)
+        ctxs = [ClipContext(clip=Clip.model_validate(c), root=root) for c in task.clips]
+        run = preset.run
+        if task.batch_size:
+            run = run.model_copy(update={"batch_size": task.batch_size})
         timings: dict[str, float] = {}
-        failures = process_clips(
-            stages,
-            ctxs,
-            batch_size=int(task.get("batch_size") or run.get("batch_size", 16)),
-            clip_timeout=float(run.get("clip_timeout", 300)),
-            decode_workers=int(run.get("decode_workers", 2)),
-            timings=timings,
-        )
+        failures = process_clips(stages, ctxs, run, timings=timings)
         data = _assemble(fs.layout, ctxs, failures)
         for ctx in ctxs:
             if ctx.srt:
                 from pipeline.store import atomic_write
 
-                atomic_write(store.srt_path(task["key"], ctx.id), ctx.srt.encode("utf-8"))
+                atomic_write(store.srt_path(task.key, ctx.id), ctx.srt.encode("utf-8"))
         absent = Counter(m for c in ctxs for m in c.absent)
         # numbers vary per clip ("3 cues"); the summary counts kinds of status
         statuses = Counter(re.sub(r"\d+(\.\d+)?", "#", f"{s}: {v}") for c in ctxs for s, v in c.status.items())
@@ -524,24 +353,24 @@ class Summary:
 
 
 def unit_tasks(plan: Plan, cache: Path, units: list[int], batch_size: int | None,
-               lease: float, threads: int | None) -> list[dict[str, Any]]:
+               lease: float, threads: int | None) -> list[UnitTask]:
     tasks = []
     for u in units:
         a, b = plan.layout.unit_range(u)
         tasks.append(
-            {
-                "cache": str(cache),
-                "key": plan.key,
-                "unit": u,
-                "root": str(plan.root),
-                "clips": [c.model_dump(mode="json") for c in plan.clips[a:b]],
-                "preset": plan.preset,
-                "info": plan.info,
-                "device": plan.device,
-                "batch_size": batch_size,
-                "lease": lease,
-                "threads": threads,
-            }
+            UnitTask(
+                cache=str(cache),
+                key=plan.key,
+                unit=u,
+                root=str(plan.root),
+                clips=[c.model_dump(mode="json") for c in plan.clips[a:b]],
+                preset=plan.preset,
+                info=plan.info,
+                lease=float(lease),
+                device=plan.device,
+                batch_size=batch_size,
+                threads=threads,
+            )
         )
     return tasks
 
@@ -556,7 +385,7 @@ def create_set(plan: Plan, store: Store):
         "label_derived": plan.info.get("label_derived", []),
         "targets": [t for t in TARGETS if any(getattr(c.labels, t) is not None for c in plan.clips)],
         "stages": [s.provenance() for s in plan.stages],
-        "preset_config": plan.preset,
+        "preset_config": plan.preset.data,
         "code_version": CODE_VERSION,
     }
     fs = store.create_set(plan.key, plan.layout, attrs, static_arrays(plan))
@@ -573,7 +402,7 @@ def run_extract(
     force: bool = False,
     units: list[int] | None = None,
     batch_size: int | None = None,
-    lease: float = 3600.0,
+    lease: float | None = None,
     wait: bool = True,
     progress: Any = None,
 ) -> Summary:
@@ -581,9 +410,11 @@ def run_extract(
 
     executor: 'inline' (this process), 'process' (local pool of `workers`), 'dask'
     (LocalCluster of `workers`, or the cluster at `scheduler`), 'auto' (inline for 1 worker,
-    dask when a scheduler is given, else process).
+    dask when a scheduler is given, else process). lease: seconds a unit's claim lasts
+    (default: the preset's run.lease).
     """
     t0 = time.perf_counter()
+    lease = plan.preset.run.lease if lease is None else lease
     store = Store(cache)
     fs = create_set(plan, store)
     all_units = list(range(plan.layout.n_units)) if units is None else sorted(units)
@@ -636,7 +467,7 @@ def run_extract(
     return summary
 
 
-def _execute(tasks: list[dict[str, Any]], executor: str, workers: int, scheduler: str | None):
+def _execute(tasks: list[UnitTask], executor: str, workers: int, scheduler: str | None):
     if executor == "inline":
         for t in tasks:
             yield run_unit(t)

@@ -78,11 +78,10 @@ class EgemapsConfig(StageConfig):
 class EgemapsAudio(Stage):
     """openSMILE eGeMAPSv02 LLDs + functionals and log-mel statistics."""
 
-    stage: ClassVar[str] = "audio"
+    name: ClassVar[str] = "audio"
     backend: ClassVar[str] = "egemaps"
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = EgemapsConfig
-    modalities: ClassVar[tuple[str, ...]] = ("audio",)
     config: EgemapsConfig
 
     def load(self) -> None:
@@ -195,11 +194,10 @@ class HfAudio(Stage):
     HuBERT-large) batch any lengths with an attention mask.
     """
 
-    stage: ClassVar[str] = "audio"
+    name: ClassVar[str] = "audio"
     backend: ClassVar[str] = "hf-audio"
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = HfAudioConfig
-    modalities: ClassVar[tuple[str, ...]] = ("audio",)
     config: HfAudioConfig
 
     _model_config: Any = None

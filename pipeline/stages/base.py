@@ -2,7 +2,7 @@
 
 Stages know nothing about scheduling, caching or storage (the runner does that). A stage
 reads what earlier stages left on each `ClipContext` and adds its own output. Full and
-offline backends of one stage share the `stage` name and differ in `backend`; a preset picks
+offline backends of one stage share the stage `name` and differ in `backend`; a preset picks
 one backend per stage (Lhotse's FeatureExtractor: name + config + extract).
 """
 
@@ -122,16 +122,18 @@ class ClipContext:
 class Stage(ABC):
     """A backend of one pipeline stage.
 
-    Subclasses set `stage`, `backend`, `version` (bump when output changes) and `Config`,
-    and override `process_one` (or `process` to batch across clips, e.g. on a GPU).
+    Subclasses set `name` (the stage: decode, audio, ...), `backend`, `version` (bump when
+    output changes) and `Config`, and override `process_one` (or `process` to batch across
+    clips, e.g. on a GPU). The modalities a stage writes are the keys of `output_dims()`.
     """
 
-    stage: ClassVar[str]
+    name: ClassVar[str]
     backend: ClassVar[str]
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = StageConfig
-    # modalities this stage writes features for (embedding stages); empty for others
-    modalities: ClassVar[tuple[str, ...]] = ()
+    # False for stages that work from the manifest alone (text, metadata): they run on clips
+    # without media or whose decode failed; the others see only decoded clips
+    needs_media: ClassVar[bool] = True
 
     def __init__(self, config: StageConfig | dict | None = None, device: str = "cpu"):
         if config is None:
@@ -159,7 +161,7 @@ class Stage(ABC):
 
     def provenance(self) -> dict[str, Any]:
         return {
-            "stage": self.stage,
+            "stage": self.name,  # the key stays "stage": set keys hash provenance
             "backend": self.backend,
             "version": self.version,
             "config": self.config.model_dump(mode="json"),
@@ -197,7 +199,7 @@ REGISTRY: dict[tuple[str, str], type[Stage]] = {}
 
 
 def register(cls: type[Stage]) -> type[Stage]:
-    REGISTRY[(cls.stage, cls.backend)] = cls
+    REGISTRY[(cls.name, cls.backend)] = cls
     return cls
 
 

@@ -361,138 +361,151 @@ def decode_media(
     path = Path(path)
     container = _open(path)
     try:
-        return _decode_open(container, path, cfg, start, end, audio, video)
+        return _Decoder(container, path, cfg, start, end, audio, video).run()
     finally:
         container.close()
 
 
-def _decode_open(
-    container: av.container.InputContainer,
-    path: Path,
-    cfg: DecodeConfig,
-    start: float | None,
-    end: float | None,
-    want_audio: bool,
-    want_video: bool,
-) -> Media:
-    v_stream, a_stream = _video_stream(container), _audio_stream(container)
-    if v_stream is None and a_stream is None:
-        kinds = sorted({s.type for s in container.streams}) or ["none"]
-        raise ClipError(f"{path}: has no audio or video stream (streams: {', '.join(kinds)})")
-    v_stream = v_stream if want_video else None
-    a_stream = a_stream if want_audio else None
-    if v_stream is None and a_stream is None:
-        wanted = "video" if want_video else "audio"
-        raise ClipError(f"{path}: has no {wanted} stream")
-    if v_stream is not None:
-        _check_size(path, v_stream.codec_context.width, v_stream.codec_context.height, cfg.max_pixels)
-        v_stream.thread_type = "AUTO"
+class _Decoder:
+    """One decode of an open container: the window, the frame sampler and the audio sink,
+    fed packet by packet from the demuxer (`run`), then turned into a bounded `Media`."""
 
-    declared = _declared_duration(container)
-    t0, t1, notes = _window(path, declared, start, end, cfg.max_duration)
-    origin = _origin(container)
-    if t0 > 0:
-        try:
-            container.seek(int((t0 + origin) * av.time_base), backward=True, any_frame=False)
-        except av.error.FFmpegError:
-            pass  # unseekable input: decoding from the start still gives the right window
+    def __init__(
+        self,
+        container: av.container.InputContainer,
+        path: Path,
+        cfg: DecodeConfig,
+        start: float | None,
+        end: float | None,
+        want_audio: bool,
+        want_video: bool,
+    ) -> None:
+        v_stream, a_stream = _video_stream(container), _audio_stream(container)
+        if v_stream is None and a_stream is None:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise ClipError(f"{path}: has no audio or video stream (streams: {', '.join(kinds)})")
+        v_stream = v_stream if want_video else None
+        a_stream = a_stream if want_audio else None
+        if v_stream is None and a_stream is None:
+            wanted = "video" if want_video else "audio"
+            raise ClipError(f"{path}: has no {wanted} stream")
+        if v_stream is not None:
+            _check_size(path, v_stream.codec_context.width, v_stream.codec_context.height, cfg.max_pixels)
+            v_stream.thread_type = "AUTO"
+        self.container, self.path, self.cfg = container, path, cfg
+        self.v_stream, self.a_stream = v_stream, a_stream
 
-    targets, eff_fps = sample_times(t0, t1, cfg.fps, cfg.max_frames) if v_stream else ([], 0.0)
-    if v_stream is not None and cfg.skip_nonref and eff_fps > 0:
-        src_fps = float(v_stream.average_rate or 0)
-        if src_fps >= 4 * eff_fps:
-            v_stream.codec_context.skip_frame = "NONREF"
-    sampler = _FrameSampler(targets)
-    cap_s = (t1 - t0) if t1 is not None else cfg.max_duration
-    sink = _AudioSink(t0, cap=max(0, math.ceil(cap_s * cfg.sample_rate)), sample_rate=cfg.sample_rate)
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=cfg.sample_rate)
+        self.declared = _declared_duration(container)
+        self.t0, self.t1, self.notes = _window(path, self.declared, start, end, cfg.max_duration)
+        t0, t1 = self.t0, self.t1
+        self.origin = _origin(container)
+        if t0 > 0:
+            try:
+                container.seek(int((t0 + self.origin) * av.time_base), backward=True, any_frame=False)
+            except av.error.FFmpegError:
+                pass  # unseekable input: decoding from the start still gives the right window
 
-    state = {"last_v": None, "v_frames": 0}
+        targets, self.eff_fps = sample_times(t0, t1, cfg.fps, cfg.max_frames) if v_stream else ([], 0.0)
+        if v_stream is not None and cfg.skip_nonref and self.eff_fps > 0:
+            src_fps = float(v_stream.average_rate or 0)
+            if src_fps >= 4 * self.eff_fps:
+                v_stream.codec_context.skip_frame = "NONREF"
+        self.sampler = _FrameSampler(targets)
+        cap_s = (t1 - t0) if t1 is not None else cfg.max_duration
+        self.sink = _AudioSink(t0, cap=max(0, math.ceil(cap_s * cfg.sample_rate)), sample_rate=cfg.sample_rate)
+        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=cfg.sample_rate)
+        self.last_v: float | None = None  # time of the last video frame seen
+        self.v_frames = 0  # video frames seen
 
-    def convert(frame: av.VideoFrame) -> np.ndarray:
-        _check_size(path, frame.width, frame.height, cfg.max_pixels)
+    def convert(self, frame: av.VideoFrame) -> np.ndarray:
+        cfg, sampler = self.cfg, self.sampler
+        _check_size(self.path, frame.width, frame.height, cfg.max_pixels)
         if sampler.rotation is None:
             sampler.rotation = normalise_rotation(frame.rotation)
         w, h = scaled_size(frame.width, frame.height, cfg.max_side)
         rgb = frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="AREA")
         return apply_rotation(rgb, sampler.rotation)
 
-    def on_video(frame: av.VideoFrame) -> None:
-        t = frame.time if frame.time is not None else state["v_frames"] / float(v_stream.average_rate or 25)
-        t -= origin
-        state["v_frames"] += 1
-        state["last_v"] = t
-        if t1 is not None and t >= t1:
-            sampler.finish(t1, convert)
+    def on_video(self, frame: av.VideoFrame) -> None:
+        t = frame.time if frame.time is not None else self.v_frames / float(self.v_stream.average_rate or 25)
+        t -= self.origin
+        self.v_frames += 1
+        self.last_v = t
+        if self.t1 is not None and t >= self.t1:
+            self.sampler.finish(self.t1, self.convert)
             return
-        sampler.push(frame, t, convert)
+        self.sampler.push(frame, t, self.convert)
 
-    def on_audio(frame: av.AudioFrame) -> None:
+    def on_audio(self, frame: av.AudioFrame) -> None:
+        sink = self.sink
         if sink.start_t is None:
-            sink.start_t = (frame.time - origin) if frame.time is not None else 0.0
-        for out in resampler.resample(frame):
+            sink.start_t = (frame.time - self.origin) if frame.time is not None else 0.0
+        for out in self.resampler.resample(frame):
             sink.add(out.to_ndarray().reshape(-1))
 
-    def video_done() -> bool:
-        return v_stream is None or sampler.done or (
-            state["last_v"] is not None and t1 is not None and state["last_v"] >= t1
+    def video_done(self) -> bool:
+        return self.v_stream is None or self.sampler.done or (
+            self.last_v is not None and self.t1 is not None and self.last_v >= self.t1
         )
 
-    streams = [s for s in (v_stream, a_stream) if s is not None]
-    error: str | None = None
-    try:
-        for packet in container.demux(streams):
-            for frame in packet.decode():
-                if isinstance(frame, av.VideoFrame):
-                    on_video(frame)
-                elif isinstance(frame, av.AudioFrame):
-                    on_audio(frame)
-            if video_done() and (a_stream is None or sink.done):
-                break
-        if a_stream is not None and not sink.done:
-            for out in resampler.resample(None):
-                sink.add(out.to_ndarray().reshape(-1))
-    except av.error.FFmpegError as e:
-        error = _ffmpeg_reason(e)
-    except ClipError:
-        raise
-    sampler.finish(t1, convert)
+    def run(self) -> Media:
+        path, cfg, sampler, sink = self.path, self.cfg, self.sampler, self.sink
+        v_stream, a_stream, t0, t1 = self.v_stream, self.a_stream, self.t0, self.t1
+        streams = [s for s in (v_stream, a_stream) if s is not None]
+        error: str | None = None
+        try:
+            for packet in self.container.demux(streams):
+                for frame in packet.decode():
+                    if isinstance(frame, av.VideoFrame):
+                        self.on_video(frame)
+                    elif isinstance(frame, av.AudioFrame):
+                        self.on_audio(frame)
+                if self.video_done() and (a_stream is None or sink.done):
+                    break
+            if a_stream is not None and not sink.done:
+                for out in self.resampler.resample(None):
+                    sink.add(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as e:
+            error = _ffmpeg_reason(e)
+        except ClipError:
+            raise
+        sampler.finish(t1, self.convert)
 
-    audio_arr = sink.array() if a_stream is not None else None
-    if not sampler.frames and audio_arr is None:
-        why = f"ffmpeg: {error}" if error else "no frame or audio sample decoded"
-        raise ClipError(f"{path}: nothing could be decoded ({why}); the file is corrupt, truncated or not a media file")
+        audio_arr = sink.array() if a_stream is not None else None
+        if not sampler.frames and audio_arr is None:
+            why = f"ffmpeg: {error}" if error else "no frame or audio sample decoded"
+            raise ClipError(f"{path}: nothing could be decoded ({why}); the file is corrupt, truncated or not a media file")
 
-    media = Media(path=path, audio=audio_arr, sample_rate=cfg.sample_rate)
-    media.frames, media.frame_times = sampler.frames, [max(0.0, t - t0) for t in sampler.times]
-    if media.frames:
-        media.height, media.width = media.frames[0].shape[:2]
-    if v_stream is not None and v_stream.average_rate:
-        media.fps = float(v_stream.average_rate)
-    media.rotation = sampler.rotation or 0
+        media = Media(path=path, audio=audio_arr, sample_rate=cfg.sample_rate)
+        media.frames, media.frame_times = sampler.frames, [max(0.0, t - t0) for t in sampler.times]
+        if media.frames:
+            media.height, media.width = media.frames[0].shape[:2]
+        if v_stream is not None and v_stream.average_rate:
+            media.fps = float(v_stream.average_rate)
+        media.rotation = sampler.rotation or 0
 
-    decoded_end = _decoded_end(state["last_v"], v_stream, sink, t0)
-    truncated = error is not None or (
-        t1 is not None and decoded_end is not None and decoded_end < t1 - _TRUNCATION_SLACK
-    )
-    media.duration = (t1 - t0) if (t1 is not None and not truncated) else max(0.0, (decoded_end or t0) - t0)
-    media.info = {
-        **notes,
-        "source_duration": declared,
-        "start": t0,
-        "end": t1,
-        "effective_fps": eff_fps,
-        "video_codec": v_stream.codec_context.name if v_stream is not None else None,
-        "audio_codec": a_stream.codec_context.name if a_stream is not None else None,
-        "source_width": v_stream.codec_context.width if v_stream is not None else 0,
-        "source_height": v_stream.codec_context.height if v_stream is not None else 0,
-        "truncated": bool(truncated),
-    }
-    if truncated:
-        media.info["truncated_reason"] = (
-            f"ffmpeg: {error}" if error else f"media ends at {decoded_end:.2f} s, before {t1:.2f} s"
+        decoded_end = _decoded_end(self.last_v, v_stream, sink, t0)
+        truncated = error is not None or (
+            t1 is not None and decoded_end is not None and decoded_end < t1 - _TRUNCATION_SLACK
         )
-    return media
+        media.duration = (t1 - t0) if (t1 is not None and not truncated) else max(0.0, (decoded_end or t0) - t0)
+        media.info = {
+            **self.notes,
+            "source_duration": self.declared,
+            "start": t0,
+            "end": t1,
+            "effective_fps": self.eff_fps,
+            "video_codec": v_stream.codec_context.name if v_stream is not None else None,
+            "audio_codec": a_stream.codec_context.name if a_stream is not None else None,
+            "source_width": v_stream.codec_context.width if v_stream is not None else 0,
+            "source_height": v_stream.codec_context.height if v_stream is not None else 0,
+            "truncated": bool(truncated),
+        }
+        if truncated:
+            media.info["truncated_reason"] = (
+                f"ffmpeg: {error}" if error else f"media ends at {decoded_end:.2f} s, before {t1:.2f} s"
+            )
+        return media
 
 
 def _decoded_end(last_v: float | None, v_stream, sink: _AudioSink, t0: float) -> float | None:
@@ -512,7 +525,7 @@ class PyAVDecode(Stage):
     """Decode a clip's media with PyAV: audio from `clip.audio` (else the video), frames from
     `clip.video`; both inside the dataset root."""
 
-    stage = "decode"
+    name = "decode"
     backend = "pyav"
     version = "1"
     Config = DecodeConfig

@@ -434,7 +434,7 @@ def frame_detections(
 class MtcnnFaces(Stage):
     """Detect (MTCNN), track, choose the main face and align it; see the module docstring."""
 
-    stage = "faces"
+    name = "faces"
     backend = "mtcnn"
     version = "1"
     Config = FacesConfig

@@ -75,11 +75,11 @@ def _is_scalar(v: Any) -> bool:
 class ManifestMetadata(Stage):
     """Hashing-trick vector of categorical and numeric clip facts (no model)."""
 
-    stage: ClassVar[str] = "metadata"
+    name: ClassVar[str] = "metadata"
+    needs_media: ClassVar[bool] = False  # clip facts come from the manifest
     backend: ClassVar[str] = "manifest"
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = MetadataConfig
-    modalities: ClassVar[tuple[str, ...]] = ("meta",)
     config: MetadataConfig
 
     def __init__(self, config: Any = None, device: str = "cpu"):

@@ -421,7 +421,7 @@ def compose_srt(cues: list[Cue]) -> str:
 class SubtitleOcr(Stage):
     """Shared pipeline (band → change detection → OCR → merge); backends supply `_read`."""
 
-    stage = "ocr"
+    name = "ocr"
     version = "1"
     Config = OcrConfig
     last_result: OcrResult | None = None  # the last clip's numbers (band, skips, seconds)

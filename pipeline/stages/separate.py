@@ -167,7 +167,7 @@ def _clip_audio(ctx: ClipContext) -> tuple[np.ndarray, int] | None:
 class NoSeparation(Stage):
     """Passthrough: the voice is the whole audio (no separation cost, no separation risk)."""
 
-    stage: ClassVar[str] = "separate"
+    name: ClassVar[str] = "separate"
     backend: ClassVar[str] = "none"
 
     def process_one(self, ctx: ClipContext) -> None:
@@ -182,7 +182,7 @@ class NoSeparation(Stage):
 class _MaskSeparation(Stage):
     """A classical mask separator: `separate(audio, sr, config)` on the clip's audio."""
 
-    stage: ClassVar[str] = "separate"
+    name: ClassVar[str] = "separate"
     version: ClassVar[str] = "1"
     separate: ClassVar[Any]
 
@@ -324,7 +324,7 @@ class DemucsSeparation(Stage):
     ``vocals`` source; accompaniment = the sum of the others.
     """
 
-    stage: ClassVar[str] = "separate"
+    name: ClassVar[str] = "separate"
     backend: ClassVar[str] = "demucs"
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = DemucsConfig

@@ -113,8 +113,8 @@ class TextConfig(StageConfig):
 class _TextStage(Stage):
     """Plans segments per clip, embeds all texts of a batch in one call, splits them back."""
 
-    stage: ClassVar[str] = "text"
-    modalities: ClassVar[tuple[str, ...]] = ("text", "cond")
+    name: ClassVar[str] = "text"
+    needs_media: ClassVar[bool] = False  # transcripts and titles come from the manifest
     config: TextConfig
 
     def _embed(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -139,7 +139,6 @@ class _VisualStage(Stage):
     Subclasses define `embed(images, kind)` ([n, E] for a list of RGB images of one kind,
     'face' or 'frame'), `kinds(with_face)` (which kinds a row needs) and `seq_dim()`."""
 
-    modalities: ClassVar[tuple[str, ...]] = ("visual",)
 
     def seq_dim(self) -> int:
         raise NotImplementedError
@@ -260,7 +259,7 @@ class FaceGeometryConfig(StageConfig):
 class FaceGeometryVisual(_VisualStage):
     """Landmark geometry + MTCNN ONet 256-d descriptor + Lab colour statistics."""
 
-    stage = "visual"
+    name: ClassVar[str] = "visual"
     backend = "face-geometry"
     version = "1"
     Config = FaceGeometryConfig
@@ -344,7 +343,7 @@ class HFVisionConfig(StageConfig):
 class HFVisionVisual(_VisualStage):
     """A transformers vision encoder's image embedding (CLIP pooled output, else [CLS])."""
 
-    stage = "visual"
+    name: ClassVar[str] = "visual"
     backend = "hf-vision"
     version = "1"
     Config = HFVisionConfig
@@ -460,7 +459,7 @@ class FacenetConfig(StageConfig):
 class FacenetVisual(_VisualStage):
     """InceptionResnetV1 (vggface2) 512-d embeddings of the aligned face crops at 160 px."""
 
-    stage = "visual"
+    name: ClassVar[str] = "visual"
     backend = "facenet"
     version = "1"
     Config = FacenetConfig

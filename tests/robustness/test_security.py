@@ -87,7 +87,7 @@ def test_runner_refuses_a_hostile_id_smuggled_past_the_manifest(tmp_path):
 
     create_set(plan, Store(cache))
     task = unit_tasks(plan, cache, [0], None, 60.0, None)[0]
-    task["clips"][0]["id"] = "../../../owned"
+    task.clips[0]["id"] = "../../../owned"
     before = _snapshot(tmp_path, cache)
     with pytest.raises(ValidationError):
         run_unit(task)
