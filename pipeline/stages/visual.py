@@ -9,6 +9,8 @@ Backends (stage "visual", modality "visual"):
   needing no download. Colour statistics (Lab mean/std) keep tints and lighting visible.
 * `hf-vision` (full): a pretrained image encoder from transformers (CLIP vision tower by
   default, or any ViT-like `AutoModel`) on face crops, frames, or both.
+* `fer` (offline default; pipeline/stages/visual_fer.py): FER2013 mini-Xception expression
+  probabilities + embedding per face frame, with the landmark geometry; pooled mean/max/std.
 * `facenet`: InceptionResnetV1 (vggface2) identity embeddings of the face crops, when its
   weights are present locally (`weights = /path/to/20180402-114759-vggface2.pt`).
 
@@ -139,6 +141,7 @@ class _VisualStage(Stage):
     Subclasses define `embed(images, kind)` ([n, E] for a list of RGB images of one kind,
     'face' or 'frame'), `kinds(with_face)` (which kinds a row needs) and `seq_dim()`."""
 
+    image_kinds: ClassVar[tuple[str, ...]] = ("face", "frame")  # kinds `kinds()` may name
 
     def seq_dim(self) -> int:
         raise NotImplementedError
@@ -158,6 +161,9 @@ class _VisualStage(Stage):
     def output_dims(self) -> dict[str, tuple[int, int]]:
         d = self.seq_dim()
         return {"visual": (d, pooled_dim(d))}
+
+    def pool_seq(self, seq: np.ndarray, plan: Plan) -> np.ndarray:
+        return pool(seq, plan)
 
     def plan(self, ctx: ClipContext) -> Plan | str:
         return plan_clip(ctx, bool(getattr(self.config, "frames_fallback", False)))
@@ -215,7 +221,7 @@ class _VisualStage(Stage):
         """All images of one kind across the batch go through `embed` together; the result
         is split back per clip: kind -> [clip][row] vectors."""
         out: dict[str, list[list[np.ndarray]]] = {}
-        for kind in ("face", "frame"):
+        for kind in self.image_kinds:
             owners: list[int] = []
             images: list[np.ndarray] = []
             for k, (ctx, plan) in enumerate(zip(batch, plans)):
@@ -240,7 +246,7 @@ class _VisualStage(Stage):
         if not np.all(np.isfinite(seq)):
             raise ValueError("visual descriptor produced non-finite values")
         times = np.asarray([ctx.media.frame_times[t] for t in plan.steps], np.float32)  # type: ignore[union-attr]
-        ctx.features["visual"] = Feature(pooled=pool(seq, plan), seq=seq, times=times)
+        ctx.features["visual"] = Feature(pooled=self.pool_seq(seq, plan), seq=seq, times=times)
         ctx.status["visual"] = "face" if plan.with_face else "frames (no face)"
 
 
@@ -500,3 +506,7 @@ class FacenetVisual(_VisualStage):
             for sl in _chunks(len(images), self.config.batch_size):
                 outs.append(self.net(x[sl].to(self.torch_device)).float().cpu())
         return torch.cat(outs).numpy()
+
+
+# registered here so that get_backend("visual", ...) finds it; its code is in its own file
+from pipeline.stages import visual_fer as _visual_fer  # noqa: E402, F401

@@ -12,6 +12,7 @@ from scipy.signal import resample_poly
 
 from pipeline.manifest import Clip
 from pipeline.stages.audio import (
+    N_COMPARE,
     N_FUNCTIONALS,
     N_LLD,
     EgemapsAudio,
@@ -68,6 +69,38 @@ def test_egemaps_real_speech_shapes_and_emotion(egemaps: EgemapsAudio) -> None:
 
 def test_output_dims_follow_config() -> None:
     assert EgemapsAudio({"n_mels": 8}).output_dims() == {"audio": (25, 88 + 16)}
+    assert EgemapsAudio({"n_mels": 8, "feature_set": "compare"}).output_dims() == {"audio": (25, 6373 + 16)}
+    assert EgemapsAudio({"n_mels": 8, "feature_set": "both"}).output_dims() == {"audio": (25, 88 + 6373 + 16)}
+    with pytest.raises(ValueError, match="feature_set"):
+        EgemapsAudio({"feature_set": "mfcc"})
+
+
+def test_feature_set_compare_and_both_on_real_speech(egemaps: EgemapsAudio) -> None:
+    x = ravdess("03-01-05-02-01-01-01.wav")
+    base = make_ctx(x)
+    egemaps.process_one(base)
+    got = {}
+    for fs in ("compare", "both"):
+        stage = EgemapsAudio({"feature_set": fs})
+        ctx = make_ctx(x)
+        stage.process_one(ctx)
+        f = ctx.features["audio"]
+        assert f.pooled.shape == (stage.output_dims()["audio"][1],) and np.all(np.isfinite(f.pooled))
+        np.testing.assert_array_equal(f.seq, base.features["audio"].seq)  # sequence: eGeMAPS LLDs
+        got[fs] = f.pooled
+        assert [m["id"] for m in stage.models()][-1].startswith("opensmile:ComParE_2016")
+    b, c, e = got["both"], got["compare"], base.features["audio"].pooled
+    np.testing.assert_allclose(b[:N_FUNCTIONALS], e[:N_FUNCTIONALS], rtol=1e-5)  # eGeMAPS first
+    np.testing.assert_allclose(b[N_FUNCTIONALS:], c, rtol=1e-5)  # then ComParE + log-mel
+    assert np.std(c[:N_COMPARE]) > 0 and not np.allclose(c[:N_FUNCTIONALS], e[:N_FUNCTIONALS])
+
+
+def test_feature_set_keys_only_change_when_chosen() -> None:
+    default, explicit = EgemapsAudio(), EgemapsAudio({"feature_set": "egemaps"})
+    assert "feature_set" not in default.provenance()["config"]  # the key eGeMAPS had before
+    assert default.fingerprint() == explicit.fingerprint()
+    fps = {EgemapsAudio({"feature_set": fs}).fingerprint() for fs in ("egemaps", "compare", "both")}
+    assert len(fps) == 3
     with pytest.raises(ValueError):
         EgemapsAudio({"n_mels": 0})
 
