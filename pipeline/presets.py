@@ -14,11 +14,22 @@ from pathlib import Path
 from typing import Any
 
 PRESET_DIR = Path(__file__).parent / "presets"
-STAGE_ORDER = ("decode", "separate", "ocr", "faces", "audio", "text", "visual", "metadata")
+STAGE_ORDER = ("decode", "separate", "asr", "ocr", "faces", "audio", "text", "visual", "metadata")
 
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+# stages added after feature sets were recorded: a preset without their table leaves them
+# out, and their backend "none" means "skip" (no stage, nothing recorded)
+OPTIONAL_STAGES = {"asr": {"backend": "none"}}
+
+
+def _with_optional(preset: dict[str, Any]) -> dict[str, Any]:
+    for name, table in OPTIONAL_STAGES.items():
+        preset.setdefault(name, dict(table))
+    return preset
 
 
 def _parse_value(raw: str) -> Any:
@@ -48,7 +59,7 @@ def load_preset(name_or_path: str | dict[str, Any] = "offline", overrides: list[
     """A preset by name, by TOML path, or as data (the config recorded in a feature set's attrs,
     which `predict` and `cache verify --repair` reuse so they extract exactly as before)."""
     if isinstance(name_or_path, dict):
-        preset = apply_overrides(name_or_path, overrides)
+        preset = apply_overrides(_with_optional(dict(name_or_path)), overrides)
         missing = [s for s in STAGE_ORDER if s not in preset]
         if missing:
             raise ValueError(f"preset {preset.get('name', '?')}: missing stage tables {missing}")
@@ -61,7 +72,7 @@ def load_preset(name_or_path: str | dict[str, Any] = "offline", overrides: list[
     with open(p, "rb") as f:
         preset = tomllib.load(f)
     preset.setdefault("name", p.stem)
-    preset = apply_overrides(preset, overrides)
+    preset = apply_overrides(_with_optional(preset), overrides)
     missing = [s for s in STAGE_ORDER if s not in preset]
     if missing:
         raise ValueError(f"preset {p}: missing stage tables {missing}")
@@ -72,4 +83,6 @@ def stage_config(preset: dict[str, Any], stage: str) -> tuple[str, dict[str, Any
     """(backend, config dict without the backend key) of one stage."""
     table = dict(preset[stage])
     backend = table.pop("backend")
+    if backend == "none" and stage in OPTIONAL_STAGES:
+        backend = "skip"
     return backend, table
