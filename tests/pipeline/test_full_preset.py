@@ -75,7 +75,7 @@ def _no_network(*_a, **_k):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> TinyModels:
-    return save_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+    return save_tiny_models(tmp_path_factory.mktemp("tiny_models"), asr=True)
 
 
 @pytest.fixture(scope="module")
