@@ -46,7 +46,7 @@ def sphinx() -> PocketSphinxAsr:
 # --- pocketsphinx on real speech ------------------------------------------------------------
 def test_pocketsphinx_recognises_real_ravdess_speech(sphinx: PocketSphinxAsr) -> None:
     names = ["Actor_01/03-01-01-01-01-01-01.wav", "Actor_02/03-01-01-01-01-01-02.wav",
-             "Actor_01/03-01-02-01-02-01-01.wav"]  # fmt: skip
+             "Actor_01/03-01-02-01-01-01-01.wav"]  # fmt: skip
     hits = 0
     for name in names:
         audio, sr = _wav(shared_path("ravdess-speech", name))
