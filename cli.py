@@ -335,6 +335,13 @@ def predict(
     for m, info in out["shares"].items():
         s.add_row(m, "yes" if info["present"] else "no", f"{info['share']:.2f}")
     console.print(s)
+    rec = out.get("text") or {}
+    asr = rec.get("asr")
+    console.print(f"text source: {rec.get('text_source') or 'none'}")
+    if asr is not None:
+        said = asr["text"] or "(empty: " + asr["note"] + ")"
+        console.print(f"recognised speech ({asr['backend']}, language {asr['language'] or '?'}, "
+                      f"confidence {asr['confidence']:.2f}): {said}", markup=False)
 
 
 # --- cache -----------------------------------------------------------------------------------

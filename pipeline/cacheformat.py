@@ -10,6 +10,7 @@ A cache root holds
     aliases/<dataset>/<preset>.json  {"key": ...}: the latest set of a dataset and preset
     claims/<key>/<unit>.claim        work-unit leases of running extractors
     srt/<key>/<clip id>.srt          subtitles read by the OCR stage
+    srt/<key>/<clip id>.asr.srt      recognised speech segments; <clip id>.text.json: text source
 and a set holds, for N clips,
     ids, split, group [N] str; label [N] int32 (-1: none)
     targets/<t>/value [N] float32, targets/<t>/present [N] bool   (regression targets)
@@ -67,8 +68,11 @@ def claim_file(root: Path | str, key: str, unit: int) -> Path:
     return Path(root) / CLAIMS / key / f"{int(unit)}.claim"
 
 
-def srt_file(root: Path | str, key: str, clip_id: str) -> Path:
-    return Path(root) / SRT / key / f"{clip_id}.srt"
+def srt_file(root: Path | str, key: str, clip_id: str, kind: str = "ocr") -> Path:
+    """Per-clip text outputs beside the set: `<id>.srt` (OCR cues), `<id>.asr.srt` (recognised
+    speech segments), `<id>.text.json` (which text fed the text modality + the ASR result)."""
+    name = {"ocr": f"{clip_id}.srt", "asr": f"{clip_id}.asr.srt", "text": f"{clip_id}.text.json"}[kind]
+    return Path(root) / SRT / key / name
 
 
 def is_set(path: Path | str) -> bool:

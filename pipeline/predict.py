@@ -28,6 +28,16 @@ def _training_preset(run_cfg: dict[str, Any]) -> dict[str, Any]:
     return dict(attrs.raw["preset_config"]), dict(attrs.raw)
 
 
+def _text_record(cache: Path, key: str, clip_id: str) -> dict[str, Any]:
+    """The clip's text record from the cache: which source fed the text modality, ASR result."""
+    import json
+
+    from pipeline.store import Store
+
+    p = Store(cache).srt_path(key, clip_id, "text")
+    return json.loads(p.read_text()) if p.is_file() else {"text_source": None, "asr": None}
+
+
 def predict_file(video: Path, run: Path, text: str | None = None, title: str | None = None,
                  preset: str | None = None) -> dict[str, Any]:
     from fusion.predict import predict_set
@@ -53,4 +63,5 @@ def predict_file(video: Path, run: Path, text: str | None = None, title: str | N
         summary = run_extract(plan, cache=tmp / "cache")
         out = predict_set(Path(run), tmp / "cache", plan.key)[0]
         out["failures"] = summary.failures
+        out["text"] = _text_record(tmp / "cache", plan.key, clip.id)
         return out

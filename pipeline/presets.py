@@ -26,8 +26,17 @@ from pipeline import cacheformat
 from pipeline.stages.base import StageConfig, get_backend
 
 PRESET_DIR = Path(__file__).parent / "presets"
-STAGE_ORDER = ("decode", "separate", "ocr", "faces", "audio", "text", "visual", "metadata")
+STAGE_ORDER = ("decode", "separate", "asr", "ocr", "faces", "audio", "text", "visual", "metadata")
 SKIP = "skip"  # a stage's backend that leaves the stage out
+# stages added after feature sets were recorded: a preset without their table leaves them
+# out, and their backend "none" means SKIP (no stage, nothing recorded)
+OPTIONAL_STAGES = {"asr": {"backend": "none"}}
+
+
+def _with_optional(preset: dict[str, Any]) -> dict[str, Any]:
+    for name, table in OPTIONAL_STAGES.items():
+        preset.setdefault(name, dict(table))
+    return preset
 
 
 class StoreSettings(BaseModel):
@@ -119,6 +128,8 @@ def _typed(data: dict[str, Any], where: str) -> Preset:
     for name in STAGE_ORDER:
         table = dict(data[name])
         backend = table.pop("backend")
+        if backend == "none" and name in OPTIONAL_STAGES:
+            backend = SKIP
         if backend == SKIP:
             stages[name] = StagePick(backend, None)
         else:
@@ -137,7 +148,7 @@ def load_preset(name_or_path: str | dict[str, Any] | Preset = "offline", overrid
     if isinstance(name_or_path, Preset):
         name_or_path = name_or_path.data
     if isinstance(name_or_path, dict):
-        preset = apply_overrides(name_or_path, overrides)
+        preset = apply_overrides(_with_optional(dict(name_or_path)), overrides)
         return _typed(preset, str(preset.get("name", "?")))
     p = Path(name_or_path)
     if not p.suffix:
@@ -147,5 +158,5 @@ def load_preset(name_or_path: str | dict[str, Any] | Preset = "offline", overrid
     with open(p, "rb") as f:
         preset = tomllib.load(f)
     preset.setdefault("name", p.stem)
-    preset = apply_overrides(preset, overrides)
+    preset = apply_overrides(_with_optional(preset), overrides)
     return _typed(preset, str(p))

@@ -289,11 +289,17 @@ def run_unit(task: UnitTask) -> UnitResult:
         timings: dict[str, float] = {}
         failures = process_clips(stages, ctxs, run, timings=timings)
         data = _assemble(fs.layout, ctxs, failures)
-        for ctx in ctxs:
-            if ctx.srt:
-                from pipeline.store import atomic_write
+        from pipeline.stages.asr import compose_srt, dumps_record
+        from pipeline.store import atomic_write
 
-                atomic_write(store.srt_path(task.key, ctx.id), ctx.srt.encode("utf-8"))
+        for ctx in ctxs:
+            srt_path = store.srt_path(task.key, ctx.id)
+            if ctx.srt:
+                atomic_write(srt_path, ctx.srt.encode("utf-8"))
+            if ctx.asr is not None and ctx.asr.segments:
+                atomic_write(store.srt_path(task.key, ctx.id, "asr"), compose_srt(ctx.asr.segments).encode("utf-8"))
+            # which text fed the text modality, and the ASR result, per clip
+            atomic_write(store.srt_path(task.key, ctx.id, "text"), dumps_record(ctx))
         absent = Counter(m for c in ctxs for m in c.absent)
         # numbers vary per clip ("3 cues"); the summary counts kinds of status
         statuses = Counter(re.sub(r"\d+(\.\d+)?", "#", f"{s}: {v}") for c in ctxs for s, v in c.status.items())

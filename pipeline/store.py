@@ -451,5 +451,6 @@ class Store:
             claim.path.unlink(missing_ok=True)
 
     # subtitles ---------------------------------------------------------------------------
-    def srt_path(self, key: str, clip_id: str) -> Path:
-        return cf.srt_file(self.root, safe_name(key, "feature set key"), safe_name(clip_id, "clip id", leading_dot=True))
+    def srt_path(self, key: str, clip_id: str, kind: str = "ocr") -> Path:
+        return cf.srt_file(self.root, safe_name(key, "feature set key"),
+                           safe_name(clip_id, "clip id", leading_dot=True), kind)

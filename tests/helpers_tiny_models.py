@@ -30,11 +30,16 @@ class TinyModels:
     audio: Path
     text: Path
     vision: Path
+    asr: Path | None = None
 
     def overrides(self) -> list[str]:
         """`--set` strings that point the full preset at these folders."""
-        return [f'audio.model="{self.audio}"', f'text.model="{self.text}"',
-                f'visual.model="{self.vision}"']  # fmt: skip
+        out = [f'audio.model="{self.audio}"', f'text.model="{self.text}"',
+               f'visual.model="{self.vision}"']  # fmt: skip
+        if self.asr is None:
+            return [*out, "asr.backend=none"]
+        # a random model rarely emits end-of-text: bound its output
+        return [*out, f'asr.model="{self.asr}"', "asr.max_new_tokens=16", "asr.vad=false"]
 
 
 def save_wav2vec2(path: Path, sample_rate: int = 16000) -> Path:
@@ -82,11 +87,74 @@ def save_clip_vision(path: Path) -> Path:
     return path
 
 
-def save_tiny_models(root: Path) -> TinyModels:
-    """wav2vec2 + BERT + CLIP vision tower under `root` (one save_pretrained folder each)."""
+WHISPER_LANGS = ("en", "zh", "de")
+
+
+def save_whisper(path: Path) -> Path:
+    """A Whisper model (1 encoder + 1 decoder layer, d_model 16) with a byte-level BPE
+    tokenizer of the 256 byte symbols plus Whisper's special and timestamp tokens, and the
+    generation config real checkpoints carry (languages, tasks, timestamp ids)."""
+
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    path.mkdir(parents=True, exist_ok=True)
+    # byte-level BPE symbols: printable bytes stand for themselves, the others are shifted
+    # past 255 (the GPT-2 / Whisper byte alphabet)
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = iter(range(256, 512))
+    symbols = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    vocab = {ch: i for i, ch in enumerate(symbols)}
+    specials = ["<|endoftext|>", "<|startoftranscript|>", *(f"<|{lang}|>" for lang in WHISPER_LANGS),
+                "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
+                "<|nocaptions|>", "<|notimestamps|>"]  # fmt: skip
+    specials += [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+    for t in specials:
+        vocab[t] = len(vocab)
+    tok = WhisperTokenizer(vocab=dict(vocab), merges=[], bos_token="<|endoftext|>",
+                           eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                           pad_token="<|endoftext|>")  # fmt: skip
+    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
+    ids = {t: vocab[t] for t in specials}
+    cfg = WhisperConfig(
+        vocab_size=len(vocab), num_mel_bins=80, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, max_source_positions=1500, max_target_positions=448,
+        pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|endoftext|>"], decoder_start_token_id=ids["<|startoftranscript|>"],
+        begin_suppress_tokens=None, suppress_tokens=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(cfg).eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"],
+        lang_to_id={f"<|{lang}|>": ids[f"<|{lang}|>"] for lang in WHISPER_LANGS},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"], prev_sot_token_id=ids["<|startofprev|>"],
+        is_multilingual=True, max_initial_timestamp_index=50, max_length=448,
+        begin_suppress_tokens=[], suppress_tokens=[],
+    )  # fmt: skip
+    model.save_pretrained(path)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80),
+                     tokenizer=tok).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def save_tiny_models(root: Path, asr: bool = False) -> TinyModels:
+    """wav2vec2 + BERT + CLIP vision tower (+ Whisper when `asr`) under `root` (one
+    save_pretrained folder each). Without `asr`, `overrides()` turns the asr stage off."""
     root = Path(root)
     return TinyModels(
         audio=save_wav2vec2(root / "wav2vec2"),
         text=save_bert(root / "bert"),
         vision=save_clip_vision(root / "clip_vision"),
+        asr=save_whisper(root / "whisper") if asr else None,
     )

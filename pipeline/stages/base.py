@@ -108,6 +108,8 @@ class ClipContext:
     accompaniment: np.ndarray | None = None
     cues: list[Cue] | None = None  # OCR subtitle cues
     srt: str | None = None  # the cues as SRT text
+    asr: Any = None  # AsrResult of the asr stage (pipeline/stages/asr.py), when it ran
+    text_source: str | None = None  # what fed the text modality ("transcript", "asr", ...)
     face: FaceTrack | None = None
     features: dict[str, Feature] = field(default_factory=dict)  # modality -> feature
     absent: dict[str, str] = field(default_factory=dict)  # modality -> why absent

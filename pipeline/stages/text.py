@@ -83,20 +83,34 @@ class TextPlan:
 def plan_clip(ctx: ClipContext, sources: list[str], max_segments: int, cond: bool) -> TextPlan:
     segments: list[str] = []
     notes: list[str] = []
+    used: list[str] = []
     if "transcript" in sources:
         raw = ctx.clip.transcript
         sents = split_sentences(raw or "")
-        segments += sents
-        if not sents:
+        if raw is None and ctx.asr is not None:
+            # no manifest transcript: the recognised speech stands in for it (a manifest
+            # transcript, even an empty one, is never replaced)
+            sents = split_sentences(ctx.asr.text)
+            if sents:
+                used.append("asr")
+            else:
+                notes.append(f"no transcript; asr: {ctx.asr.note}")
+        elif sents:
+            used.append("transcript")
+        else:
             notes.append("no transcript" if raw is None else
                          "transcript has no readable text" if clean_text(raw) else
                          "transcript is empty")  # fmt: skip
+        segments += sents
     if "cues" in sources:
         cues = sorted(ctx.cues or [], key=lambda c: (c.start, c.end))
         texts = [t for t in (clean_text(c.text) for c in cues) if readable(t)]
         segments += texts
-        if not texts:
+        if texts:
+            used.append("ocr")
+        else:
             notes.append("no readable subtitle cues" if ctx.cues else "no subtitle cues")
+    ctx.text_source = "+".join(used) if used else "none"
     title = clean_text(ctx.clip.title) if cond else ""
     reason = None if segments else "; ".join(notes) or "no text source selected"
     return TextPlan(segments[:max_segments], title if readable(title) else None, reason)

@@ -10,6 +10,7 @@ missing model fails the CLI with one line naming the model and how to provide it
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -36,10 +37,11 @@ ROWS = [
     ("rav", "", RAV, "", "you want some milk?", "angry", "c", "train", "3"),
 ]
 # Which modality each clip must have. film: everything. ugc: no title -> no cond.
-# rav: audio-only (no visual) and no transcript or subtitles (no text).
+# rav: audio-only (no visual), no transcript or subtitles: its text is the recognised speech
+# (the tiny random Whisper's output, see the asr check below).
 PRESENT = {
     "audio": [True, True, True],
-    "text": [True, True, False],
+    "text": [True, True, True],
     "cond": [True, False, True],
     "visual": [True, True, False],
     "meta": [True, True, True],
@@ -75,7 +77,7 @@ def _no_network(*_a, **_k):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> TinyModels:
-    return save_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+    return save_tiny_models(tmp_path_factory.mktemp("tiny_models"), asr=True)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +140,12 @@ def test_full_preset_runs_end_to_end_with_tiny_local_models(full_run: FullRun) -
     # present masks: absent is masked, never zero-filled as if real
     for m, want in PRESENT.items():
         assert g[f"{m}/present"][:].tolist() == want, m
+    # the asr stage (Whisper) ran on every clip; only rav's text came from it
+    assert stages["asr"]["backend"] == "whisper" and stages["asr"]["config"]["model"] == str(full_run.models.asr)
+    recs = {r[0]: json.loads((full_run.cache / "srt" / full_run.plan.key / f"{r[0]}.text.json").read_text())
+            for r in ROWS}  # fmt: skip
+    assert recs["rav"]["text_source"] == "asr" and recs["rav"]["asr"]["text"]
+    assert recs["film"]["text_source"].startswith("transcript") and recs["film"]["asr"]["backend"] == "whisper"
     for m in ("audio", "text", "visual"):
         present, lens = g[f"{m}/present"][:], g[f"{m}/len"][:]
         assert (lens[present] > 0).all() and (lens[~present] == 0).all(), m

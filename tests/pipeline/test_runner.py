@@ -110,9 +110,14 @@ def test_offline_preset_on_real_ravdess_through_folder_recipe(tmp_path):
     assert g["audio/present"][:].all()
     assert g["audio/seq"].shape[0] == n and g["audio/pooled"].shape[0] == n
     assert (g["audio/len"][:] > 0).all()
-    # audio-only clips: no visual, no text — marked absent, and the stored rows are not data
+    # audio-only clips: no visual — marked absent, and the stored rows are not data
     assert not g["visual/present"][:].any()
-    assert not g["text/present"][:].any()
+    # no transcript in the manifest: the text modality is the recognised speech (asr stage)
+    assert g["text/present"][:].all()
+    folder = cache / "srt" / plan.key
+    recs = [json.loads(p.read_text()) for p in folder.glob("*.text.json")]
+    assert len(recs) == n and {r["text_source"] for r in recs} == {"asr"}
+    assert sum("door" in r["asr"]["text"] for r in recs) >= 6  # bench/asr.py on the raw audio: 9 of these 12
     assert np.isfinite(g["audio/pooled"][:].astype(np.float32)).all()
     fs = open_set(cache, "ravfolder", "offline")
     assert fs.complete.all()
