@@ -25,8 +25,8 @@ from fusion.protocols import selection_score
 if TYPE_CHECKING:
     from fusion.splits import Fold, Task
 
-C_GRID = (0.01, 0.1, 1.0, 10.0)
-ALPHA_GRID = (0.1, 1.0, 10.0, 100.0)
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 def pooled_matrix(raw: dict, mods: list[str]) -> np.ndarray:

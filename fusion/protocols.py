@@ -131,6 +131,8 @@ def paper_line(m: dict, protocol: Protocol | None = None) -> str:
         tail.append(f"{'majority' if 'majority_baseline' in m else 'mean'} "
                     f"{' | '.join(show(base, k) for k in keys)}")
     name = protocol.name if protocol else (m.get("protocol") or m.get("dataset") or "")
+    if m.get("test_dataset"):
+        name = f"{m.get('dataset')} → {m['test_dataset']} ({m.get('labels') or 'same classes'})"
     return f"{name} · {'+'.join(m.get('modalities', []))} · {head}   ({'; '.join(tail)})"
 
 
