@@ -46,8 +46,10 @@ class Protocol:
     note: str  # where the protocol comes from / what it fixes
 
     def config(self, cfg: FitConfig) -> FitConfig:
-        """`cfg` with this protocol's split, folds, labels, target, selection and weighting."""
-        return replace(cfg, split=self.split, folds=self.folds, labels=self.labels,
+        """`cfg` with this protocol's split, folds, labels, target, selection and weighting
+        (a protocol without a label set keeps `cfg.labels`, e.g. plutchik for a cross-dataset
+        test under meld-official)."""
+        return replace(cfg, split=self.split, folds=self.folds, labels=self.labels or cfg.labels,
                        target=self.target, select_metric=self.headline,
                        class_weight=self.class_weight, protocol=self.name)
 

@@ -48,6 +48,12 @@ def test_every_protocol_is_data_with_one_selection_metric() -> None:
     assert PROTOCOLS["ravdess-6fold"].folds == 6 and PROTOCOLS["ravdess-5fold"].folds == 5
     with pytest.raises(KeyError, match="meld-official"):
         get_protocol("meld")
+    from fusion.config import FitConfig
+
+    c = meld.config(FitConfig(labels="plutchik", class_weight=True, split="kfold"))
+    assert (c.labels, c.class_weight, c.split, c.select_metric, c.protocol) == (
+        "plutchik", False, "official", "weighted_f1", "meld-official")
+    assert loso.config(FitConfig(labels="plutchik")).labels == "iemocap4"
 
 
 def test_paper_line_prints_like_papers() -> None:
