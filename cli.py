@@ -191,6 +191,8 @@ LrOpt = typer.Option(2e-3, "--lr", help="Learning rate at batch 128 (scaled with
 BatchOpt = typer.Option(None, "--batch-size", help="Rows per step (default: automatic).")
 PatienceOpt = typer.Option(5, "--patience", help="Epochs without validation progress before stopping.")
 ModDropOpt = typer.Option(0.1, "--modality-dropout", help="Chance a modality is hidden from a training row.")
+ProtocolOpt = typer.Option(None, "--protocol", help="meld-official | iemocap-loso | iemocap6 | mosei-standard | mosi-standard | ravdess-6fold | ravdess-5fold | cremad-actor (sets split, labels, metric, class weights).")
+LabelsOpt = typer.Option(None, "--labels", help="Fit-time label set: iemocap4 | iemocap6 | plutchik.")
 ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: the cores, at most 4).")
 
 
@@ -216,6 +218,9 @@ def fit(
     patience: int = PatienceOpt,
     modality_dropout: float = ModDropOpt,
     threads: int = ThreadsOpt,
+    protocol: str = ProtocolOpt,
+    labels: str = LabelsOpt,
+    test_dataset: str = typer.Option(None, "--test-dataset", help="Test on another dataset's feature set (same preset; with --labels plutchik)."),
 ) -> None:
     """Fit a fusion head on cached features (never touches media or encoders)."""
     from fusion.config import FitConfig
@@ -229,14 +234,15 @@ def fit(
         cfg = FitConfig(seeds=seeds, split=split, folds=folds, group_by=group_by, epochs=epochs,
                         device=device, target=target, head_options=head_opts or {}, lr=lr,
                         batch_size=batch_size, patience=patience,
-                        modality_dropout=modality_dropout, threads=threads)
+                        modality_dropout=modality_dropout, threads=threads, labels=labels)
         res = do_fit(_cache(cache), dataset, fusion, mods, cfg, name=name, runs_dir=runs,
-                     preset=preset)
+                     preset=preset, protocol=protocol, test_dataset=test_dataset)
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(str(e))
     m = load_run(res.run_dir)
     print_table([run_row(m)], title=f"{dataset}: {fusion} on {'+'.join(m.get('modalities', []))}",
                 console=table_console)
+    console.print(m.get("paper", ""))
     for w in m.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"[dim]{res.run_dir}/metrics.json, config.toml, model.safetensors, confusion.png, log.csv[/dim]")
@@ -263,6 +269,8 @@ def ablate(
     patience: int = PatienceOpt,
     modality_dropout: float = ModDropOpt,
     fresh: bool = typer.Option(False, "--fresh", help="Discard this grid's earlier cells instead of resuming them."),
+    protocol: str = ProtocolOpt,
+    labels: str = LabelsOpt,
 ) -> None:
     """Run a fusion × modality-subset × seed grid; resumable; writes csv, Markdown, plot."""
     from fusion.ablate import ablate as do_ablate
@@ -277,7 +285,11 @@ def ablate(
     try:
         cfg = FitConfig(seeds=seeds, split=split, folds=folds, epochs=epochs,
                         head_options=_head_opts(opt, heads), lr=lr, batch_size=batch_size,
-                        patience=patience, modality_dropout=modality_dropout)
+                        patience=patience, modality_dropout=modality_dropout, labels=labels)
+        if protocol:
+            from fusion.protocols import get_protocol
+
+            cfg = get_protocol(protocol).config(cfg)
         df = do_ablate(
             cache_root=_cache(cache), dataset=dataset, fusions=heads, modality_sets=msets,
             name=name, workers=workers, scheduler=scheduler, runs_dir=runs, preset=preset,

@@ -256,10 +256,23 @@ def _metric_columns(m: dict) -> dict[str, Any]:
     for k, _ in cols:
         if k in base:
             out[f"{prefix}_{k}"] = base[k]
+    probe = m.get("linear_probe") or {}
+    for k in keys:
+        if k in probe:
+            out[f"probe_{k}"] = probe[k]
+    out["headline"] = m.get("headline")
+    out["below"] = flag_text(m)
     out |= {"n_train": m.get("n_train"), "n_test": m.get("n_test"),
             "n_seeds": m.get("n_seeds"), "elapsed_s": m.get("elapsed_s"),
             "warnings": len(m.get("warnings", []))}
     return out
+
+
+def flag_text(m: dict) -> str:
+    """'below majority, linear_probe (weighted_f1)' when the head is below a baseline on its
+    headline metric (metrics.json's `below_baseline`), else ''."""
+    below = [k for k, v in (m.get("below_baseline") or {}).items() if v]
+    return f"below {', '.join(below)} ({m.get('headline')})" if below else ""
 
 
 def write_outputs(out_dir: Path, df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -> None:
@@ -282,11 +295,18 @@ def ablation_markdown(df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -
         for k, label in cols[:3]:
             v = _num(r.get(f"{prefix}_{k}"))
             row[f"{prefix} {label}"] = "—" if v is None else f"{v:.3f}"
+        for k, label in cols[:3]:
+            v = _num(r.get(f"probe_{k}"))
+            row[f"probe {label}"] = "—" if v is None else f"{v:.3f}"
+        below = r.get("below")
+        row["flag"] = below if isinstance(below, str) else ""  # NaN when read from the csv
         rows.append(row)
     head = f"# Ablation: {title}\n\n" if title else "# Ablation\n\n"
     seeds = df["n_seeds"].dropna().unique().tolist() if "n_seeds" in df else []
     note = (f"Mean ± std over {', '.join(str(int(s)) for s in seeds) or '?'} seed(s); "
-            f"`{prefix}` columns: the trivial predictor on the same test rows. "
+            f"`{prefix}` columns: the trivial predictor on the same test rows; `probe`: a "
+            f"linear model on the same pooled features and folds (fusion/probe.py); `flag`: "
+            f"the head is below a baseline on the headline metric. "
             f"{len(df)} cells ({int(df['resumed'].sum())} resumed), {elapsed:.1f} s.\n\n")
     fails = [f"- {r['cell']}: {r['error']}" for r in df.to_dict(orient="records") if r.get("error")]
     tail = ("\n## Failed cells\n\n" + "\n".join(fails) + "\n") if fails else ""
@@ -322,9 +342,19 @@ def plot_ablation(df: pd.DataFrame, path: Path, title: str = "") -> None:
         for i, f in enumerate(fusions):
             sub = ok[ok["fusion"] == f].set_index("modalities").reindex(subsets)
             x = np.arange(len(subsets)) + (i - (len(fusions) - 1) / 2) * width
-            ax.bar(x, sub.get(f"{k}_mean", pd.Series(np.nan, index=subsets)).astype(float),
-                   width, yerr=sub.get(f"{k}_std", pd.Series(0.0, index=subsets)).astype(float),
-                   capsize=3, label=f)
+            below = sub.get("below", pd.Series("", index=subsets)).fillna("").astype(str)
+            bars = ax.bar(x, sub.get(f"{k}_mean", pd.Series(np.nan, index=subsets)).astype(float),
+                          width, yerr=sub.get(f"{k}_std", pd.Series(0.0, index=subsets)).astype(float),
+                          capsize=3, label=f)
+            for b, flagged in zip(bars, below != "", strict=True):
+                if flagged:  # below the majority / probe on the headline metric
+                    b.set_hatch("//")
+                    b.set_edgecolor("red")
+        pcol = f"probe_{k}"
+        if pcol in ok and ok[pcol].notna().any():
+            probe = ok.groupby("modalities")[pcol].mean().reindex(subsets).astype(float)
+            ax.scatter(np.arange(len(subsets)), probe, marker="_", s=600, color="red", zorder=3,
+                       label="linear probe")
         bcol = f"{prefix}_{k}"
         if bcol in ok and ok[bcol].notna().any():
             ax.axhline(float(ok[bcol].dropna().mean()), color="k", ls="--", lw=1,

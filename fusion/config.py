@@ -43,6 +43,9 @@ class FitConfig:
     modality_dropout: float = 0.1
     class_weight: bool = True
     aux_weight: float = 0.0  # loss weight of a head's per-branch (aux) logits
+    labels: str | None = None  # fit-time label set: iemocap4 | iemocap6 | plutchik
+    select_metric: str | None = None  # early stopping / selection (None: macro F1, or MAE)
+    protocol: str | None = None  # the protocol (fusion/protocols.py) that set the above
     head_options: dict = field(default_factory=dict)
     device: str = "cpu"  # not compared: speed only
     threads: int | None = None  # not compared: speed only (None: train.default_threads)

@@ -83,6 +83,18 @@ def run_row(m: dict) -> dict[str, Any]:
     shown = [(k, label) for k, label in cols[:3] if k in base]
     row[f"{name} ({' / '.join(label for _, label in shown)})" if shown else name] = (
         " / ".join(f"{base[k]:.3f}" for k, _ in shown) or "—")
+    probe = m.get("linear_probe") or {}
+    head = m.get("headline")
+    if probe:
+        pk = [(k, label) for k, label in cols[:3] if k in probe]
+        if head and head not in dict(pk) and head in probe:
+            pk.append((head, head.replace("_", " ")))
+        row[f"linear probe ({' / '.join(label for _, label in pk)})"] = (
+            " / ".join(f"{probe[k]:.3f}" for k, _ in pk))
+    if head and head not in dict(cols) and head in mean:
+        row[head.replace("_", " ")] = fmt_pm(mean.get(head), std.get(head))
+    below = [k for k, v in (m.get("below_baseline") or {}).items() if v]
+    row["flag"] = f"below {', '.join(below)} ({head})" if below else ""
     return row
 
 
@@ -181,12 +193,13 @@ def _seed_metrics(seed: int, outs: list[dict], task: Task) -> dict:
                                        M.majority_class(task.y[o["fold"].train], task.n_out))
                                for o in outs])
         b = M.classification_metrics(y, base, task.n_out)
-        m["majority_baseline"] = {k: b[k] for k in ("accuracy", "macro_f1", "uar")}
+        m["majority_baseline"] = {k: b[k] for k in ("accuracy", "macro_f1", "weighted_f1",
+                                                     "uar")}
     else:
         base = np.concatenate([np.full(len(o["fold"].test), float(np.mean(task.y[o["fold"].train])))
                                for o in outs])
         b = M.regression_metrics(y, base)
-        m["mean_baseline"] = {k: b[k] for k in ("mae", "corr", "acc2", "acc7", "f1")}
+        m["mean_baseline"] = {k: b[k] for k in M.SCALAR_KEYS_REGRESSION}
     aux_keys = outs[0]["aux"].keys() if all(o["aux"] for o in outs) else []
     if aux_keys:
         m["aux"] = {k: _aux_score(task, y, outs, k) for k in aux_keys}

@@ -37,6 +37,7 @@ class Task:
     kind: Literal["classification", "regression"]
     y: np.ndarray  # over all N rows; -1 / NaN where unlabelled
     classes: list[str]
+    soft: np.ndarray | None = None  # [N, K] soft targets (fit-time plutchik labels), else None
 
     @property
     def n_out(self) -> int:

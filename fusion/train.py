@@ -28,6 +28,15 @@ from fusion.config import FitConfig
 from fusion.data import FeatureSet, open_set
 from fusion.heads.base import FusionHead
 from fusion.normalise import Batch, apply_stats, drop_modalities, fit_stats, take, to_tensors
+from fusion.probe import below_baselines, linear_probe, pooled_matrix
+from fusion.protocols import (
+    default_headline,
+    get_protocol,
+    open_cross,
+    paper_line,
+    relabel,
+    selection_score,
+)
 from fusion.report import _scalar_keys, _seed_metrics, _summarise, _write_outputs
 from fusion.splits import Fold, Task, _groups, _plan, _positions, _task
 
@@ -58,6 +67,8 @@ def fit(
     runs_dir: Path | str = Path("runs"),
     preset: str = "offline",
     key: str | None = None,
+    protocol: str | None = None,
+    test_dataset: str | None = None,
     **settings: Any,
 ) -> RunResult:
     """Train `fusion` on `modalities` of a cached feature set over `cfg.seeds`; write runs/<name>/.
@@ -72,17 +83,38 @@ def fit(
     `auto_batch`). A head's `seq_inputs` and `prepare` (fusion/heads/base.py) decide which
     sequences are loaded and what is precomputed once per fold. Raises DataError before
     training when the data cannot support the fit.
+
+    `protocol` (fusion/protocols.py) fixes split, folds, label set, target, selection metric
+    and class weighting over `cfg`. `cfg.labels` picks a fit-time label set; with `plutchik`,
+    `test_dataset` names a second feature set (same preset) to test on in the shared space:
+    the head and the linear probe train and validate on `dataset`'s training / validation
+    rows and are scored on every labelled row of `test_dataset`.
     """
     cfg = replace(cfg or FitConfig(), **settings)
+    proto = get_protocol(protocol or cfg.protocol) if (protocol or cfg.protocol) else None
+    if proto is not None:
+        cfg = proto.config(cfg)
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads or default_threads())
     fs = open_set(cache_root, dataset, preset=preset, key=key)
     mods = fs.resolve(modalities)
     task = _task(fs, cfg.target)
+    left_out: dict[str, int] = {}
+    if cfg.labels:
+        task, left_out = relabel(task, fs.meta.dataset or dataset or "", cfg.labels)
     usable = np.flatnonzero(fs.complete & task.labelled())
     warnings = fs.check(mods, usable)
+    if proto is not None and fs.meta.dataset not in (None, proto.dataset):
+        warnings.append(f"protocol {proto.name} is for dataset {proto.dataset!r}; this set is "
+                        f"{fs.meta.dataset!r}")
     groups = _groups(fs, cfg.group_by)
-    plan = _plan(fs, task, usable, groups, cfg.split, cfg.folds, cfg.val_fraction)
+    cross = None
+    if test_dataset:
+        cross = open_cross(cache_root, test_dataset, preset, fs, mods, task, cfg)
+        plan = [cross.fold(fs, task, usable, groups, cfg.val_fraction)]
+        task = cross.task
+    else:
+        plan = _plan(fs, task, usable, groups, cfg.split, cfg.folds, cfg.val_fraction)
     seed_list = list(cfg.seeds)
     fusion_name = fusion if isinstance(fusion, str) else getattr(fusion, "__name__", "custom")
     name = name or f"{fs.attrs.get('dataset', 'set')}-{fusion_name}-{'+'.join(mods)}"
@@ -90,6 +122,8 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
 
     rows = np.unique(np.concatenate([np.concatenate([f.train, f.val, f.test]) for f in plan]))
+    if cross is not None:  # the test set's rows are appended after loading (cross.extend)
+        rows = rows[rows < fs.n]
     spec = fs.spec(mods)
     # The first seed's head, built first: it says what to load (its seq_inputs) and prepares
     # the data once per fold; then it is the head trained for the first (fold, seed).
@@ -97,10 +131,20 @@ def fit(
     probe = _make_head(fusion, spec, task.n_out, cfg.head_options)
     fresh: tuple[FusionHead, Tensor] | None = (probe, torch.get_rng_state())
     raw = load_inputs(fs, mods, rows, probe.seq_inputs)
+    if cross is not None:
+        raw, rows = cross.extend(raw, rows, probe.seq_inputs)
     n_train = int(round(np.mean([len(f.train) for f in plan])))
     bs, lr_used = (cfg.batch_size, cfg.lr) if cfg.batch_size else auto_batch(n_train, cfg.lr)
     trainer = _Trainer(fusion, spec, task, cfg, bs, lr_used, torch.device(cfg.device))
     trainer.labels = task.y[rows]
+    trainer.soft = task.soft[rows] if task.soft is not None else None
+    select = cfg.select_metric or default_headline(task.kind)
+    if select not in _scalar_keys(task):
+        raise ValueError(f"selection metric {select!r} is not a {task.kind} metric "
+                         f"(one of {', '.join(_scalar_keys(task))})")
+    pos_plan = [_positions(rows, f) for f in plan]
+    lin = linear_probe(pooled_matrix(raw, mods), task.y[rows], pos_plan, task, select,
+                       cfg.class_weight)
     raw_t = to_tensors(raw)
     # parameter-free work (window averages) done once on the raw features, for every fold and
     # seed; each fold then scales the prepared tensors with its own training statistics
@@ -123,11 +167,19 @@ def fit(
             outs[seed].append(out)
     per_seed = [_seed_metrics(s, outs[s], task) for s in seed_list]
     metrics = _summarise(per_seed, task, fs, mods, fusion_name, plan, cfg.split, warnings)
+    metrics |= {"protocol": proto.name if proto else None, "labels": cfg.labels,
+                "left_out": left_out, "headline": select, "linear_probe": lin}
+    if cross is not None:
+        metrics |= {"test_dataset": cross.fs.meta.dataset, "test_feature_set": cross.fs.key,
+                    "n_test_left_out": cross.left_out}
+    metrics["below_baseline"] = below_baselines(metrics, select)
+    metrics["paper"] = paper_line(metrics, proto)
     metrics["elapsed_s"] = round(time.perf_counter() - t0, 3)
     metrics["run_dir"] = str(run_dir)
     _write_outputs(run_dir, metrics, logs, first_state, task, fs, mods, fusion_name, cfg, run={
         "dataset": dataset, "fusion": fusion_name, "modalities": mods, "batch_size": bs,
-        "lr": lr_used, "preset": preset, "feature_set": fs.key, "cache_root": str(cache_root)})
+        "lr": lr_used, "preset": preset, "feature_set": fs.key, "cache_root": str(cache_root),
+        "test_dataset": test_dataset})
     log.info("fit %s: %s", name, {k: metrics.get(k) for k in _scalar_keys(task)})
     return RunResult(name=name, run_dir=run_dir, metrics=metrics, log=logs)
 
@@ -191,6 +243,8 @@ class _Trainer:
         self.device, self.options = device, cfg.head_options
         self.names = list(spec.names)
         self.labels: np.ndarray = np.empty(0)  # task.y at the loaded rows, set by fit
+        self.soft: np.ndarray | None = None  # task.soft at the loaded rows (plutchik labels)
+        self.select = cfg.select_metric or default_headline(task.kind)
 
     def _loss_fn(self, y_train: np.ndarray) -> nn.Module:
         if self.task.kind == "regression":
@@ -241,11 +295,17 @@ class _Trainer:
         return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
 
     def _val_score(self, pred: Tensor, y: np.ndarray) -> float:
-        """Early-stopping score, higher is better: macro F1, or −MAE for regression."""
+        """Early-stopping score, higher is better: the selection metric (the protocol's
+        headline; macro F1 / MAE by default), negated when lower is better."""
         if self.task.kind == "classification":
             p = pred.argmax(-1).cpu().numpy()
-            return M.classification_metrics(y, p, self.task.n_out)["macro_f1"]
-        return -float(np.mean(np.abs(pred.cpu().numpy() - y)))
+            m = M.classification_metrics(y, p, self.task.n_out)
+        else:
+            m = M.regression_metrics(y, pred.cpu().numpy())
+        if self.select not in m:
+            raise ValueError(f"selection metric {self.select!r} is not a {self.task.kind} "
+                             f"metric (one of {sorted(k for k in m if k != 'n')})")
+        return selection_score(self.select, float(m[self.select]))
 
     def run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict],
             fresh: tuple[FusionHead, Tensor] | None = None) -> dict:
@@ -277,6 +337,9 @@ class _Trainer:
                                 fused=self.device.type in ("cpu", "cuda"))
         loss_fn = self._loss_fn(y_tr)
         yt, yv = self._y(y_tr), self._y(y_va)
+        if self.soft is not None:  # soft targets (a dyad is half one primary, half another)
+            yt = torch.from_numpy(self.soft[f.train]).to(self.device)
+            yv = torch.from_numpy(self.soft[f.val]).to(self.device)
         best_score, best_loss = -math.inf, math.inf
         best_state, best_epoch, bad = _state(model), 0, 0
         n, bs = len(f.train), self.batch_size
@@ -303,7 +366,7 @@ class _Trainer:
             score = self._val_score(pv, y_va)
             logs.append({"seed": seed, "fold": fold, "epoch": epoch,
                          "train_loss": round(total / n, 6), "val_loss": round(val_loss, 6),
-                         "val_metric": round(score if task.kind == "classification" else -score, 6),
+                         "val_metric": round(selection_score(self.select, score), 6),
                          "epoch_s": round(time.perf_counter() - t_epoch, 4)})
             if score > best_score + 1e-4 or (abs(score - best_score) <= 1e-4
                                              and val_loss < best_loss - loss_min_delta(best_loss)):

@@ -1,0 +1,123 @@
+"""The linear-probe baseline: the simplest honest model on the very features a head sees.
+
+Logistic regression (classes) or ridge regression (a regression target) on the pooled vectors
+of the same modalities (concatenated; an absent modality is zeros plus a 0/1 presence column),
+standardised with the training rows' statistics, on the same folds, scored with the same
+metrics. Its strength C (alpha for ridge) is chosen from a small grid on the validation rows
+by the fit's selection metric — the same rule the head's early stopping follows — then the
+probe is refit on the training rows only. Classes are weighted exactly when the fit weights
+them (`class_weight`). Deterministic; seconds on a CPU.
+
+A head below this probe (or below the majority / mean baseline) on the headline metric is
+flagged by the report: it learned less from the features than a linear model does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fusion import metrics as M
+from fusion.protocols import selection_score
+
+if TYPE_CHECKING:
+    from fusion.splits import Fold, Task
+
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def pooled_matrix(raw: dict, mods: list[str]) -> np.ndarray:
+    """[n, D] design matrix from loaded inputs: each modality's pooled vector (zeros where
+    absent) and, when it is absent on some rows, a presence column."""
+    parts = []
+    for m in mods:
+        present = np.asarray(raw[m]["present"], dtype=bool)
+        x = np.asarray(raw[m]["pooled"], dtype=np.float64).reshape(len(present), -1)
+        parts.append(np.where(present[:, None], x, 0.0))
+        if not present.all():
+            parts.append(present[:, None].astype(np.float64))
+    return np.concatenate(parts, axis=1)
+
+
+def _standardise(x: np.ndarray, train: np.ndarray) -> np.ndarray:
+    mu = x[train].mean(axis=0)
+    sd = x[train].std(axis=0)
+    return (x - mu) / np.where(sd > 1e-8, sd, 1.0)
+
+
+def _model(kind: str, strength: float, class_weight: bool, seed: int = 0):
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    if kind == "regression":
+        return Ridge(alpha=strength)
+    return LogisticRegression(C=strength, max_iter=2000, random_state=seed,
+                              class_weight="balanced" if class_weight else None)
+
+
+def _predict(model, x: np.ndarray, kind: str, n_out: int) -> np.ndarray:
+    """Scores like a head's outputs: [n, K] class scores (argmax = prediction) or [n]."""
+    if kind == "regression":
+        return model.predict(x)
+    out = np.full((len(x), n_out), -np.inf)
+    out[:, model.classes_] = model.decision_function(x).reshape(len(x), -1) \
+        if len(model.classes_) > 2 else np.stack([-model.decision_function(x),
+                                                  model.decision_function(x)], axis=1)
+    return out
+
+
+def _metric(task: Task, y: np.ndarray, pred: np.ndarray, key: str) -> float:
+    if task.kind == "classification":
+        return float(M.classification_metrics(y, pred.argmax(-1), task.n_out)[key])
+    return float(M.regression_metrics(y, pred)[key])
+
+
+def linear_probe(x: np.ndarray, y: np.ndarray, folds: list[Fold], task: Task, select: str,
+                 class_weight: bool) -> dict:
+    """Fit the probe on each fold (positions into `x` / `y`), pool its test predictions and
+    score them like a head's: the scalar metrics, plus the chosen strength per fold."""
+    kind = task.kind
+    grid = ALPHA_GRID if kind == "regression" else C_GRID
+    preds, ys, chosen = [], [], []
+    for f in folds:
+        xs = _standardise(x, f.train)
+        best, best_score = grid[0], -np.inf
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence chatter on tiny folds
+            for s in grid:
+                mdl = _model(kind, s, class_weight).fit(xs[f.train], y[f.train])
+                score = selection_score(select, _metric(task, y[f.val],
+                                                        _predict(mdl, xs[f.val], kind, task.n_out),
+                                                        select))
+                if score > best_score + 1e-9:
+                    best, best_score = s, score
+            mdl = _model(kind, best, class_weight).fit(xs[f.train], y[f.train])
+        preds.append(_predict(mdl, xs[f.test], kind, task.n_out))
+        ys.append(y[f.test])
+        chosen.append(best)
+    yt, pt = np.concatenate(ys), np.concatenate(preds)
+    if kind == "classification":
+        m = M.classification_metrics(yt, pt.argmax(-1), task.n_out, task.classes)
+        keys = M.SCALAR_KEYS_CLASSIFICATION
+        out = {k: m[k] for k in keys} | {"per_class": m["per_class"]}
+    else:
+        m = M.regression_metrics(yt, pt)
+        out = {k: m[k] for k in M.SCALAR_KEYS_REGRESSION}
+    out["model"] = "ridge" if kind == "regression" else "logistic regression"
+    out["strength"] = chosen
+    out["class_weight"] = bool(class_weight and kind == "classification")
+    return out
+
+
+def below_baselines(m: dict, headline: str) -> dict[str, bool]:
+    """{baseline: head below it on `headline`} for the trivial baseline and the probe."""
+    out = {}
+    v = m.get(headline)
+    for name, key in (("majority", "majority_baseline"), ("mean", "mean_baseline"),
+                      ("linear_probe", "linear_probe")):
+        b = (m.get(key) or {}).get(headline)
+        if v is not None and b is not None:
+            out[name] = bool(selection_score(headline, v) < selection_score(headline, b) - 1e-9)
+    return out
