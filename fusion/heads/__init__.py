@@ -35,9 +35,11 @@ HEADS: dict[str, type[FusionHead]] = {
 
 
 def head_options(name: str) -> dict[str, object]:
-    """The options head `name` accepts, with their defaults (spec and n_out excluded)."""
+    """The options head `name` accepts, with their defaults (spec and n_out excluded), plus
+    the generic `layers` (None: learned when an input has per-layer features; fusion/layers.py)."""
     params = inspect.signature(HEADS[name].__init__).parameters
-    return {k: p.default for k, p in params.items() if k not in ("self", "spec", "n_out")}
+    out = {k: p.default for k, p in params.items() if k not in ("self", "spec", "n_out")}
+    return {**out, "layers": None}
 
 
 def build_head(name: str, spec: InputSpec, n_out: int, **options) -> FusionHead:
@@ -53,7 +55,9 @@ def build_head(name: str, spec: InputSpec, n_out: int, **options) -> FusionHead:
         )
     if n_out < 1:
         raise ValueError(f"n_out must be >= 1, got {n_out}")
-    return HEADS[name](spec, n_out, **options)
+    from fusion.layers import build_with_layers
+
+    return build_with_layers(lambda s, **o: HEADS[name](s, n_out, **o), spec, options)
 
 
 __all__ = ["HEADS", "FusionHead", "HeadOutput", "build_head", "head_options"]
