@@ -13,7 +13,9 @@ have the same width (audio, text: pooled is the chosen layer's mean), and is app
 otherwise (visual: pooled also carries std, face coverage and the track count). Any head works
 unchanged: it is built on a spec with the new pooled width and wrapped by `LayerMixedHead`.
 
-The head option `layers` (`--opt layers=...`) picks the weighting:
+The head option `layers` (`--opt layers=...`), or its unambiguous alias `layer_mix`, picks the
+weighting (the hybrid and cfnsr heads have an integer option `layers` of their own, the depth
+of their transformer blocks: an integer `layers` goes to the head, a word to the weighting):
   learned  softmax weights trained with the head (default when any input has `layers`)
   mean     every hidden state weighted equally
   last     the last hidden state only
@@ -34,13 +36,25 @@ from fusion.data import InputSpec, ModalitySpec
 from fusion.heads.base import FusionHead, HeadOutput
 
 MODES = ("learned", "mean", "last", "off")
-OPTION = "layers"  # the head option's name
+OPTION, ALIAS = "layers", "layer_mix"  # the head option's names
 PARAM = "layer_logits"  # state-dict prefix of the learned weights: layer_logits.<modality>
+
+
+def split_options(options: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(the weighting asked for or None, the options left for the head)."""
+    rest = dict(options)
+    asked = rest.pop(ALIAS, None)
+    if OPTION in rest and (rest[OPTION] is None or isinstance(rest[OPTION], str)):
+        word = rest.pop(OPTION)
+        if asked is not None and word is not None and word != asked:
+            raise ValueError(f"head options layers={word!r} and layer_mix={asked!r} disagree")
+        asked = asked if asked is not None else word
+    return asked, rest
 
 
 def layer_mode(spec: InputSpec, options: Mapping[str, Any]) -> str:
     """The weighting asked for in `options` (default: learned when an input has layers)."""
-    asked = options.get(OPTION)
+    asked, _ = split_options(options)
     with_layers = [m.name for m in spec.modalities if m.has_layers]
     if asked is None:
         return "learned" if with_layers else "off"
@@ -129,7 +143,7 @@ def build_with_layers(build: Callable[..., FusionHead], spec: InputSpec,
                       options: Mapping[str, Any]) -> FusionHead:
     """`build(spec, **options)` (without the `layers` option), wrapped in a LayerMixedHead
     unless the weighting is off (no input has layers, or `layers=off`)."""
-    rest = {k: v for k, v in options.items() if k != OPTION}
+    _, rest = split_options(options)
     mode = layer_mode(spec, options)
     if mode == "off":
         return build(spec, **rest)

@@ -36,10 +36,12 @@ HEADS: dict[str, type[FusionHead]] = {
 
 def head_options(name: str) -> dict[str, object]:
     """The options head `name` accepts, with their defaults (spec and n_out excluded), plus
-    the generic `layers` (None: learned when an input has per-layer features; fusion/layers.py)."""
+    the generic layer weighting `layer_mix`, also spelt `layers` (None: learned when an input
+    has per-layer features; fusion/layers.py). A head with an integer `layers` option of its own
+    (hybrid, cfnsr: block depth) keeps it: an integer goes to the head, a word to the weighting."""
     params = inspect.signature(HEADS[name].__init__).parameters
     out = {k: p.default for k, p in params.items() if k not in ("self", "spec", "n_out")}
-    return {**out, "layers": None}
+    return {"layers": None, **out, "layer_mix": None}
 
 
 def build_head(name: str, spec: InputSpec, n_out: int, **options) -> FusionHead:

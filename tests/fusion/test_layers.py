@@ -88,6 +88,12 @@ def test_modes_and_their_errors(layered):
     head = build_head("early", spec, 3)
     assert isinstance(head, LayerMixedHead) and head.layer_inputs == ("audio",)
     assert not isinstance(build_head("early", spec, 3, layers="off"), LayerMixedHead)
+    # hybrid's own integer `layers` (block depth) still reaches it; the weighting has its alias
+    hy = build_head("hybrid", spec, 3, layers=2, layer_mix="mean")
+    assert isinstance(hy, LayerMixedHead) and hy.mode == "mean" and len(hy.inner.encoder["audio"]) == 2
+    assert build_head("hybrid", spec, 3, layers="last").mode == "last"
+    with pytest.raises(ValueError, match="disagree"):
+        build_head("early", spec, 3, layers="last", layer_mix="mean")
     b = 5
     batch = {"audio": {"pooled": torch.zeros(b, LAYER_DIM), "present": torch.tensor([1, 1, 0, 1, 1]).bool(),
                        "layers": torch.arange(N_LAYERS, dtype=torch.float32)[None, :, None].expand(b, N_LAYERS, LAYER_DIM)},
