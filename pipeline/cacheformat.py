@@ -747,7 +747,8 @@ class CachedSet:
 
         Variables: split, group, label, target_<t>, and per modality `<m>_pooled` (clip,
         <m>_feature), `<m>_present` (clip) and, when `sequences`, `<m>_seq` (clip, <m>_time,
-        <m>_seq_feature) and `<m>_len` (clip). Attributes: key, dataset, preset, classes (JSON).
+        <m>_seq_feature) and `<m>_len` (clip), and where stored `<m>_layers` (clip, <m>_layer,
+        <m>_layer_feature). Attributes: key, dataset, preset, classes (JSON).
         """
         import xarray as xr
 
@@ -764,6 +765,8 @@ class CachedSet:
             if sequences and self.layout(m).is_sequence:
                 data[f"{m}_seq"] = (("clip", f"{m}_time", f"{m}_seq_feature"), self.seq(m))
                 data[f"{m}_len"] = ("clip", self.lengths(m))
+            if self.layout(m).has_layers:
+                data[f"{m}_layers"] = (("clip", f"{m}_layer", f"{m}_layer_feature"), self.layers(m))
         return xr.Dataset(data, coords={"clip": self.ids},
                           attrs={"key": self.key, "dataset": str(self.attrs.dataset),
                                  "preset": str(self.attrs.preset), "classes": json.dumps(self.classes)})

@@ -66,6 +66,7 @@ def test_layers_are_declared_read_and_standardised(layered):
     cached = cf.open_set(root, key=key)
     np.testing.assert_array_equal(cached.layers("audio"), data["audio"]["layers"])
     assert cached.modality("audio")["layers"].shape == (len(rows), N_LAYERS, LAYER_DIM)
+    assert cached.to_xarray(["audio"])["audio_layers"].dims == ("clip", "audio_layer", "audio_layer_feature")
     # standardised per hidden state and feature on the present training rows; absent rows zero
     t = to_tensors(data)
     pres = t["audio"]["present"]
