@@ -135,3 +135,35 @@ def test_vision_layers(models) -> None:
     per_state = one[:, VISION_DIM:].reshape(2, VISION_STATES, VISION_DIM)
     np.testing.assert_allclose(f.layers, per_state.mean(axis=0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(f.seq[:, 1:], one[:, :VISION_DIM], rtol=1e-3, atol=1e-3)
+
+
+def test_runner_stores_layers_and_rejects_bad_ones() -> None:
+    """The writer fills `<m>/layers` from Feature.layers; a wrong shape or a non-finite value
+    makes the modality absent with a ledger line, like a bad pooled vector."""
+    from pipeline import cacheformat as cf
+    from pipeline.runner import _assemble
+    from pipeline.stages.base import Feature
+
+    lay = cf.ModalityLayout("audio", pooled_dim=4, seq_dim=4, max_len=3, n_layers=2, layer_dim=4)
+    layout = cf.SetLayout(n=4, unit_size=4, modalities={"audio": lay})
+    assert layout.unit_arrays()["audio/layers"] == ((4, 2, 4), "float16")
+    ok = np.arange(8, dtype=np.float32).reshape(2, 4)
+    feats = [ok, None, np.zeros((3, 4), np.float32), np.full((2, 4), np.inf, np.float32)]
+    ctxs = []
+    for i, layers in enumerate(feats):
+        ctx = ClipContext(clip=Clip(id=f"c{i}", dataset="t"), root=Path("."))
+        ctx.features["audio"] = Feature(pooled=np.ones(4, np.float32), seq=np.ones((2, 4), np.float32), layers=layers)
+        ctxs.append(ctx)
+    failures: list[dict] = []
+    data = _assemble(layout, ctxs, failures)
+    assert data["audio/layers"].shape == (4, 2, 4) and data["audio/layers"].dtype == np.float16
+    np.testing.assert_array_equal(data["audio/layers"][0], ok)
+    assert data["audio/present"].tolist() == [True, False, False, False]
+    assert (data["audio/layers"][1:] == 0).all()
+    msgs = [f["message"] for f in failures]
+    assert msgs[0] == "layers shape None != [2, 4]" and msgs[1] == "layers shape (3, 4) != [2, 4]"
+    assert "NaN/Inf" in msgs[2]
+    # a layout entry without n_layers (every set written before) declares no layers array
+    old = cf.ModalityLayout.from_json("audio", {"pooled_dim": 4, "seq_dim": 4, "max_len": 3, "kind": "sequence"})
+    assert not old.has_layers and "audio/layers" not in old.paths() and "n_layers" not in old.to_json()
+    assert cf.ModalityLayout.from_json("audio", lay.to_json()) == lay
