@@ -228,6 +228,13 @@ def test_full_preset_with_the_whisper_encoder(tiny: TinyModels, tmp_path: Path) 
                            "visual": (VISION_STATES, VISION_DIM)})  # fmt: skip
     # 3-4 s of audio at 20 ms per Whisper frame: 128 steps kept, not the 1500 of its 30 s window
     assert g["audio/len"][:].tolist() == [128, 128, 128]
+    # the layers arrays are part of each unit's checksummed files: `cache verify` knows them
+    from pipeline.cachetools import verify
+
+    (report,) = verify(tmp_path / "cache", plan.key)
+    assert report.clean, report.problems
+    marker = json.loads((tmp_path / "cache" / "sets" / plan.key / "units" / "0.done").read_text())
+    assert any(rel.startswith("audio/layers/") for rel in marker["checksums"])
 
 
 def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
