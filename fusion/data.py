@@ -181,7 +181,9 @@ class FeatureSet:
     def modality_spec(self, m: str) -> ModalitySpec:
         lay = self.meta.modality(m)
         return ModalitySpec(name=m, pooled_dim=lay.pooled_dim, seq_dim=lay.seq_dim,
-                            max_len=lay.max_len if lay.seq_dim else 0)
+                            max_len=lay.max_len if lay.seq_dim else 0,
+                            n_layers=lay.n_layers if lay.has_layers else 0,
+                            layer_dim=lay.layer_dim if lay.has_layers else 0)
 
     def spec(self, modalities: list[str] | str) -> InputSpec:
         mods = self.resolve(modalities)
@@ -191,25 +193,29 @@ class FeatureSet:
                                 "classes": self.classes})
 
     def load(self, modalities: list[str] | str, rows: np.ndarray, cond: bool = True,
-             sequences: tuple[str, ...] | None = None, seq_as_stored: bool = False) -> dict:
+             sequences: tuple[str, ...] | None = None, seq_as_stored: bool = False,
+             layers: tuple[str, ...] | None = None) -> dict:
         """The batch-format dict (numpy, float32) for `rows` of the asked modalities.
 
         Reads only those modalities' arrays and the chunks holding `rows`; `sequences` names
         the modalities whose [N, T, D] sequences are wanted (None: all) — they are most of a
         set's bytes, and a head that reads pooled vectors only never needs them.
         `seq_as_stored` leaves sequences in their stored float dtype (float16 in mmemo's
-        caches: half the memory of float32). Rows must be complete; present rows must be
-        finite (else DataError).
+        caches: half the memory of float32). `layers` names the modalities whose per-hidden-
+        state vectors [N, L+1, Dl] ("layers", float32) are wanted (None: every modality that
+        has them; sets and backends without them simply have no "layers" entry). Rows must be
+        complete; present rows must be finite (else DataError).
         """
         rows = np.sort(np.asarray(rows, dtype=np.int64))
         if len(rows) and not self.complete[rows].all():
             raise DataError(f"feature set {self.name}: asked for rows of unfinished units")
         names = self.resolve(modalities) + ([COND] if cond and self.has_cond else [])
         return {m: self._load_modality(m, rows, sequences is None or m in sequences,
-                                       seq_as_stored) for m in names}
+                                       seq_as_stored, layers is None or m in layers)
+                for m in names}
 
     def _load_modality(self, m: str, rows: np.ndarray, with_seq: bool = True,
-                       seq_as_stored: bool = False) -> dict:
+                       seq_as_stored: bool = False, with_layers: bool = True) -> dict:
         spec = self.modality_spec(m)
         g = self._group
         out = {"present": read_rows(g[cf.present(m)], rows).astype(bool),
@@ -218,8 +224,10 @@ class FeatureSet:
             seq = read_rows(g[cf.seq(m)], rows)
             out["seq"] = seq if seq_as_stored and seq.dtype.kind == "f" else _f32(seq)
             out["len"] = read_rows(g[cf.length(m)], rows).astype(np.int64)
+        if spec.has_layers and with_layers:
+            out["layers"] = _f32(read_rows(g[cf.layer_stack(m)], rows))
         pres = out["present"]
-        for part in ("pooled", "seq"):
+        for part in ("pooled", "seq", "layers"):
             if part in out and not _all_finite(out[part]) and not _all_finite(out[part][pres]):
                 bad = ~np.isfinite(out[part][pres].reshape(int(pres.sum()), -1)).all(axis=1)
                 first = self.ids[rows[pres][bad][0]]
@@ -266,6 +274,8 @@ class FeatureSet:
             want = {cf.POOLED: (n, spec.pooled_dim), cf.PRESENT: (n,)}
             if spec.is_sequence:
                 want |= {cf.SEQ: (n, spec.max_len, spec.seq_dim), cf.LEN: (n,)}
+            if spec.has_layers:
+                want |= {cf.LAYERS: (n, spec.n_layers, spec.layer_dim)}
             for part, shape in want.items():
                 try:
                     got = tuple(self._group[cf.modality_array(m, part)].shape)
@@ -356,10 +366,16 @@ class ModalitySpec:
     pooled_dim: int
     seq_dim: int = 0  # 0: a vector modality (no sequence)
     max_len: int = 0
+    n_layers: int = 0  # hidden states in the "layers" input [B, n_layers, layer_dim]; 0: none
+    layer_dim: int = 0
 
     @property
     def is_sequence(self) -> bool:
         return self.seq_dim > 0 and self.max_len > 0
+
+    @property
+    def has_layers(self) -> bool:
+        return self.n_layers > 0 and self.layer_dim > 0
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,8 @@ SEQ_STAT_ROWS = 2048  # sequence statistics come from at most this many training
 
 
 def fit_stats(data: Batch, train_pos: np.ndarray) -> dict[str, Tensor]:
-    """Per-feature mean/std of every modality's pooled vectors and real time steps, from the
-    present training rows only (the test fold and zero-filled absent rows shape nothing).
+    """Per-feature mean/std of every modality's pooled vectors, real time steps and (when
+    loaded) per-hidden-state vectors `layers`, from the present training rows only (the test fold and zero-filled absent rows shape nothing).
 
     Sequences of large sets use a fixed random subset of SEQ_STAT_ROWS training rows (still
     ~10^5 steps per feature, so the estimates are within a percent or so of the full data's)
@@ -75,6 +75,8 @@ def fit_stats(data: Batch, train_pos: np.ndarray) -> dict[str, Tensor]:
         parts = [("pooled", d["present"], d["pooled"])]
         if "seq" in d:
             parts.append(("seq", _valid_mask(d), d["seq"]))
+        if "layers" in d:  # per hidden state and feature: [L+1, Dl] flattened
+            parts.append(("layers", d["present"], d["layers"].reshape(len(d["layers"]), -1)))
         for part, valid, x in parts:
             w = valid & is_train.view(-1, *([1] * (valid.dim() - 1)))
             if part == "seq" and seq_rows is not None:
@@ -94,9 +96,14 @@ def apply_stats(data: Batch, stats: dict[str, Tensor], inplace: bool = False) ->
     for m, d in data.items():
         o = dict(d)
         for key in d:
-            part = "pooled" if key == "pooled" else "seq" if key.split("@")[0] == "seq" else None
+            part = key if key in ("pooled", "layers") else "seq" if key.split("@")[0] == "seq" else None
             mean = stats.get(f"{m}.{part}.mean")
             if part is None or mean is None:
+                continue
+            if part == "layers":  # [R, L+1, Dl], statistics per hidden state and feature
+                x = d[key].to(torch.float32, copy=not inplace)
+                o[key] = x.sub_(mean.view(x.shape[1:])).mul_(1.0 / stats[f"{m}.layers.std"].view(x.shape[1:]))
+                o[key].mul_(d["present"].view(-1, 1, 1))
                 continue
             valid = d["present"] if part == "pooled" else _valid_mask(d, key)
             x = d[key].to(torch.float32, copy=not inplace)  # float16 sequences: a new tensor

@@ -214,12 +214,12 @@ class CrossTest:
             raise DataError(f"feature set {train_fs.name}: fewer than 2 classes to train on")
         return Fold(train, val, self.offset + self.rows)
 
-    def extend(self, raw: dict, rows: np.ndarray, seq_inputs) -> tuple[dict, np.ndarray]:
+    def extend(self, raw: dict, rows: np.ndarray, seq_inputs, layer_inputs=()) -> tuple[dict, np.ndarray]:
         """The training set's loaded inputs with the test set's rows appended."""
         from fusion.data import DataError
         from fusion.train import load_inputs
 
-        other = load_inputs(self.fs, self.mods, self.rows, seq_inputs)
+        other = load_inputs(self.fs, self.mods, self.rows, seq_inputs, tuple(layer_inputs))
         out = {}
         for m, d in raw.items():
             if m not in other:

@@ -27,6 +27,7 @@ from fusion import metrics as M
 from fusion.config import FitConfig
 from fusion.data import FeatureSet, open_set
 from fusion.heads.base import FusionHead
+from fusion.layers import LayerMixedHead, build_with_layers, summarise_weights, weights_from_state
 from fusion.normalise import Batch, apply_stats, drop_modalities, fit_stats, take, to_tensors
 from fusion.probe import below_baselines, linear_probe, pooled_matrix
 from fusion.protocols import (
@@ -130,9 +131,9 @@ def fit(
     torch.manual_seed(seed_list[0])
     probe = _make_head(fusion, spec, task.n_out, cfg.head_options)
     fresh: tuple[FusionHead, Tensor] | None = (probe, torch.get_rng_state())
-    raw = load_inputs(fs, mods, rows, probe.seq_inputs)
+    raw = load_inputs(fs, mods, rows, probe.seq_inputs, getattr(probe, "layer_inputs", ()))
     if cross is not None:
-        raw, rows = cross.extend(raw, rows, probe.seq_inputs)
+        raw, rows = cross.extend(raw, rows, probe.seq_inputs, getattr(probe, "layer_inputs", ()))
     n_train = int(round(np.mean([len(f.train) for f in plan])))
     bs, lr_used = (cfg.batch_size, cfg.lr) if cfg.batch_size else auto_batch(n_train, cfg.lr)
     trainer = _Trainer(fusion, spec, task, cfg, bs, lr_used, torch.device(cfg.device))
@@ -152,6 +153,7 @@ def fit(
     outs: dict[int, list[dict]] = {s: [] for s in seed_list}
     logs: list[dict] = []
     first_state = None
+    layer_runs: list[dict[str, list[float]]] = []  # learned layer weights per (fold, seed)
     for fold in plan:  # fold-major: each fold is standardised once, for every seed
         pos = _positions(rows, fold)
         stats = fit_stats(raw_t, pos.train)
@@ -161,6 +163,7 @@ def fit(
             out = trainer.run(data, pos, task, seed, fold.index, logs, fresh)
             fresh = None
             state = out.pop("state")
+            layer_runs.append(weights_from_state(state))
             if first_state is None:
                 first_state = (state, stats)
             out["fold"] = fold
@@ -174,6 +177,10 @@ def fit(
                     "n_test_left_out": cross.left_out}
     metrics["below_baseline"] = below_baselines(metrics, select)
     metrics["paper"] = paper_line(metrics, proto)
+    if isinstance(probe, LayerMixedHead):
+        metrics["layer_mode"] = probe.mode
+        if any(layer_runs):
+            metrics["layer_weights"] = summarise_weights(layer_runs)
     metrics["elapsed_s"] = round(time.perf_counter() - t0, 3)
     metrics["run_dir"] = str(run_dir)
     _write_outputs(run_dir, metrics, logs, first_state, task, fs, mods, fusion_name, cfg, run={
@@ -212,20 +219,27 @@ def default_threads() -> int:
 
 
 def load_inputs(fs: FeatureSet, mods: list[str], rows: np.ndarray,
-                seq_inputs: tuple[str, ...] | None) -> dict:
+                seq_inputs: tuple[str, ...] | None, layer_inputs: tuple[str, ...] = ()) -> dict:
     """fs.load(mods, rows), reading the sequences only of the modalities in `seq_inputs`
-    (`None`: a head that does not say what it reads gets everything). Sequences stay in their
-    stored dtype (float16: half the memory); statistics, window averages and scaling read them
-    in float32 chunks."""
-    return fs.load(mods, rows, sequences=seq_inputs, seq_as_stored=True)
+    (`None`: a head that does not say what it reads gets everything) and the per-layer vectors
+    of those in `layer_inputs` (fusion/layers.py). Sequences stay in their stored dtype
+    (float16: half the memory); statistics, window averages and scaling read them in float32
+    chunks."""
+    return fs.load(mods, rows, sequences=seq_inputs, seq_as_stored=True, layers=tuple(layer_inputs))
 
 
 # --- training ---------------------------------------------------------------------------
 def _make_head(fusion: str | HeadFactory, spec, n_out: int, options: dict) -> FusionHead:
+    """The head; wrapped in a layer weighting when an input has `layers` (fusion/layers.py,
+    head option `layers=learned|mean|last|off`: build_head does it for registered heads)."""
     if not callable(fusion):
         from fusion.heads import build_head
 
         return build_head(fusion, spec, n_out, **options)
+    return build_with_layers(lambda s, **o: _from_factory(fusion, s, n_out, o), spec, options)
+
+
+def _from_factory(fusion: HeadFactory, spec, n_out: int, options: dict) -> FusionHead:
     head = fusion(spec, n_out, **options)
     if not isinstance(head, FusionHead):
         raise TypeError(f"fusion head factory {getattr(fusion, '__name__', fusion)!r} returned "

@@ -17,6 +17,7 @@ and a set holds, for N clips,
     segment/start, segment/end [N] float64                         (CSD imports only)
     <m>/pooled [N, Dp] float16, <m>/present [N] bool               (every modality m)
     <m>/seq [N, T, D] float16, <m>/len [N] int32                   (sequence modalities)
+    <m>/layers [N, L+1, Dl] float16   every hidden state's pooled vector (HF encoders only)
     units/header.done        checksums of everything written at creation (written last)
     units/<u>.done           a unit's completion marker (`UnitMarker`), written after its data
     ledger/<u>.jsonl         one JSON line per failed clip of unit u
@@ -93,6 +94,7 @@ LEDGER = "ledger"
 STAGING = "tmp"
 HEADER_MARKER = f"{UNITS}/header.done"
 POOLED, PRESENT, SEQ, LEN = "pooled", "present", "seq", "len"  # a modality's parts
+LAYERS = "layers"  # optional part: [N, L+1, Dl] per-hidden-state pooled vectors
 
 
 def target_value(t: str) -> str:
@@ -104,9 +106,9 @@ def target_present(t: str) -> str:
 
 
 def modality_array(m: str, part: str) -> str:
-    """`<m>/pooled`, `<m>/present`, `<m>/seq` or `<m>/len`."""
-    if part not in (POOLED, PRESENT, SEQ, LEN):
-        raise ValueError(f"unknown modality array {part!r} (pooled, present, seq, len)")
+    """`<m>/pooled`, `<m>/present`, `<m>/seq`, `<m>/len` or `<m>/layers`."""
+    if part not in (POOLED, PRESENT, SEQ, LEN, LAYERS):
+        raise ValueError(f"unknown modality array {part!r} (pooled, present, seq, len, layers)")
     return f"{m}/{part}"
 
 
@@ -124,6 +126,11 @@ def seq(m: str) -> str:
 
 def length(m: str) -> str:
     return modality_array(m, LEN)
+
+
+def layer_stack(m: str) -> str:
+    """`<m>/layers`: [N, L+1, Dl] float16, row l = hidden state l pooled over the clip."""
+    return modality_array(m, LAYERS)
 
 
 def done_marker(u: int) -> str:
@@ -148,13 +155,22 @@ class FormatError(ValueError):
 # --- layout --------------------------------------------------------------------------------
 @dataclass
 class ModalityLayout:
-    """One modality's arrays: pooled [N, pooled_dim]; a sequence one also seq [N, max_len, seq_dim]."""
+    """One modality's arrays: pooled [N, pooled_dim]; a sequence one also seq [N, max_len, seq_dim].
+
+    A modality made by a transformer encoder (the full preset's hf-audio, whisper-encoder,
+    hf-text and hf-vision backends) also keeps every hidden state pooled over the clip:
+    layers [N, n_layers, layer_dim] (n_layers = L + 1: the embedding output and each of the L
+    blocks, in the encoder's order), so a head can weight layers without a re-extraction.
+    `n_layers = 0` (every other backend, and every set written before): no such array.
+    """
 
     name: str
     pooled_dim: int
     seq_dim: int = 0  # 0: a vector modality (pooled only)
     max_len: int = 0
     provenance: dict[str, Any] = field(default_factory=dict)
+    n_layers: int = 0  # hidden states kept per clip (L + 1); 0: no `layers` array
+    layer_dim: int = 0  # width of one hidden state
 
     @property
     def is_sequence(self) -> bool:
@@ -163,6 +179,10 @@ class ModalityLayout:
     @property
     def kind(self) -> str:
         return "sequence" if self.is_sequence else "vector"
+
+    @property
+    def has_layers(self) -> bool:
+        return self.n_layers > 0 and self.layer_dim > 0
 
     def arrays(self, n: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """relpath -> (shape, dtype) of this modality's per-clip arrays."""
@@ -173,24 +193,31 @@ class ModalityLayout:
         if self.is_sequence:
             out[seq(self.name)] = ((n, self.max_len, self.seq_dim), "float16")
             out[length(self.name)] = ((n,), "int32")
+        if self.has_layers:
+            out[layer_stack(self.name)] = ((n, self.n_layers, self.layer_dim), "float16")
         return out
 
     def paths(self) -> list[str]:
-        """This modality's array paths: pooled, present and, for a sequence, seq, len."""
+        """This modality's array paths: pooled, present, for a sequence seq, len, and layers."""
         return list(self.arrays(0))
 
     def to_json(self) -> dict[str, Any]:
-        return {"pooled_dim": self.pooled_dim, "seq_dim": self.seq_dim, "max_len": self.max_len,
-                "kind": self.kind, "provenance": self.provenance}
+        out = {"pooled_dim": self.pooled_dim, "seq_dim": self.seq_dim, "max_len": self.max_len,
+               "kind": self.kind, "provenance": self.provenance}
+        if self.has_layers:  # absent otherwise: layouts without layers read as before
+            out |= {"n_layers": self.n_layers, "layer_dim": self.layer_dim}
+        return out
 
     @classmethod
     def from_json(cls, name: str, d: Mapping[str, Any]) -> ModalityLayout:
-        """From `attrs["modalities"][name]`; a `kind: "vector"` entry has no sequence."""
+        """From `attrs["modalities"][name]`; a `kind: "vector"` entry has no sequence, an
+        entry without `n_layers` (sets written before layers existed) no `layers` array."""
         is_seq = d.get("kind", "sequence") == "sequence"
         return cls(name=name, pooled_dim=int(d["pooled_dim"]),
                    seq_dim=int(d.get("seq_dim", 0) or 0) if is_seq else 0,
                    max_len=int(d.get("max_len", 0) or 0) if is_seq else 0,
-                   provenance=dict(d.get("provenance") or {}))
+                   provenance=dict(d.get("provenance") or {}),
+                   n_layers=int(d.get("n_layers", 0) or 0), layer_dim=int(d.get("layer_dim", 0) or 0))
 
 
 # Chunk storage defaults, defined here once (pipeline/presets.py:StoreSettings uses them):
@@ -683,12 +710,23 @@ class CachedSet:
         self._need_sequence(m)
         return self.reader.read(length(m), self.rows).astype(np.int64)
 
+    def layers(self, m: str) -> np.ndarray:
+        """[R, L+1, Dl] float32: hidden state l of the encoder pooled over the clip (row l);
+        KeyError for a modality stored without layers (offline backends, older sets)."""
+        if m not in self.modalities or not self.layout(m).has_layers:
+            raise KeyError(f"modality {m!r} of {self.reader.name} has no layers array "
+                           "(only the full preset's transformer encoders store one)")
+        return self.reader.read(layer_stack(m), self.rows).astype(np.float32)
+
     def modality(self, m: str, with_seq: bool = True) -> dict[str, np.ndarray]:
-        """{"pooled", "present"} and, for a sequence modality, {"seq", "len"}."""
+        """{"pooled", "present"}, for a sequence modality {"seq", "len"}, and {"layers"} when
+        the modality has them."""
         out = {"pooled": self.pooled(m), "present": self.present(m)}
         if with_seq and self.layout(m).is_sequence:
             out["seq"] = self.seq(m)
             out["len"] = self.lengths(m)
+        if self.layout(m).has_layers:
+            out["layers"] = self.layers(m)
         return out
 
     def _need_sequence(self, m: str) -> None:
@@ -709,7 +747,8 @@ class CachedSet:
 
         Variables: split, group, label, target_<t>, and per modality `<m>_pooled` (clip,
         <m>_feature), `<m>_present` (clip) and, when `sequences`, `<m>_seq` (clip, <m>_time,
-        <m>_seq_feature) and `<m>_len` (clip). Attributes: key, dataset, preset, classes (JSON).
+        <m>_seq_feature) and `<m>_len` (clip), and where stored `<m>_layers` (clip, <m>_layer,
+        <m>_layer_feature). Attributes: key, dataset, preset, classes (JSON).
         """
         import xarray as xr
 
@@ -726,6 +765,8 @@ class CachedSet:
             if sequences and self.layout(m).is_sequence:
                 data[f"{m}_seq"] = (("clip", f"{m}_time", f"{m}_seq_feature"), self.seq(m))
                 data[f"{m}_len"] = ("clip", self.lengths(m))
+            if self.layout(m).has_layers:
+                data[f"{m}_layers"] = (("clip", f"{m}_layer", f"{m}_layer_feature"), self.layers(m))
         return xr.Dataset(data, coords={"clip": self.ids},
                           attrs={"key": self.key, "dataset": str(self.attrs.dataset),
                                  "preset": str(self.attrs.preset), "classes": json.dumps(self.classes)})

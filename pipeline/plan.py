@@ -131,14 +131,18 @@ def _layout(preset: Preset, stages: list[Stage], n: int) -> SetLayout:
     st = preset.store
     mods: dict[str, ModalityLayout] = {}
     for s in stages:
+        layer_dims = s.layer_dims()
         for mod, (seq_dim, pooled_dim) in s.output_dims().items():
             is_seq = mod in SEQUENCE_MODALITIES and seq_dim > 0
+            n_layers, layer_dim = layer_dims.get(mod, (0, 0))
             mods[mod] = ModalityLayout(
                 name=mod,
                 pooled_dim=int(pooled_dim),
                 seq_dim=int(seq_dim) if is_seq else 0,
                 max_len=st.max_len_of(mod) if is_seq else 0,
                 provenance=s.provenance(),
+                n_layers=int(n_layers),
+                layer_dim=int(layer_dim),
             )
     return SetLayout(
         n=n,

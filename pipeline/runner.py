@@ -151,6 +151,7 @@ def _assemble(layout: SetLayout, ctxs: list[ClipContext], failures: list[dict[st
         present = np.zeros(n, bool)
         seq = np.zeros((n, m.max_len, m.seq_dim), np.float16) if m.is_sequence else None
         lens = np.zeros(n, np.int32) if m.is_sequence else None
+        layers = np.zeros((n, m.n_layers, m.layer_dim), np.float16) if m.has_layers else None
         for i, ctx in enumerate(ctxs):
             f: Feature | None = ctx.features.get(name)
             if f is None:
@@ -171,6 +172,14 @@ def _assemble(layout: SetLayout, ctxs: list[ClipContext], failures: list[dict[st
                         problem = f"sequence shape {s.shape} != [t, {m.seq_dim}]"
                     elif not np.isfinite(s).all() or np.abs(s).max(initial=0) > 65000:
                         problem = "NaN/Inf (or beyond float16 range) in sequence features"
+            lay = None
+            if m.has_layers and problem is None:
+                lay = None if f.layers is None else np.asarray(f.layers, np.float32)
+                if lay is None or lay.shape != (m.n_layers, m.layer_dim):
+                    got = None if lay is None else lay.shape
+                    problem = f"layers shape {got} != [{m.n_layers}, {m.layer_dim}]"
+                elif not np.isfinite(lay).all() or np.abs(lay).max(initial=0) > 65000:
+                    problem = "NaN/Inf (or beyond float16 range) in per-layer features"
             if problem:
                 failures.append({"id": ctx.id, "stage": name, "error": "BadFeatures", "message": problem, "file": ctx.clip.media})
                 ctx.absent[name] = problem
@@ -181,11 +190,15 @@ def _assemble(layout: SetLayout, ctxs: list[ClipContext], failures: list[dict[st
                 arr, ln = pad_or_pool(s, m.max_len)
                 seq[i] = arr.astype(np.float16)
                 lens[i] = ln
+            if layers is not None and lay is not None:
+                layers[i] = lay.astype(np.float16)
         data[cachefmt.pooled(name)] = pooled
         data[cachefmt.present(name)] = present
         if m.is_sequence:
             data[cachefmt.seq(name)] = seq
             data[cachefmt.length(name)] = lens
+        if layers is not None:
+            data[cachefmt.layer_stack(name)] = layers
     return data
 
 

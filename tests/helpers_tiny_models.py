@@ -1,6 +1,7 @@
 """Tiny random-initialised models of the full preset's real architectures, saved locally.
 
-The full preset's encoders (wav2vec2, BERT, CLIP vision) are loaded exactly as real
+The full preset's encoders (WavLM, RoBERTa, CLIP vision; wav2vec2, BERT and the Whisper
+encoder as alternatives) are loaded exactly as real
 checkpoints are (``from_pretrained`` on a ``save_pretrained`` folder), but with a few
 thousand random weights so that the whole path runs on a CPU in seconds and needs no
 network. Hidden sizes differ per modality, so a test can tell which model made which array.
@@ -11,9 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-AUDIO_DIM = 32  # wav2vec2 hidden size
-TEXT_DIM = 24  # BERT hidden size
+AUDIO_DIM = 32  # wav2vec2 / WavLM hidden size
+TEXT_DIM = 24  # BERT / RoBERTa hidden size
 VISION_DIM = 40  # CLIP vision tower hidden size
+WHISPER_DIM = 16  # Whisper d_model
+# hidden states kept per clip in `layers` (embeddings + blocks) by each tiny model
+AUDIO_STATES, TEXT_STATES, VISION_STATES, WHISPER_STATES = 3, 3, 3, 2
 
 # a small WordPiece vocabulary: specials, a few English words, pieces, and the CJK
 # characters of the real clips' subtitles that a BERT tokenizer splits one by one
@@ -57,6 +61,42 @@ def save_wav2vec2(path: Path, sample_rate: int = 16000) -> Path:
         feature_size=1, sampling_rate=sample_rate, padding_value=0.0, do_normalize=True,
         return_attention_mask=True,
     ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def save_wavlm(path: Path, sample_rate: int = 16000) -> Path:
+    """A WavLM (the full preset's default audio architecture), 2 layers of width AUDIO_DIM."""
+    import torch
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
+
+    cfg = WavLMConfig(
+        hidden_size=AUDIO_DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer", do_stable_layer_norm=True, num_buckets=32, max_bucket_distance=80,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    WavLMModel(cfg).eval().save_pretrained(path)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=sample_rate, padding_value=0.0, do_normalize=True,
+        return_attention_mask=True,
+    ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def save_roberta(path: Path) -> Path:
+    """A RoBERTa encoder (the full preset's default text architecture) with the small
+    WordPiece vocabulary (a tokenizer is not the architecture under test)."""
+    import torch
+    from transformers import BertTokenizer, RobertaConfig, RobertaModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    cfg = RobertaConfig(vocab_size=len(VOCAB), hidden_size=TEXT_DIM, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=48, max_position_embeddings=160,
+                        pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    RobertaModel(cfg, add_pooling_layer=False).eval().save_pretrained(path)
     return path
 
 
@@ -149,12 +189,13 @@ def save_whisper(path: Path) -> Path:
 
 
 def save_tiny_models(root: Path, asr: bool = False) -> TinyModels:
-    """wav2vec2 + BERT + CLIP vision tower (+ Whisper when `asr`) under `root` (one
-    save_pretrained folder each). Without `asr`, `overrides()` turns the asr stage off."""
+    """WavLM + RoBERTa + CLIP vision tower (the full preset's default architectures; + Whisper
+    when `asr`) under `root` (one save_pretrained folder each). Without `asr`, `overrides()`
+    turns the asr stage off."""
     root = Path(root)
     return TinyModels(
-        audio=save_wav2vec2(root / "wav2vec2"),
-        text=save_bert(root / "bert"),
+        audio=save_wavlm(root / "wavlm"),
+        text=save_roberta(root / "roberta"),
         vision=save_clip_vision(root / "clip_vision"),
         asr=save_whisper(root / "whisper") if asr else None,
     )

@@ -35,9 +35,13 @@ HEADS: dict[str, type[FusionHead]] = {
 
 
 def head_options(name: str) -> dict[str, object]:
-    """The options head `name` accepts, with their defaults (spec and n_out excluded)."""
+    """The options head `name` accepts, with their defaults (spec and n_out excluded), plus
+    the generic layer weighting `layer_mix`, also spelt `layers` (None: learned when an input
+    has per-layer features; fusion/layers.py). A head with an integer `layers` option of its own
+    (hybrid, cfnsr: block depth) keeps it: an integer goes to the head, a word to the weighting."""
     params = inspect.signature(HEADS[name].__init__).parameters
-    return {k: p.default for k, p in params.items() if k not in ("self", "spec", "n_out")}
+    out = {k: p.default for k, p in params.items() if k not in ("self", "spec", "n_out")}
+    return {"layers": None, **out, "layer_mix": None}
 
 
 def build_head(name: str, spec: InputSpec, n_out: int, **options) -> FusionHead:
@@ -53,7 +57,9 @@ def build_head(name: str, spec: InputSpec, n_out: int, **options) -> FusionHead:
         )
     if n_out < 1:
         raise ValueError(f"n_out must be >= 1, got {n_out}")
-    return HEADS[name](spec, n_out, **options)
+    from fusion.layers import build_with_layers
+
+    return build_with_layers(lambda s, **o: HEADS[name](s, n_out, **o), spec, options)
 
 
 __all__ = ["HEADS", "FusionHead", "HeadOutput", "build_head", "head_options"]

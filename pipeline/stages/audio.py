@@ -10,8 +10,11 @@ Backends:
                spectrogram (pooled = 88 + 2 * n_mels). ``feature_set = compare`` puts the
                ComParE_2016 functionals (6,373) in place of the 88, ``both`` keeps both
                (88 + 6,373); the sequence stays the eGeMAPS LLDs.
-  ``hf-audio`` full: wav2vec2 / WavLM / HuBERT through transformers ``AutoModel``; sequence =
-               one hidden-state layer per 20 ms frame, pooled = its mean over the frames.
+  ``hf-audio`` full: wav2vec2 / WavLM / HuBERT through transformers ``AutoModel`` (default
+               microsoft/wavlm-base-plus); sequence = one hidden-state layer per 20 ms frame,
+               pooled = its mean over the frames, layers = every hidden state's mean [L+1, D].
+  ``whisper-encoder`` full: the encoder of a Whisper model (transformers ``WhisperModel``,
+               decoder unused; pipeline/stages/audio_whisper.py), same outputs.
 """
 
 from __future__ import annotations
@@ -182,7 +185,10 @@ def _finite(a: np.ndarray, notes: list[str], what: str) -> np.ndarray:
 
 # --- transformers (wav2vec2 / WavLM / HuBERT) -------------------------------------------------
 class HfAudioConfig(StageConfig):
-    model: str = "facebook/wav2vec2-base"  # hub id or a local save_pretrained directory
+    # hub id or a local save_pretrained directory. WavLM-base-plus is the emotion-oriented
+    # default (SUPERB ER); stronger and larger: microsoft/wavlm-large, facebook/hubert-large-ll60k,
+    # or the Whisper encoder (backend "whisper-encoder", e.g. openai/whisper-large-v3)
+    model: str = "microsoft/wavlm-base-plus"
     revision: str | None = None  # hub commit/tag; None = the default branch
     layer: int = -1  # index into hidden_states (0 = CNN features, -1 = last layer)
     batch_size: int = Field(8, ge=1)
@@ -225,7 +231,7 @@ class HfAudio(Stage):
 
     name: ClassVar[str] = "audio"
     backend: ClassVar[str] = "hf-audio"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: stores every hidden state's clip mean (`layers`)
     Config: ClassVar[type[StageConfig]] = HfAudioConfig
     config: HfAudioConfig
 
@@ -273,6 +279,10 @@ class HfAudio(Stage):
         d = int(self._hf_config().hidden_size)
         return {"audio": (d, d)}
 
+    def layer_dims(self) -> dict[str, tuple[int, int]]:
+        hc = self._hf_config()
+        return {"audio": (int(hc.num_hidden_layers) + 1, int(hc.hidden_size))}
+
     # --- batching ------------------------------------------------------------------------------
     def process(self, batch: list[ClipContext]) -> list[BaseException | None]:
         self.ensure_loaded()
@@ -293,7 +303,7 @@ class HfAudio(Stage):
                     errors[i] = e
                 return errors
             return super().process(batch)
-        per_clip: dict[int, list[tuple[int, np.ndarray]]] = {}
+        per_clip: dict[int, list[tuple[int, tuple[np.ndarray, np.ndarray]]]] = {}
         for (i, start, _), hidden in zip(windows, outs, strict=True):
             per_clip.setdefault(i, []).append((start, hidden))
         for i, parts in per_clip.items():
@@ -332,11 +342,12 @@ class HfAudio(Stage):
                 groups.append([k])
         return groups
 
-    def _run_windows(self, signals: list[np.ndarray]) -> list[np.ndarray]:
-        """Hidden states [frames, D] (float32) of the configured layer for each signal."""
+    def _run_windows(self, signals: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per signal: hidden states [frames, D] (float32) of the configured layer, and every
+        hidden state's mean over those frames [L+1, D]."""
         import torch
 
-        out: list[np.ndarray | None] = [None] * len(signals)
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(signals)
         for group in self._groups([len(s) for s in signals]):
             inputs = self.extractor(
                 [signals[k] for k in group], sampling_rate=self.sr, return_tensors="pt",
@@ -345,21 +356,33 @@ class HfAudio(Stage):
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             with torch.inference_mode():
                 states = self.model(**inputs, output_hidden_states=True).hidden_states
-            hidden = states[self.config.layer].float().cpu().numpy()
+            stack = torch.stack(states, dim=1)  # [B, L+1, frames, D]
             for row, k in enumerate(group):
                 n = frames_for(len(signals[k]), self.kernels, self.strides)
-                out[k] = hidden[row, :n]
+                mine = stack[row, :, :n].float()
+                out[k] = (mine[self.config.layer].cpu().numpy(), mine.mean(dim=1).cpu().numpy())
         return out  # type: ignore[return-value]
 
-    def _feature(self, parts: list[tuple[int, np.ndarray]]) -> Feature:
-        parts.sort(key=lambda p: p[0])
-        seq = np.concatenate([h for _, h in parts]).astype(np.float32)
-        times = np.concatenate(
-            [(s + np.arange(len(h)) * self.hop + self.receptive / 2) / self.sr for s, h in parts]
-        ).astype(np.float32)
-        if not np.all(np.isfinite(seq)):
-            raise ClipError("the audio model produced NaN/Inf hidden states for this clip")
-        return Feature(pooled=seq.mean(axis=0), seq=seq, times=times)
+    def _feature(self, parts: list[tuple[int, tuple[np.ndarray, np.ndarray]]]) -> Feature:
+        return window_feature(parts, self.hop, self.receptive / 2, self.sr)
+
+
+def window_feature(parts: list[tuple[int, tuple[np.ndarray, np.ndarray]]], hop: int, centre: float,
+                   sr: int) -> Feature:
+    """One clip's Feature from its windows (start sample, (chosen layer [n, D], per-layer
+    means [L+1, D])): the frames in time order, pooled = their mean, layers = every hidden
+    state's mean over all frames (windows weighted by their frame counts)."""
+    parts = sorted(parts, key=lambda p: p[0])
+    seq = np.concatenate([h for _, (h, _) in parts]).astype(np.float32)
+    times = np.concatenate(
+        [(s + np.arange(len(h)) * hop + centre) / sr for s, (h, _) in parts]
+    ).astype(np.float32)
+    counts = np.array([len(h) for _, (h, _) in parts], np.float64)
+    layers = np.tensordot(counts / counts.sum(), np.stack([m for _, (_, m) in parts]), axes=1)
+    layers = layers.astype(np.float32)
+    if not (np.all(np.isfinite(seq)) and np.all(np.isfinite(layers))):
+        raise ClipError("the audio model produced NaN/Inf hidden states for this clip")
+    return Feature(pooled=seq.mean(axis=0), seq=seq, times=times, layers=layers)
 
 
 def frames_needed(kernels: list[int], strides: list[int]) -> int:
@@ -369,3 +392,7 @@ def frames_needed(kernels: list[int], strides: list[int]) -> int:
         field += (k - 1) * jump
         jump *= s
     return field
+
+
+# registered here so that get_backend("audio", ...) finds it; its code is in its own file
+from pipeline.stages import audio_whisper as _audio_whisper  # noqa: E402, F401

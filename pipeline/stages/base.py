@@ -95,6 +95,7 @@ class Feature:
     pooled: np.ndarray
     seq: np.ndarray | None = None
     times: np.ndarray | None = None  # [t] seconds of each step, when meaningful
+    layers: np.ndarray | None = None  # [L+1, Dl] each hidden state pooled over the clip
 
 
 @dataclass
@@ -177,6 +178,11 @@ class Stage(ABC):
     # --- shapes (embedding stages) ---------------------------------------------------------
     def output_dims(self) -> dict[str, tuple[int, int]]:
         """modality -> (sequence dim D, pooled dim Dp). Needed before any clip runs."""
+        return {}
+
+    def layer_dims(self) -> dict[str, tuple[int, int]]:
+        """modality -> (hidden states L+1, width Dl) of the `layers` array the backend fills
+        (Feature.layers); {} (the default): no layers. Needed before any clip runs."""
         return {}
 
     # --- work ------------------------------------------------------------------------------

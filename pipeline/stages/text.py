@@ -131,8 +131,9 @@ class _TextStage(Stage):
     needs_media: ClassVar[bool] = False  # transcripts and titles come from the manifest
     config: TextConfig
 
-    def _embed(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per text: (sequence rows [t, D], vector [D]), float32."""
+    def _embed(self, texts: list[str]) -> list[tuple[np.ndarray, ...]]:
+        """Per text: (sequence rows [t, D], vector [D]), float32, and for a backend with
+        `layer_dims` a third item: the vector's counterpart in every hidden state [L+1, D]."""
         raise NotImplementedError
 
     def _cap(self) -> int:
@@ -161,16 +162,19 @@ class _TextStage(Stage):
             raise err
 
     def _apply(
-        self, ctx: ClipContext, plan: TextPlan, emb: list[tuple[np.ndarray, np.ndarray]]
+        self, ctx: ClipContext, plan: TextPlan, emb: list[tuple[np.ndarray, ...]]
     ) -> None:
         segs = emb[: len(plan.segments)]
         if plan.absent_reason:
             ctx.absent["text"] = plan.absent_reason
         else:
-            seq = np.concatenate([s for s, _ in segs], axis=0)[: self._cap()]
-            pooled = np.mean(np.stack([v for _, v in segs]), axis=0)
+            seq = np.concatenate([e[0] for e in segs], axis=0)[: self._cap()]
+            pooled = np.mean(np.stack([e[1] for e in segs]), axis=0)
+            layers = None
+            if all(len(e) > 2 for e in segs):  # per segment [L+1, D]: their mean, like pooled
+                layers = np.mean(np.stack([e[2] for e in segs]), axis=0).astype(np.float32)
             ctx.features["text"] = Feature(pooled=pooled.astype(np.float32),
-                                           seq=seq.astype(np.float32))
+                                           seq=seq.astype(np.float32), layers=layers)
         if plan.title:
             ctx.features["cond"] = Feature(pooled=emb[-1][1].astype(np.float32))
         elif self.config.cond:
@@ -258,7 +262,9 @@ class MiniLMText(_TextStage):
 
 # --- hf-text (full) --------------------------------------------------------------------------
 class HFTextConfig(TextConfig):
-    model: str = "FacebookAI/xlm-roberta-base"  # hub id or a save_pretrained folder
+    # hub id or a save_pretrained folder; roberta-base (English) is the emotion-oriented default,
+    # FacebookAI/xlm-roberta-base for other languages
+    model: str = "FacebookAI/roberta-base"
     revision: str | None = None
     layer: int = -1  # hidden state index: -1 last layer, 0 the embeddings
     pooling: Literal["mean", "cls"] = "mean"
@@ -272,7 +278,7 @@ class HFText(_TextStage):
     """Token embeddings of a transformers encoder; seq = tokens of all segments (capped)."""
 
     backend: ClassVar[str] = "hf-text"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: stores every hidden state's pooled vector (`layers`)
     Config: ClassVar[type[StageConfig]] = HFTextConfig
     config: HFTextConfig
 
@@ -299,16 +305,22 @@ class HFText(_TextStage):
         rev = self.config.revision or ("local" if local else "main")
         return [{"id": self.config.model, "revision": rev}]
 
-    def _hidden_size(self) -> int:
+    def _hf_config(self) -> Any:
         if getattr(self, "_model", None) is not None:
-            return int(self._model.config.hidden_size)
+            return self._model.config
         from transformers import AutoConfig
 
         try:
-            cfg = AutoConfig.from_pretrained(self.config.model, **self._kwargs())
+            return AutoConfig.from_pretrained(self.config.model, **self._kwargs())
         except (OSError, ValueError) as e:
             raise missing_model(self.config.model, e) from None
-        return int(cfg.hidden_size)
+
+    def _hidden_size(self) -> int:
+        return int(self._hf_config().hidden_size)
+
+    def layer_dims(self) -> dict[str, tuple[int, int]]:
+        cfg = self._hf_config()
+        return {"text": (int(cfg.num_hidden_layers) + 1, int(cfg.hidden_size))}
 
     def output_dims(self) -> dict[str, tuple[int, int]]:
         d = self._hidden_size()
@@ -317,10 +329,10 @@ class HFText(_TextStage):
     def _cap(self) -> int:
         return self.config.max_tokens
 
-    def _embed(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _embed(self, texts: list[str]) -> list[tuple[np.ndarray, ...]]:
         import torch
 
-        out: list[tuple[np.ndarray, np.ndarray]] = []
+        out: list[tuple[np.ndarray, ...]] = []
         bs = self.config.batch_size
         for i in range(0, len(texts), bs):
             enc = self._tok(
@@ -332,15 +344,22 @@ class HFText(_TextStage):
             enc = {k: v.to(self.device) for k, v in enc.items()}
             with torch.inference_mode():
                 hidden = self._model(**enc, output_hidden_states=True).hidden_states
-            h = hidden[self.config.layer].float().cpu()
+            stack = torch.stack(hidden, dim=1).float().cpu()  # [B, L+1, tokens, D]
             mask = enc["attention_mask"].bool().cpu()
-            for j in range(h.shape[0]):
-                out.append(self._one(h[j], mask[j], special[j]))
+            for j in range(stack.shape[0]):
+                out.append(self._one(stack[j], mask[j], special[j]))
         return out
 
-    def _one(self, h: Any, mask: Any, special: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens without special/pad [t, D], pooled [D]) for one encoded text."""
+    def _one(self, states: Any, mask: Any, special: Any) -> tuple[np.ndarray, ...]:
+        """(tokens without special/pad [t, D], pooled [D], pooled per hidden state [L+1, D])
+        for one encoded text; states [L+1, tokens, D]."""
         content = mask & ~special
+        h = states[self.config.layer]
         tokens = h[content] if bool(content.any()) else h[mask]
-        vec = h[0] if self.config.pooling == "cls" else h[mask].mean(dim=0)
-        return tokens.numpy().astype(np.float32), vec.numpy().astype(np.float32)
+        if self.config.pooling == "cls":
+            per_layer = states[:, 0]
+        else:
+            per_layer = states[:, mask].mean(dim=1)
+        vec = per_layer[self.config.layer]
+        return (tokens.numpy().astype(np.float32), vec.numpy().astype(np.float32),
+                per_layer.numpy().astype(np.float32))

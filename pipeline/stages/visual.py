@@ -8,7 +8,8 @@ Backends (stage "visual", modality "visual"):
   network, whose weights ship in the facenet-pytorch wheel: a learned face representation
   needing no download. Colour statistics (Lab mean/std) keep tints and lighting visible.
 * `hf-vision` (full): a pretrained image encoder from transformers (CLIP vision tower by
-  default, or any ViT-like `AutoModel`) on face crops, frames, or both.
+  default, or any ViT-like `AutoModel`) on face crops, frames, or both; it also stores
+  `layers` [L+1, D]: every hidden state's [CLS] token, averaged over the clip's rows.
 * `fer` (offline default; pipeline/stages/visual_fer.py): FER2013 mini-Xception expression
   probabilities + embedding per face frame, with the landmark geometry; pooled mean/max/std.
 * `facenet`: InceptionResnetV1 (vggface2) identity embeddings of the face crops, when its
@@ -351,7 +352,7 @@ class HFVisionVisual(_VisualStage):
 
     name: ClassVar[str] = "visual"
     backend = "hf-vision"
-    version = "1"
+    version = "2"  # 2: stores every hidden state's [CLS] averaged over the clip (`layers`)
     Config = HFVisionConfig
     config: HFVisionConfig
 
@@ -367,6 +368,15 @@ class HFVisionVisual(_VisualStage):
         cfg = self._hf_config()
         vision = getattr(cfg, "vision_config", None) or cfg
         return int(vision.hidden_size)
+
+    def n_states(self) -> int:
+        """Hidden states of the encoder: the embeddings and each of its layers."""
+        cfg = self._hf_config()
+        vision = getattr(cfg, "vision_config", None) or cfg
+        return int(vision.num_hidden_layers) + 1
+
+    def layer_dims(self) -> dict[str, tuple[int, int]]:
+        return {"visual": (self.n_states(), self.hidden_size())}
 
     def load(self) -> None:
         from transformers import AutoImageProcessor, AutoModel, CLIPVisionModel
@@ -408,15 +418,30 @@ class HFVisionVisual(_VisualStage):
         return ("face", "frame") if self.config.input == "both" else ("face",)
 
     def embed(self, images: list[np.ndarray], kind: str) -> np.ndarray:
+        """[n, D + (L+1) * D]: the image embedding, then every hidden state's [CLS] token
+        (split off again by `row` and `_assemble`)."""
         outs = []
         with torch.inference_mode():
             for sl in _chunks(len(images), self.config.batch_size):
                 px = self.processor(images=list(images[sl]), return_tensors="pt")["pixel_values"]
-                res = self.model(pixel_values=px.to(self.torch_device))
+                res = self.model(pixel_values=px.to(self.torch_device), output_hidden_states=True)
                 # CLIP's pooled output is its trained post-layernorm [CLS]; others: [CLS]
                 pooled = res.pooler_output if self._clip else res.last_hidden_state[:, 0]
-                outs.append(pooled.float().cpu())
+                cls = torch.stack([h[:, 0] for h in res.hidden_states], dim=1)  # [b, L+1, D]
+                outs.append(torch.cat([pooled, cls.flatten(1)], dim=1).float().cpu())
         return torch.cat(outs).numpy()
+
+    def _assemble(self, ctx: ClipContext, plan: Plan, emb: dict[str, list[np.ndarray]]) -> None:
+        """The rows from the embeddings; `layers` = the per-state [CLS] tokens of the images
+        the rows' main descriptor came from (face crops, or frames), averaged over the rows."""
+        d = self._hidden
+        main = self.kinds(plan.with_face)[0]
+        per_state = np.stack([v[d:] for v in emb[main]]).reshape(len(emb[main]), -1, d)
+        super()._assemble(ctx, plan, {k: [v[:d] for v in vs] for k, vs in emb.items()})
+        layers = per_state.mean(axis=0).astype(np.float32)
+        if not np.all(np.isfinite(layers)):
+            raise ValueError("visual encoder produced non-finite hidden states")
+        ctx.features["visual"].layers = layers
 
     def row(self, ctx: ClipContext, t: int, with_face: bool, emb: dict[str, np.ndarray]) -> np.ndarray:
         flag = np.array([1.0 if with_face else 0.0], np.float32)

@@ -26,7 +26,18 @@ from pipeline.recipes import RECIPES
 from pipeline.runner import Plan, Summary, plan_extract, run_extract
 from pipeline.stages.visual import pooled_dim
 from tests.conftest import REPO, shared_path
-from tests.helpers_tiny_models import AUDIO_DIM, TEXT_DIM, VISION_DIM, TinyModels, save_tiny_models
+from tests.helpers_tiny_models import (
+    AUDIO_DIM,
+    AUDIO_STATES,
+    TEXT_DIM,
+    TEXT_STATES,
+    VISION_DIM,
+    VISION_STATES,
+    WHISPER_DIM,
+    WHISPER_STATES,
+    TinyModels,
+    save_tiny_models,
+)
 
 DATASET = "fulltiny"
 RAV = "ravdess-speech/Actor_01/03-01-05-02-01-01-01.wav"
@@ -120,6 +131,11 @@ def test_full_preset_runs_end_to_end_with_tiny_local_models(full_run: FullRun) -
         assert g[f"{m}/seq"].shape == (3, max_len, seq_dim)
         assert g[f"{m}/pooled"].shape == (3, pdim)
     assert mods["cond"]["pooled_dim"] == TEXT_DIM and g["cond/pooled"].shape == (3, TEXT_DIM)
+    # every hidden state pooled per clip: layers [N, L+1, D], declared in the layout
+    states = {"audio": (AUDIO_STATES, AUDIO_DIM), "text": (TEXT_STATES, TEXT_DIM),
+              "visual": (VISION_STATES, VISION_DIM)}  # fmt: skip
+    check_layers(g, mods, states)
+    assert "n_layers" not in mods["cond"] and "cond/layers" not in g and "meta/layers" not in g
 
     # provenance names the local folders the models were loaded from
     local = {"audio": full_run.models.audio, "text": full_run.models.text,
@@ -175,6 +191,50 @@ def test_full_preset_runs_end_to_end_with_tiny_local_models(full_run: FullRun) -
     fs = open_set(full_run.cache, DATASET, preset="full")
     assert fs.key == plan.key and fs.complete.all()
     assert {"audio", "text", "visual"} <= set(fs.available)
+
+
+def check_layers(g: zarr.Group, mods: dict, states: dict[str, tuple[int, int]]) -> None:
+    """`<m>/layers` has the declared shape, float16, finite, zero exactly on absent rows; for
+    audio and text (pooled = the last layer's mean) its last state is the pooled vector."""
+    for m, (n_states, dim) in states.items():
+        assert (mods[m]["n_layers"], mods[m]["layer_dim"]) == (n_states, dim), m
+        arr = g[f"{m}/layers"]
+        assert arr.shape == (3, n_states, dim) and arr.dtype == np.float16, m
+        lay = arr[:].astype(np.float32)
+        present = g[f"{m}/present"][:]
+        assert np.isfinite(lay).all() and (lay[~present] == 0).all(), m
+        assert all(lay[i].std() > 0 for i in np.flatnonzero(present)), m
+        if m in ("audio", "text"):
+            np.testing.assert_allclose(lay[present, -1], g[f"{m}/pooled"][:][present].astype(np.float32),
+                                       rtol=2e-3, atol=2e-3)  # fmt: skip
+
+
+@pytest.mark.slow  # ~20 s: MTCNN on the real videos (separation and OCR left out)
+def test_full_preset_with_the_whisper_encoder(tiny: TinyModels, tmp_path: Path) -> None:
+    """audio.backend=whisper-encoder: the encoder of the tiny Whisper, its layers stored."""
+    man = _write_dataset(tmp_path)
+    assert tiny.asr is not None
+    overrides = ["audio.backend=whisper-encoder", f'audio.model="{tiny.asr}"', f'text.model="{tiny.text}"',
+                 f'visual.model="{tiny.vision}"', "asr.backend=none", "separate.backend=skip",
+                 "ocr.backend=skip", "decode.max_duration=4.0"]  # fmt: skip
+    plan = plan_extract(DATASET, preset="full", overrides=overrides, manifests=man)
+    summary = run_extract(plan, cache=tmp_path / "cache")
+    assert summary.done == plan.layout.n_units and not summary.failures, summary.failures
+    g = zarr.open_group(tmp_path / "cache" / "sets" / plan.key, mode="r")
+    mods = dict(g.attrs["mmemo"])["modalities"]
+    assert mods["audio"]["provenance"]["backend"] == "whisper-encoder"
+    assert (mods["audio"]["seq_dim"], mods["audio"]["pooled_dim"]) == (WHISPER_DIM, WHISPER_DIM)
+    check_layers(g, mods, {"audio": (WHISPER_STATES, WHISPER_DIM), "text": (TEXT_STATES, TEXT_DIM),
+                           "visual": (VISION_STATES, VISION_DIM)})  # fmt: skip
+    # 3-4 s of audio at 20 ms per Whisper frame: 128 steps kept, not the 1500 of its 30 s window
+    assert g["audio/len"][:].tolist() == [128, 128, 128]
+    # the layers arrays are part of each unit's checksummed files: `cache verify` knows them
+    from pipeline.cachetools import verify
+
+    (report,) = verify(tmp_path / "cache", plan.key)
+    assert report.clean, report.problems
+    marker = json.loads((tmp_path / "cache" / "sets" / plan.key / "units" / "0.done").read_text())
+    assert any(rel.startswith("audio/layers/") for rel in marker["checksums"])
 
 
 def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
