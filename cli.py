@@ -41,15 +41,12 @@ class _ErrorGroup(typer.core.TyperGroup):
     (cache, import) because they all run inside the root group's invoke."""
 
     def invoke(self, ctx):  # type: ignore[no-untyped-def]
-        import click
-
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
-                typer.Exit, typer.Abort):
-            raise
         except Exception as e:
-            if _DEBUG["on"]:
+            # usage errors, Exit and Abort (click's, or the click that typer vendors) are
+            # already handled by typer: an exit code and its own message
+            if _DEBUG["on"] or type(e).__module__.split(".")[0] in ("click", "typer"):
                 raise
             _fail(error_line(e), code=1)
 
@@ -352,6 +349,8 @@ def ablate(
     batch_size: int = BatchOpt,
     patience: int = PatienceOpt,
     modality_dropout: float = ModDropOpt,
+    threads: int = typer.Option(None, "--threads", help="Torch threads per cell (default: the "
+                                "cores shared among --workers)."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard this grid's earlier cells instead of resuming them."),
     allow_partial: bool = PartialOpt,
 ) -> None:
@@ -373,7 +372,7 @@ def ablate(
     try:
         cfg = FitConfig(seeds=seeds, split=split, folds=folds, epochs=epochs,
                         head_options=_head_opts(opt, heads), lr=lr, batch_size=batch_size,
-                        patience=patience, modality_dropout=modality_dropout)
+                        patience=patience, modality_dropout=modality_dropout, threads=threads)
         progress = CellProgress(console)
         try:
             df = do_ablate(

@@ -181,9 +181,10 @@ class FeatureSet:
 
     def require_complete(self, allow_partial: bool = False) -> dict:
         """The coverage; a DataError naming the missing clips' count (and how to finish the set)
-        when clips are missing, unless `allow_partial`."""
+        when some clips are missing, unless `allow_partial`."""
         cov = self.coverage()
-        if cov["missing"] and not allow_partial:
+        # nothing completed at all: `check` says "no completed rows", --allow-partial cannot help
+        if cov["missing"] and cov["completed"] and not allow_partial:
             units = (f"{cov['units'] - cov['units_done']} of {cov['units']} work units unfinished"
                      if "units" in cov else f"{cov['units_done']} work units finished")
             per = ", ".join(f"{sp} {d['clips'] - d['completed']} of {d['clips']}"
