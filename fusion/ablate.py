@@ -392,13 +392,15 @@ def plot_ablation(df: pd.DataFrame, path: Path, title: str = "") -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 1.2 * len(subsets) * len(panels) + 2), 4),
                              dpi=100, squeeze=False)
     width = 0.8 / max(1, len(fusions))
+    one_seed = "n_seeds" in ok and set(ok["n_seeds"].dropna().astype(int)) == {1}
     for ax, (k, label) in zip(axes[0], panels, strict=True):
         for i, f in enumerate(fusions):
             sub = ok[ok["fusion"] == f].set_index("modalities").reindex(subsets)
             x = np.arange(len(subsets)) + (i - (len(fusions) - 1) / 2) * width
             ax.bar(x, sub.get(f"{k}_mean", pd.Series(np.nan, index=subsets)).astype(float),
-                   width, yerr=sub.get(f"{k}_std", pd.Series(0.0, index=subsets)).astype(float),
-                   capsize=3, label=f)
+                   width, label=f, capsize=3,
+                   yerr=None if one_seed else sub.get(f"{k}_std", pd.Series(0.0, index=subsets)
+                                                      ).astype(float))
         bcol = f"{prefix}_{k}"
         if bcol in ok and ok[bcol].notna().any():
             ax.axhline(float(ok[bcol].dropna().mean()), color="k", ls="--", lw=1,

@@ -299,18 +299,18 @@ def _write_outputs(run_dir: Path, metrics: dict, logs: list[dict], first: tuple 
                   str(run_dir / "norm.safetensors"), metadata=meta)
     if task.kind == "classification":
         n_test, seeds = metrics["n_test"], metrics["seeds"]
-        what = f"{fusion} · {'+'.join(mods)} · n test = {n_test}"
+        what = f"{fusion} · {'+'.join(mods)}\nn test = {n_test}"
+        mean = "1 seed" if len(seeds) == 1 else f"mean of {len(seeds)} seeds"
         mean_cm = np.asarray(metrics["confusion"])
         plot_confusion(mean_cm, task.classes, run_dir / "confusion.png",
-                       title=f"{what}\nmean of {len(seeds)} seed(s), counts")
+                       title=f"{what} · {mean} · counts")
         plot_confusion(mean_cm, task.classes, run_dir / "confusion_normalised.png",
-                       title=f"{what}\nmean of {len(seeds)} seed(s), row-normalised",
-                       normalise=True)
+                       title=f"{what} · {mean} · row-normalised", normalise=True)
         if len(seeds) > 1:
             for s in seeds:
                 plot_confusion(np.asarray(s["confusion"]), task.classes,
                                run_dir / f"confusion_seed{s['seed']}.png",
-                               title=f"{what}\nseed {s['seed']}, counts")
+                               title=f"{what} · seed {s['seed']} · counts")
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "",
@@ -324,7 +324,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = 
 
     k = len(classes)
     frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(4.2, 1.0 + 0.6 * k), max(3.6, 1.2 + 0.6 * k)), dpi=100)
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
