@@ -187,3 +187,34 @@ def test_every_option_of_the_fusion_commands_has_help() -> None:
                if not (getattr(p, "help", None) or "").strip()]
     assert not missing, missing
     assert any(p.name == "debug" and p.help for p in root.params)
+
+
+def _ev(run: int, epoch: int, event: str = "epoch") -> dict:
+    return {"event": event, "run": run, "runs": 2, "seed": run - 1, "fold": 0, "folds": 1,
+            "epoch": epoch, "epochs": 40, "train_loss": 0.5, "val_loss": 0.4, "val_metric": 0.7,
+            "best_epoch": epoch, "task": "classification"}
+
+
+def test_fit_progress_plain_lines_are_throttled_and_a_terminal_gets_a_bar() -> None:
+    import io
+
+    from rich.console import Console
+
+    from fusion.progress import FitProgress
+
+    buf = io.StringIO()
+    p = FitProgress(Console(file=buf, width=200), every_s=3600, terminal=False)
+    for e in range(1, 31):
+        p(_ev(1, e))
+    p(_ev(1, 30, "end"))
+    lines = buf.getvalue().splitlines()
+    # the first epoch, then nothing for an hour, then the end of the run
+    assert len(lines) == 2 and "epoch 1/40" in lines[0] and "stopped after epoch 30/40" in lines[1]
+    assert lines[0][:8].count(":") == 2  # a timestamp
+
+    buf = io.StringIO()
+    p = FitProgress(Console(file=buf, width=200, force_terminal=True), terminal=True)
+    p(_ev(1, 1))
+    assert p.bar is not None and p.bar.bar is not None  # a rich bar, not lines
+    p(_ev(2, 3, "end"))  # the last run ended: the bar is closed
+    assert p.bar is None
