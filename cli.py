@@ -14,7 +14,45 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multimodal emotion recognition: extract once, fuse fast.")
+_DEBUG = {"on": False}  # set by the global --debug option (see _root)
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an exception: the file / key / value it names and the reason.
+
+    OSErrors (missing files, permissions, HDF5 files that are not HDF5) name their file; a
+    KeyError is shown as the key; a type this tool does not raise on purpose is labelled an
+    internal error with the hint to rerun with --debug.
+    """
+    if isinstance(e, OSError) and getattr(e, "filename", None) and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, KeyError) and e.args:
+        msg = f"no such key: {e.args[0]}" if len(str(e.args[0])) < 200 else str(e.args[0])
+    else:
+        msg = str(e) or type(e).__name__
+    if not isinstance(e, (ValueError, OSError, KeyError, LookupError, RuntimeError, TypeError)):
+        msg = f"{type(e).__name__}: {msg} (unexpected; rerun with --debug for the traceback)"
+    return " ".join(msg.split())  # one line, whatever the message held
+
+
+class _ErrorGroup(typer.core.TyperGroup):
+    """The app's root group: any exception a command raises becomes one `error:` line and exit
+    code 1 (a traceback only with `mmemo --debug ...`). It wraps every command and sub-command
+    (cache, import) because they all run inside the root group's invoke."""
+
+    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            # usage errors, Exit and Abort (click's, or the click that typer vendors) are
+            # already handled by typer: an exit code and its own message
+            if _DEBUG["on"] or type(e).__module__.split(".")[0] in ("click", "typer"):
+                raise
+            _fail(error_line(e), code=1)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_ErrorGroup,
+                  help="Multimodal emotion recognition: extract once, fuse fast.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and maintain the feature cache.")
 import_app = typer.Typer(no_args_is_help=True, help="Import features made by other tools.")
 app.add_typer(cache_app, name="cache")
@@ -65,8 +103,31 @@ def _head_opts(opts: list[str] | None, heads: list[str]) -> dict[str, dict]:
             _fail(f"--opt {item!r}: no such option for {' / '.join(valid) or 'these heads'}; "
                   + "; ".join(f"{h}: {v}" for h, v in valid.items()))
         for h in targets:
+            _check_opt_type(item, h, name, value, head_options(h)[name])
             out.setdefault(h, {})[name] = value
     return out
+
+
+def _check_opt_type(item: str, head: str, name: str, value: object, default: object) -> None:
+    """A head option's value must have its default's type (an int where the default is an int,
+    a number where it is a float, true/false for a flag), so `--opt hidden=abc` fails here,
+    naming the option, rather than deep inside the head."""
+    def kind(v: object) -> str | None:
+        if isinstance(v, bool):
+            return "true or false"
+        if isinstance(v, int):
+            return "an integer"
+        if isinstance(v, float):
+            return "a number"
+        if isinstance(v, str):
+            return "a string"
+        return None
+
+    want, got = kind(default), kind(value)
+    ok = (want is None or want == got or (want == "a number" and got == "an integer"))
+    if not ok:
+        _fail(f"--opt {item!r}: option {name!r} of head {head!r} takes {want} "
+              f"(default {default!r}), got {value!r}")
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -75,6 +136,14 @@ def _fail(msg: str, code: int = 2) -> None:
 
     console.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", envvar="MMEMO_DEBUG",
+                                     help="Show the full traceback of an error instead of one line.")
+          ) -> None:
+    """Multimodal emotion recognition: extract once, fuse fast."""
+    _DEBUG["on"] = debug
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -194,24 +263,33 @@ ModDropOpt = typer.Option(0.1, "--modality-dropout", help="Chance a modality is 
 ProtocolOpt = typer.Option(None, "--protocol", help="meld-official | iemocap-loso | iemocap6 | mosei-standard | mosi-standard | ravdess-6fold | ravdess-5fold | cremad-actor (sets split, labels, metric, class weights).")
 LabelsOpt = typer.Option(None, "--labels", help="Fit-time label set: iemocap4 | iemocap6 | plutchik.")
 ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: the cores, at most 4).")
+SeedsOpt = typer.Option(3, "--seeds", help="How many seeds (0..N-1) to train; scores are mean ± std over them.")
+SplitOpt = typer.Option("official", "--split", help="official (the set's train/val/test) | kfold (grouped k-fold).")
+FoldsOpt = typer.Option(5, "--folds", help="Folds for --split kfold.")
+EpochsOpt = typer.Option(40, "--epochs", help="Most epochs (early stopping on validation).")
+RunsOpt = typer.Option(Path("runs"), "--runs", help="Folder the run folders are written under.")
+PresetFitOpt = typer.Option("offline", "--preset", help="Which feature set of the dataset (the preset it was extracted with).")
+PartialOpt = typer.Option(False, "--allow-partial", help="Train on a partly extracted feature set "
+                          "(unfinished units); the coverage is recorded in metrics.json.")
 
 
 @app.command()
 def fit(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = typer.Option(..., "--dataset", help="Dataset name (its feature set is looked up by --preset)."),
     fusion: str = typer.Option("early", "--fusion", help="early | late | hybrid | cquery | tfn | mult | cfnsr"),
     modalities: str = typer.Option("all", "--modalities", help="Comma list (audio,text,visual,meta) or 'all'."),
-    seeds: int = typer.Option(3, "--seeds"),
-    name: str = typer.Option(None, "--name"),
+    seeds: int = SeedsOpt,
+    name: str = typer.Option(None, "--name", help="Run folder name (default: DATASET-FUSION-MODALITIES)."),
     cache: Path = CacheOpt,
-    preset: str = typer.Option("offline", "--preset", help="Which feature set of the dataset."),
-    split: str = typer.Option("official", "--split", help="official | kfold"),
-    folds: int = typer.Option(5, "--folds"),
-    group_by: str = typer.Option(None, "--group-by"),
-    epochs: int = typer.Option(40, "--epochs", help="Most epochs (early stopping on validation)."),
+    preset: str = PresetFitOpt,
+    split: str = SplitOpt,
+    folds: int = FoldsOpt,
+    group_by: str = typer.Option(None, "--group-by", help="Clip field that groups clips for validation and "
+                                 "folds (speaker, dialogue_id, ...; default: the set's; 'none': ungrouped)."),
+    epochs: int = EpochsOpt,
     target: str = typer.Option("label", "--target", help="label | sentiment | valence | arousal"),
-    device: str = typer.Option("cpu", "--device"),
-    runs: Path = typer.Option(Path("runs"), "--runs"),
+    device: str = typer.Option("cpu", "--device", help="Torch device: cpu | cuda | cuda:N."),
+    runs: Path = RunsOpt,
     opt: list[str] = OptOpt,
     lr: float = LrOpt,
     batch_size: int = BatchOpt,
@@ -221,10 +299,12 @@ def fit(
     protocol: str = ProtocolOpt,
     labels: str = LabelsOpt,
     test_dataset: str = typer.Option(None, "--test-dataset", help="Test on another dataset's feature set (same preset; with --labels plutchik)."),
+    allow_partial: bool = PartialOpt,
 ) -> None:
     """Fit a fusion head on cached features (never touches media or encoders)."""
     from fusion.config import FitConfig
     from fusion.data import DataError
+    from fusion.progress import FitProgress
     from fusion.report import load_run, print_table, run_row
     from fusion.train import fit as do_fit
 
@@ -235,8 +315,13 @@ def fit(
                         device=device, target=target, head_options=head_opts or {}, lr=lr,
                         batch_size=batch_size, patience=patience,
                         modality_dropout=modality_dropout, threads=threads, labels=labels)
-        res = do_fit(_cache(cache), dataset, fusion, mods, cfg, name=name, runs_dir=runs,
-                     preset=preset, protocol=protocol, test_dataset=test_dataset)
+        progress = FitProgress(console)
+        try:
+            res = do_fit(_cache(cache), dataset, fusion, mods, cfg, name=name, runs_dir=runs,
+                         preset=preset, protocol=protocol, test_dataset=test_dataset,
+                         allow_partial=allow_partial, progress=progress)
+        finally:
+            progress.close()
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(str(e))
     m = load_run(res.run_dir)
@@ -244,57 +329,73 @@ def fit(
                 console=table_console)
     console.print(m.get("paper", ""))
     for w in m.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {w}")
-    console.print(f"[dim]{res.run_dir}/metrics.json, config.toml, model.safetensors, confusion.png, log.csv[/dim]")
+        console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+    console.print(f"[dim]{res.run_dir}/metrics.json, config.toml, model.safetensors, "
+                  "confusion.png (mean over seeds; confusion_normalised.png, confusion_seed*.png), "
+                  "log.csv[/dim]")
 
 
 @app.command()
 def ablate(
-    dataset: str = typer.Option(..., "--dataset"),
+    dataset: str = typer.Option(..., "--dataset", help="Dataset name (its feature set is looked up by --preset)."),
     fusion: str = typer.Option("early,late,hybrid,cquery", "--fusion", help="Comma list of heads."),
-    modalities: str = typer.Option("all-subsets", "--modalities", help="all-subsets | all,singles | a;b,c"),
-    seeds: int = typer.Option(3, "--seeds"),
-    name: str = typer.Option("ablation", "--name"),
+    modalities: str = typer.Option("all-subsets", "--modalities", help="all-subsets | all,singles | "
+                                   "sets separated by ';', each a comma list (audio,text;audio)."),
+    seeds: int = SeedsOpt,
+    name: str = typer.Option("ablation", "--name", help="Grid folder under --runs (a rerun resumes it)."),
     cache: Path = CacheOpt,
-    preset: str = typer.Option("offline", "--preset"),
-    workers: int = typer.Option(1, "--workers"),
-    scheduler: str = typer.Option(None, "--scheduler"),
-    split: str = typer.Option("official", "--split", help="official | kfold (grouped)"),
-    folds: int = typer.Option(5, "--folds"),
-    epochs: int = typer.Option(40, "--epochs", help="Most epochs (early stopping on validation)."),
-    runs: Path = typer.Option(Path("runs"), "--runs"),
+    preset: str = PresetFitOpt,
+    workers: int = typer.Option(1, "--workers", help="Cells run at once (local processes)."),
+    scheduler: str = typer.Option(None, "--scheduler", help="Dask scheduler address (tcp://host:port) to run the cells on."),
+    split: str = SplitOpt,
+    folds: int = FoldsOpt,
+    epochs: int = EpochsOpt,
+    runs: Path = RunsOpt,
     opt: list[str] = OptOpt,
     lr: float = LrOpt,
     batch_size: int = BatchOpt,
     patience: int = PatienceOpt,
     modality_dropout: float = ModDropOpt,
+    threads: int = typer.Option(None, "--threads", help="Torch threads per cell (default: the "
+                                "cores shared among --workers)."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard this grid's earlier cells instead of resuming them."),
     protocol: str = ProtocolOpt,
     labels: str = LabelsOpt,
+    allow_partial: bool = PartialOpt,
 ) -> None:
-    """Run a fusion × modality-subset × seed grid; resumable; writes csv, Markdown, plot."""
+    """Run a fusion × modality-subset × seed grid; resumable; writes csv, Markdown, plot.
+
+    The whole grid (heads, options, modality names) is checked before the first cell runs;
+    the exit code is 1 when any cell failed."""
     from fusion.ablate import ablate as do_ablate
     from fusion.config import FitConfig
     from fusion.data import DataError
+    from fusion.progress import CellProgress
 
     heads = _split_list(fusion) or []
-    if modalities in ("all-subsets", "all,singles"):
+    keywords = {"all-subsets", "all", "singles"}
+    if set(_split_list(modalities) or []) <= keywords and ";" not in modalities:
         msets: object = modalities
     else:
         msets = [_split_list(s) for s in modalities.split(";")]
     try:
         cfg = FitConfig(seeds=seeds, split=split, folds=folds, epochs=epochs,
                         head_options=_head_opts(opt, heads), lr=lr, batch_size=batch_size,
-                        patience=patience, modality_dropout=modality_dropout, labels=labels)
+                        patience=patience, modality_dropout=modality_dropout, threads=threads,
+                        labels=labels)
         if protocol:
             from fusion.protocols import get_protocol
 
             cfg = get_protocol(protocol).config(cfg)
-        df = do_ablate(
-            cache_root=_cache(cache), dataset=dataset, fusions=heads, modality_sets=msets,
-            name=name, workers=workers, scheduler=scheduler, runs_dir=runs, preset=preset,
-            fresh=fresh, cfg=cfg,
-        )
+        progress = CellProgress(console)
+        try:
+            df = do_ablate(
+                cache_root=_cache(cache), dataset=dataset, fusions=heads, modality_sets=msets,
+                name=name, workers=workers, scheduler=scheduler, runs_dir=runs, preset=preset,
+                fresh=fresh, cfg=cfg, allow_partial=allow_partial, progress=progress,
+            )
+        finally:
+            progress.close()
     except (DataError, FileNotFoundError, KeyError, ValueError) as e:
         _fail(str(e))
     from fusion.report import collect, print_table, run_row
@@ -303,12 +404,17 @@ def ablate(
     rows = [run_row(m) for m in collect([c for c in cells if (c / "metrics.json").exists()])]
     for r in rows:
         r.pop("run", None)
-    print_table(rows, title=f"{dataset}: fusion × modalities (mean ± std over seeds; majority = baseline)",
-                console=table_console)
-    for r in df.to_dict(orient="records"):
-        if r.get("error"):
-            console.print(f"[red]failed[/red] {r['cell']}: {r['error']}")
-    console.print(f"[dim]{runs / name}/ablation.csv, ablation.md, ablation.png[/dim]")
+    if rows:
+        print_table(rows, title=f"{dataset}: fusion × modalities (mean ± std over seeds; "
+                    "majority = baseline)", console=table_console)
+    failed = [r for r in df.to_dict(orient="records") if r.get("error")]
+    for r in failed:
+        console.print(f"[red]failed[/red] {r['cell']}: {r['error']}", soft_wrap=True)
+    shown = "ablation.csv, ablation.md" + (", ablation.png" if rows else "")
+    console.print(f"[dim]{runs / name}/{shown}[/dim]")
+    if failed:
+        _fail(f"{len(failed)} of {len(df)} cells failed (listed above; {runs / name}/ablation.md)",
+              code=1)
 
 
 @app.command()
@@ -442,7 +548,7 @@ def import_csd(
 @import_app.command("mmsa-pkl")
 def import_mmsa(
     file: Path = typer.Argument(..., help="An MMSA-style aligned .pkl (train/valid/test)."),
-    dataset: str = typer.Option(None, "--dataset"),
+    dataset: str = typer.Option(None, "--dataset", help="Dataset name (default: file stem)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Required: unpickling runs code from the file."),
     cache: Path = CacheOpt,
 ) -> None:
@@ -455,16 +561,21 @@ def import_mmsa(
     console.print(f"imported {file} as feature set {key}")
 
 
+EXPORT_FORMATS = ("hdf5", "mmsa-pkl")
+
+
 @app.command()
 def export(
     key: str = typer.Argument(..., help="Key or dataset/preset alias."),
-    out: Path = typer.Option(..., "--out"),
+    out: Path = typer.Option(..., "--out", help="File to write (replaced atomically when done)."),
     format: str = typer.Option("hdf5", "--format", help="hdf5 | mmsa-pkl"),
     cache: Path = CacheOpt,
 ) -> None:
     """Export a feature set for other trainers."""
     from pipeline.importers import export_set
 
+    if format not in EXPORT_FORMATS:
+        _fail(f"--format {format!r}: unknown export format; use one of {', '.join(EXPORT_FORMATS)}")
     export_set(_cache(cache), key, out, fmt=format)
     console.print(f"wrote {out}")
 

@@ -55,7 +55,13 @@ def modality_subsets(available: Sequence[str], sets: ModalitySets) -> list[list[
             raise ValueError(f"modality sets {sorted(unknown)}: use 'all-subsets', 'all,singles', "
                              "'all', 'singles' or a list of lists")
     else:
-        out = [s.split("+") if isinstance(s, str) else list(s) for s in sets]
+        out = []
+        for s in sets:
+            s = s.split("+") if isinstance(s, str) else list(s)
+            if len(s) == 1 and s[0] in ("all-subsets", "all", "singles"):
+                out += modality_subsets(avail, s[0])  # a keyword among explicit sets
+            else:
+                out.append(s)
     seen, uniq = set(), []
     for s in out:  # de-duplicate (e.g. 'all' == the single modality of a one-modality set)
         k = tuple(s)
@@ -70,7 +76,8 @@ def cell_name(fusion: str, mods: Sequence[str]) -> str:
 
 
 def _run_cell(cache_root: str, dataset: str | None, fusion: str, mods: list[str], cell: str,
-              runs_dir: str, cfg: FitConfig, preset: str, set_key: str | None) -> str:
+              runs_dir: str, cfg: FitConfig, preset: str, set_key: str | None,
+              allow_partial: bool = False) -> str:
     """Worker entry point (module level so process pools and Dask can pickle it).
 
     `cfg` is the cell's own config (its head's options, see `cell_config`).
@@ -78,7 +85,7 @@ def _run_cell(cache_root: str, dataset: str | None, fusion: str, mods: list[str]
     from fusion.train import fit
 
     fit(cache_root, dataset, fusion, mods, cfg, name=cell, runs_dir=Path(runs_dir),
-        preset=preset, key=set_key)
+        preset=preset, key=set_key, allow_partial=allow_partial)
     return cell
 
 
@@ -121,6 +128,32 @@ def _check_resumable(cell_dir: Path, want: FitConfig, feature_set: str) -> None:
                          f"the same grid: choose another --name or delete {cell_dir.parent}")
 
 
+def validate_grid(fs: Any, fusions: Sequence[str], subsets: list[list[str]], cfg: FitConfig
+                  ) -> None:
+    """Check the whole grid before the first fit: every head name, every head's options, every
+    modality name, and that each head can be built on each modality subset. A ValueError /
+    DataError names the first bad head, option or modality and what is valid."""
+    from fusion.heads import HEADS, build_head
+    from fusion.splits import _task
+
+    if not fusions:
+        raise ValueError(f"no fusion heads given; valid heads: {', '.join(HEADS)}")
+    unknown = [f for f in fusions if f not in HEADS]
+    if unknown:
+        raise ValueError(f"--fusion: unknown head(s) {', '.join(repr(f) for f in unknown)}; "
+                         f"valid heads: {', '.join(HEADS)}")
+    if not subsets:
+        raise ValueError(f"no modality sets to run (the set has {list(fs.available)})")
+    n_out = _task(fs, cfg.target).n_out
+    for f in fusions:
+        opts = options_for(cfg.head_options, f)
+        for mods in subsets:
+            try:
+                build_head(f, fs.spec(mods), n_out, **opts)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"cell {cell_name(f, mods)}: {e}") from e
+
+
 def ablate(
     cache_root: Path | str,
     dataset: str | None,
@@ -135,6 +168,8 @@ def ablate(
     key: str | None = None,
     fresh: bool = False,
     cfg: FitConfig | None = None,
+    allow_partial: bool = False,
+    progress: Any = None,
     **settings: Any,
 ) -> pd.DataFrame:
     """Run (or resume) the fusion × modality-subset grid; write and return the summary table.
@@ -145,13 +180,18 @@ def ablate(
     set and settings (`FitConfig.from_toml(...) == cfg`); otherwise a ValueError says what
     differs. `fresh` discards the grid's earlier cells instead. A failing cell (e.g. a
     DataError for one subset) is recorded in the table's `error` column and the grid goes on.
+    The grid is validated first (`validate_grid`; a partial feature set is refused unless
+    `allow_partial`), so a typo fails before any cell runs. `progress(event)` is told when a
+    cell starts (inline runs) and ends: {event, cell, index, total, done, error}.
     """
     t0 = time.perf_counter()
     if seeds is not None:
         settings["seeds"] = seeds
     cfg = replace(cfg or FitConfig(), **settings)
     fs = open_set(cache_root, dataset, preset=preset, key=key)
+    fs.require_complete(allow_partial)
     subsets = [fs.resolve(s) for s in modality_subsets(fs.available, modality_sets)]
+    validate_grid(fs, fusions, subsets, cfg)
     out_dir = Path(runs_dir) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = [(f, mods, cell_name(f, mods)) for f in fusions for mods in subsets]
@@ -166,7 +206,7 @@ def ablate(
     log.info("ablation %s: %d cells, %d already done, %d to run", name, len(cells), len(done),
              len(todo))
     errors = _execute(todo, str(cache_root), dataset, str(out_dir), cfg, preset, fs.key, workers,
-                      scheduler)
+                      scheduler, allow_partial, progress)
     df = summary_table(out_dir, cells, done, errors)
     write_outputs(out_dir, df, title=f"{fs.attrs.get('dataset')}/{preset} ({fs.key})",
                   elapsed=time.perf_counter() - t0)
@@ -174,52 +214,71 @@ def ablate(
 
 
 def _execute(todo: list, cache_root: str, dataset: str | None, out_dir: str, cfg: FitConfig,
-             preset: str, key: str, workers: int, scheduler: str | None) -> dict[str, str]:
+             preset: str, key: str, workers: int, scheduler: str | None,
+             allow_partial: bool = False, progress: Any = None) -> dict[str, str]:
     """Run the cells; returns {cell: error message} for the ones that failed."""
     errors: dict[str, str] = {}
     if not todo:
         return errors
+    total, done = len(todo), [0]
+
+    def tell(event: str, cell: str, index: int, error: str = "") -> None:
+        if event == "end":
+            done[0] += 1
+        if progress is not None:
+            progress({"event": event, "cell": cell, "index": index, "total": total,
+                      "done": done[0], "error": error})
+
     if scheduler:
-        return _execute_dask(todo, cache_root, dataset, out_dir, cfg, preset, key, scheduler)
+        return _execute_dask(todo, cache_root, dataset, out_dir, cfg, preset, key, scheduler,
+                             allow_partial, tell)
     if workers <= 1:
-        for f, mods, c in todo:
+        for i, (f, mods, c) in enumerate(todo, 1):
+            tell("start", c, i)
             try:
                 _run_cell(cache_root, dataset, f, mods, c, out_dir, cell_config(cfg, f), preset,
-                          key)
+                          key, allow_partial)
             except Exception as e:  # one bad cell must not lose the grid
                 errors[c] = _err(c, e)
+            tell("end", c, i, errors.get(c, ""))
         return errors
     # Each process gets a fair share of the cores: oversubscribed BLAS threads are far slower.
     if cfg.threads is None:
         cfg = replace(cfg, threads=max(1, (os.cpu_count() or 1) // workers))
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futs = {pool.submit(_run_cell, cache_root, dataset, f, mods, c, out_dir,
-                            cell_config(cfg, f), preset, key): c
+                            cell_config(cfg, f), preset, key, allow_partial): c
                 for f, mods, c in todo}
+        index = {c: i for i, (_, _, c) in enumerate(todo, 1)}
         for fut in as_completed(futs):
             try:
                 fut.result()
             except Exception as e:
                 errors[futs[fut]] = _err(futs[fut], e)
+            tell("end", futs[fut], index[futs[fut]], errors.get(futs[fut], ""))
     return errors
 
 
 def _execute_dask(todo: list, cache_root: str, dataset: str | None, out_dir: str,
-                  cfg: FitConfig, preset: str, key: str, scheduler: str) -> dict[str, str]:
+                  cfg: FitConfig, preset: str, key: str, scheduler: str,
+                  allow_partial: bool = False, tell: Any = None) -> dict[str, str]:
     from distributed import Client
     from distributed import as_completed as dask_completed
 
     errors: dict[str, str] = {}
     with Client(scheduler) as client:
         futs = {client.submit(_run_cell, cache_root, dataset, f, mods, c, out_dir,
-                              cell_config(cfg, f), preset, key,
+                              cell_config(cfg, f), preset, key, allow_partial,
                               pure=False, key=f"mmemo-{c}-{time.time_ns()}"): c
                 for f, mods, c in todo}
+        index = {c: i for i, (_, _, c) in enumerate(todo, 1)}
         for fut in dask_completed(list(futs)):
             try:
                 fut.result()
             except Exception as e:
                 errors[futs[fut]] = _err(futs[fut], e)
+            if tell is not None:
+                tell("end", futs[fut], index[futs[fut]], errors.get(futs[fut], ""))
     return errors
 
 
@@ -279,7 +338,11 @@ def write_outputs(out_dir: Path, df: pd.DataFrame, title: str = "", elapsed: flo
     """ablation.csv, ablation.md and ablation.png from the summary table."""
     df.to_csv(out_dir / "ablation.csv", index=False)
     (out_dir / "ablation.md").write_text(ablation_markdown(df, title, elapsed))
-    plot_ablation(df, out_dir / "ablation.png", title)
+    ok = df[df["error"] == ""] if "error" in df else df
+    if len(ok) and "n_seeds" in ok:
+        plot_ablation(df, out_dir / "ablation.png", title)
+    else:  # nothing finished: no empty plot (and none left from an earlier grid)
+        (out_dir / "ablation.png").unlink(missing_ok=True)
 
 
 def ablation_markdown(df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -> str:
@@ -288,9 +351,13 @@ def ablation_markdown(df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -
     prefix = "mean_baseline" if regression else "majority"
     rows = []
     for r in df.to_dict(orient="records"):
-        row = {"fusion": r["fusion"], "modalities": r["modalities"]}
+        n_test = _num(r.get("n_test"))
+        row = {"fusion": r["fusion"], "modalities": r["modalities"],
+               "n test": "—" if n_test is None else str(int(n_test))}
+        n_seeds = _num(r.get("n_seeds"))
         for k, label in cols:
-            row[label] = (fmt_pm(_num(r.get(f"{k}_mean")), _num(r.get(f"{k}_std")))
+            row[label] = (fmt_pm(_num(r.get(f"{k}_mean")), _num(r.get(f"{k}_std")),
+                                 n_seeds=None if n_seeds is None else int(n_seeds))
                           if not r.get("error") else "failed")
         for k, label in cols[:3]:
             v = _num(r.get(f"{prefix}_{k}"))
@@ -303,11 +370,18 @@ def ablation_markdown(df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -
         rows.append(row)
     head = f"# Ablation: {title}\n\n" if title else "# Ablation\n\n"
     seeds = df["n_seeds"].dropna().unique().tolist() if "n_seeds" in df else []
-    note = (f"Mean ± std over {', '.join(str(int(s)) for s in seeds) or '?'} seed(s); "
-            f"`{prefix}` columns: the trivial predictor on the same test rows; `probe`: a "
-            f"linear model on the same pooled features and folds (fusion/probe.py); `flag`: "
-            f"the head is below a baseline on the headline metric. "
-            f"{len(df)} cells ({int(df['resumed'].sum())} resumed), {elapsed:.1f} s.\n\n")
+    n_failed = int((df["error"] != "").sum()) if "error" in df else 0
+    counts = (f"{len(df)} cells ({int(df['resumed'].sum())} resumed, {n_failed} failed), "
+              f"{elapsed:.1f} s.")
+    if seeds:
+        spread = ("± n/a: one seed, no spread measured" if seeds == [1]
+                  else f"mean ± std over {', '.join(str(int(s)) for s in seeds)} seeds")
+        note = (f"Scores: {spread}; `n test`: test clips per cell; `{prefix}` columns: the "
+                f"trivial predictor on the same test rows; `probe`: a linear model on the same "
+                f"pooled features and folds (fusion/probe.py); `flag`: the head is below a "
+                f"baseline on the headline metric. {counts}\n\n")
+    else:
+        note = f"No cell finished, so there is nothing to compare. {counts}\n\n"
     fails = [f"- {r['cell']}: {r['error']}" for r in df.to_dict(orient="records") if r.get("error")]
     tail = ("\n## Failed cells\n\n" + "\n".join(fails) + "\n") if fails else ""
     return head + note + markdown_table(rows) + tail
@@ -338,14 +412,16 @@ def plot_ablation(df: pd.DataFrame, path: Path, title: str = "") -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 1.2 * len(subsets) * len(panels) + 2), 4),
                              dpi=100, squeeze=False)
     width = 0.8 / max(1, len(fusions))
+    one_seed = "n_seeds" in ok and set(ok["n_seeds"].dropna().astype(int)) == {1}
     for ax, (k, label) in zip(axes[0], panels, strict=True):
         for i, f in enumerate(fusions):
             sub = ok[ok["fusion"] == f].set_index("modalities").reindex(subsets)
             x = np.arange(len(subsets)) + (i - (len(fusions) - 1) / 2) * width
             below = sub.get("below", pd.Series("", index=subsets)).fillna("").astype(str)
             bars = ax.bar(x, sub.get(f"{k}_mean", pd.Series(np.nan, index=subsets)).astype(float),
-                          width, yerr=sub.get(f"{k}_std", pd.Series(0.0, index=subsets)).astype(float),
-                          capsize=3, label=f)
+                          width, label=f, capsize=3,
+                          yerr=None if one_seed else sub.get(f"{k}_std", pd.Series(0.0, index=subsets)
+                                                             ).astype(float))
             for b, flagged in zip(bars, below != "", strict=True):
                 if flagged:  # below the majority / probe on the headline metric
                     b.set_hatch("//")
@@ -363,8 +439,12 @@ def plot_ablation(df: pd.DataFrame, path: Path, title: str = "") -> None:
         ax.set_ylabel(label)
         ax.set_title(label, fontsize=9)
     axes[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    n_test = sorted({int(v) for v in ok["n_test"].dropna()}) if "n_test" in ok else []
+    seeds = sorted({int(v) for v in ok["n_seeds"].dropna()}) if "n_seeds" in ok else []
+    facts = (f"n test = {'/'.join(map(str, n_test)) or '?'}; "
+             + ("1 seed (no error bars)" if seeds == [1]
+                else f"mean ± std over {'/'.join(map(str, seeds))} seeds"))
+    fig.suptitle(f"{title}\n{facts}" if title else facts, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

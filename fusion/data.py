@@ -164,6 +164,39 @@ class FeatureSet:
             return np.zeros(self.n, dtype=bool)
         return cf.completed_rows(self.n, self.units)
 
+    def coverage(self) -> dict:
+        """How much of the set is usable: clips, completed clips, missing, units done / total,
+        and the same per split. fit records it in metrics.json and refuses a partial set."""
+        comp = self.complete
+        split = self.split
+        size = (self.attrs.get("layout") or {}).get("unit_size") or self.attrs.get("unit_size")
+        out: dict = {"clips": int(self.n), "completed": int(comp.sum()),
+                     "missing": int(self.n - comp.sum()), "units_done": len(self.units)}
+        if size:
+            out["units"] = int(-(-self.n // int(size)))
+        out["by_split"] = {str(sp): {"clips": int((split == sp).sum()),
+                                     "completed": int((comp & (split == sp)).sum())}
+                           for sp in dict.fromkeys(split.tolist())}
+        return out
+
+    def require_complete(self, allow_partial: bool = False) -> dict:
+        """The coverage; a DataError naming the missing clips' count (and how to finish the set)
+        when some clips are missing, unless `allow_partial`."""
+        cov = self.coverage()
+        # nothing completed at all: `check` says "no completed rows", --allow-partial cannot help
+        if cov["missing"] and cov["completed"] and not allow_partial:
+            units = (f"{cov['units'] - cov['units_done']} of {cov['units']} work units unfinished"
+                     if "units" in cov else f"{cov['units_done']} work units finished")
+            per = ", ".join(f"{sp} {d['clips'] - d['completed']} of {d['clips']}"
+                            for sp, d in cov["by_split"].items() if d["clips"] > d["completed"])
+            ds, preset = self.attrs.get("dataset", "DATASET"), self.attrs.get("preset", "PRESET")
+            raise DataError(
+                f"feature set {self.name} is partial: {cov['missing']} of {cov['clips']} clips "
+                f"missing ({units}; {per}); finish it with `mmemo extract --dataset {ds} "
+                f"--preset {preset}`, or pass --allow-partial to train on the "
+                f"{cov['completed']} completed clips")
+        return cov
+
     # --- inputs ----------------------------------------------------------------------
     def resolve(self, modalities: list[str] | tuple[str, ...] | str) -> list[str]:
         """'all' → every input modality; otherwise check the names exist."""

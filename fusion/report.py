@@ -31,11 +31,15 @@ REGRESSION_COLUMNS = (("mae", "MAE"), ("corr", "corr"), ("acc2", "Acc-2"), ("acc
                       ("f1", "F1"))
 
 
-def fmt_pm(mean: float | None, std: float | None, digits: int = 3) -> str:
-    """'0.812 ± 0.013' (or '—' when the value is missing)."""
+def fmt_pm(mean: float | None, std: float | None, digits: int = 3,
+           n_seeds: int | None = None) -> str:
+    """'0.812 ± 0.013' ('0.812 ± n/a' for one seed: no spread was measured; '—' when the
+    value is missing)."""
     if mean is None:
         return "—"
-    return f"{mean:.{digits}f} ± {std or 0.0:.{digits}f}"
+    if n_seeds == 1 or std is None:
+        return f"{mean:.{digits}f} ± n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def load_run(path: Path | str) -> dict:
@@ -77,7 +81,7 @@ def run_row(m: dict) -> dict[str, Any]:
         "seeds": m.get("n_seeds", len(m.get("seeds", [])) or 1),
     }
     for key, label in cols:
-        row[label] = fmt_pm(mean.get(key, m.get(key)), std.get(key))
+        row[label] = fmt_pm(mean.get(key, m.get(key)), std.get(key), n_seeds=row["seeds"])
     base = m.get("mean_baseline" if regression else "majority_baseline") or {}
     name = "mean baseline" if regression else "majority"
     shown = [(k, label) for k, label in cols[:3] if k in base]
@@ -230,15 +234,56 @@ def _summarise(per_seed: list[dict], task: Task, fs: FeatureSet, mods: list[str]
         "warnings": list(warnings),
     }
     if task.kind == "classification":
-        cm = np.sum([np.asarray(s["confusion"]) for s in per_seed], axis=0)
-        pooled = M.metrics_from_confusion(cm, task.classes)
-        out |= {"classes": task.classes, "per_class": pooled["per_class"],
-                "confusion": pooled["confusion"]}
+        out |= _class_summary(per_seed, task, plan)
     if "aux" in per_seed[0]:
         out["aux"] = {k: M.aggregate([s["aux"][k] for s in per_seed])["mean"]
                       | {"n": per_seed[0]["aux"][k]["n"]} for k in per_seed[0]["aux"]}
     out["seeds"] = per_seed
     return out
+
+
+def _class_summary(per_seed: list[dict], task: Task, plan: list[Fold]) -> dict:
+    """Confusion matrices and per-class scores that cannot be misread as counts over seeds.
+
+    `confusion` is the mean over seeds of each seed's test confusion matrix (each row sums
+    to that class's test support; each seed's own matrix is under `seeds[i].confusion`);
+    `confusion_normalised` is its row-normalised form (recall on the diagonal). `per_class`
+    precision / recall / F1 are means over seeds, and `support` is the test count, counted
+    once. `support_by_split` gives per-class counts of train, val and test (test: every test
+    row once; train / val: the mean over folds for k-fold).
+    """
+    k = len(task.classes)
+    cms = np.stack([np.asarray(s["confusion"], dtype=np.float64) for s in per_seed])
+    mean_cm = cms.mean(axis=0)
+    norm = mean_cm / np.maximum(mean_cm.sum(axis=1, keepdims=True), 1e-12)
+    per_class = {}
+    for c in task.classes:
+        rows = [s["per_class"][c] for s in per_seed]
+        per_class[c] = {key: float(np.mean([r[key] for r in rows]))
+                        for key in ("precision", "recall", "f1")}
+        per_class[c]["support"] = int(rows[0]["support"])
+
+    def counts(idx: np.ndarray) -> np.ndarray:
+        return np.bincount(task.y[idx].astype(np.int64), minlength=k)[:k]
+
+    support = {
+        "train": np.mean([counts(f.train) for f in plan], axis=0),
+        "val": np.mean([counts(f.val) for f in plan], axis=0),
+        "test": np.sum([counts(f.test) for f in plan], axis=0),
+    }
+    by_split = {sp: {c: (int(v[i]) if float(v[i]).is_integer() else round(float(v[i]), 1))
+                     for i, c in enumerate(task.classes)} for sp, v in support.items()}
+    n = len(per_seed)
+    return {
+        "classes": task.classes, "per_class": per_class,
+        "confusion": np.round(mean_cm, 3).tolist(),
+        "confusion_normalised": np.round(norm, 4).tolist(),
+        "support_by_split": by_split,
+        "aggregation": (f"confusion: mean over {n} seed(s) of each seed's test confusion "
+                        "(rows: true class, sums = test support; per seed: seeds[i].confusion); "
+                        "per_class: precision/recall/F1 mean over seeds, support = test count once; "
+                        "support_by_split: train/val mean over folds, test every row once"),
+    }
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -266,12 +311,25 @@ def _write_outputs(run_dir: Path, metrics: dict, logs: list[dict], first: tuple 
         save_file({k: v.detach().cpu().contiguous() for k, v in stats.items()},
                   str(run_dir / "norm.safetensors"), metadata=meta)
     if task.kind == "classification":
-        plot_confusion(np.asarray(metrics["confusion"]), task.classes, run_dir / "confusion.png",
-                       title=f"{fusion} · {'+'.join(mods)}")
+        n_test, seeds = metrics["n_test"], metrics["seeds"]
+        what = f"{fusion} · {'+'.join(mods)}\nn test = {n_test}"
+        mean = "1 seed" if len(seeds) == 1 else f"mean of {len(seeds)} seeds"
+        mean_cm = np.asarray(metrics["confusion"])
+        plot_confusion(mean_cm, task.classes, run_dir / "confusion.png",
+                       title=f"{what} · {mean} · counts")
+        plot_confusion(mean_cm, task.classes, run_dir / "confusion_normalised.png",
+                       title=f"{what} · {mean} · row-normalised", normalise=True)
+        if len(seeds) > 1:
+            for s in seeds:
+                plot_confusion(np.asarray(s["confusion"]), task.classes,
+                               run_dir / f"confusion_seed{s['seed']}.png",
+                               title=f"{what} · seed {s['seed']} · counts")
 
 
-def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
-    """Row-normalised confusion matrix with counts, pooled over seeds (and folds)."""
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "",
+                   normalise: bool = False) -> None:
+    """A confusion matrix coloured by row fraction, annotated with counts (a mean over seeds
+    may be fractional) or, with `normalise`, with the row fractions."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,11 +337,14 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = 
 
     k = len(classes)
     frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(4.2, 1.0 + 0.6 * k), max(3.6, 1.2 + 0.6 * k)), dpi=100)
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
+            v = cm[i, j]
+            txt = (f"{frac[i, j]:.2f}" if normalise else
+                   str(int(v)) if float(v).is_integer() else f"{v:.1f}")
+            ax.text(j, i, txt, ha="center", va="center", fontsize=8,
                     color="white" if frac[i, j] > 0.5 else "black")
     ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), classes, fontsize=8)

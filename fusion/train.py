@@ -70,6 +70,8 @@ def fit(
     key: str | None = None,
     protocol: str | None = None,
     test_dataset: str | None = None,
+    allow_partial: bool = False,
+    progress: Callable[[dict], None] | None = None,
     **settings: Any,
 ) -> RunResult:
     """Train `fusion` on `modalities` of a cached feature set over `cfg.seeds`; write runs/<name>/.
@@ -83,7 +85,11 @@ def fit(
     epoch is at most MAX_STEPS optimiser steps; `lr` is then scaled by sqrt(batch / 128) (see
     `auto_batch`). A head's `seq_inputs` and `prepare` (fusion/heads/base.py) decide which
     sequences are loaded and what is precomputed once per fold. Raises DataError before
-    training when the data cannot support the fit.
+    training when the data cannot support the fit, and when clips of the set are missing
+    (unfinished units) unless `allow_partial`; metrics.json records the coverage.
+    `progress` is called after every epoch with a dict (event "epoch" or, when a (seed, fold)
+    run stops, "end"; run / runs, seed, fold, epoch / epochs, train_loss, val_loss,
+    val_metric, best_epoch).
 
     `protocol` (fusion/protocols.py) fixes split, folds, label set, target, selection metric
     and class weighting over `cfg`. `cfg.labels` picks a fit-time label set; with `plutchik`,
@@ -98,6 +104,7 @@ def fit(
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads or default_threads())
     fs = open_set(cache_root, dataset, preset=preset, key=key)
+    coverage = fs.require_complete(allow_partial)
     mods = fs.resolve(modalities)
     task = _task(fs, cfg.target)
     left_out: dict[str, int] = {}
@@ -108,6 +115,9 @@ def fit(
     if proto is not None and fs.meta.dataset not in (None, proto.dataset):
         warnings.append(f"protocol {proto.name} is for dataset {proto.dataset!r}; this set is "
                         f"{fs.meta.dataset!r}")
+    if coverage["missing"]:
+        warnings.append(f"partial feature set: trained on {coverage['completed']} of "
+                        f"{coverage['clips']} clips ({coverage['missing']} missing; --allow-partial)")
     groups = _groups(fs, cfg.group_by)
     cross = None
     if test_dataset:
@@ -119,8 +129,7 @@ def fit(
     seed_list = list(cfg.seeds)
     fusion_name = fusion if isinstance(fusion, str) else getattr(fusion, "__name__", "custom")
     name = name or f"{fs.attrs.get('dataset', 'set')}-{fusion_name}-{'+'.join(mods)}"
-    run_dir = Path(runs_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(runs_dir) / name  # created only when there is something to write
 
     rows = np.unique(np.concatenate([np.concatenate([f.train, f.val, f.test]) for f in plan]))
     if cross is not None:  # the test set's rows are appended after loading (cross.extend)
@@ -146,6 +155,7 @@ def fit(
     pos_plan = [_positions(rows, f) for f in plan]
     lin = linear_probe(pooled_matrix(raw, mods), task.y[rows], pos_plan, task, select,
                        cfg.class_weight)
+    trainer.progress, trainer.n_runs = progress, len(plan) * len(seed_list)
     raw_t = to_tensors(raw)
     # parameter-free work (window averages) done once on the raw features, for every fold and
     # seed; each fold then scales the prepared tensors with its own training statistics
@@ -160,6 +170,7 @@ def fit(
         data = apply_stats(prepared, stats, inplace=len(plan) == 1)
         data = {m: {k: v.to(trainer.device) for k, v in d.items()} for m, d in data.items()}
         for seed in seed_list:
+            trainer.where = {"seed": seed, "fold": fold.index, "folds": len(plan)}
             out = trainer.run(data, pos, task, seed, fold.index, logs, fresh)
             fresh = None
             state = out.pop("state")
@@ -181,8 +192,10 @@ def fit(
         metrics["layer_mode"] = probe.mode
         if any(layer_runs):
             metrics["layer_weights"] = summarise_weights(layer_runs)
+    metrics["coverage"] = coverage
     metrics["elapsed_s"] = round(time.perf_counter() - t0, 3)
     metrics["run_dir"] = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     _write_outputs(run_dir, metrics, logs, first_state, task, fs, mods, fusion_name, cfg, run={
         "dataset": dataset, "fusion": fusion_name, "modalities": mods, "batch_size": bs,
         "lr": lr_used, "preset": preset, "feature_set": fs.key, "cache_root": str(cache_root),
@@ -259,6 +272,18 @@ class _Trainer:
         self.labels: np.ndarray = np.empty(0)  # task.y at the loaded rows, set by fit
         self.soft: np.ndarray | None = None  # task.soft at the loaded rows (plutchik labels)
         self.select = cfg.select_metric or default_headline(task.kind)
+        self.progress: Callable[[dict], None] | None = None  # per-epoch callback, set by fit
+        self.n_runs, self.runs_done, self.where = 1, 0, {}
+
+    def _report(self, event: str, entry: dict, best_epoch: int) -> None:
+        if self.progress is not None:
+            self.progress({**entry, **self.where, "event": event, "run": self.runs_done + 1,
+                           "runs": self.n_runs, "epochs": self.cfg.epochs,
+                           "best_epoch": best_epoch, "task": self.task.kind,
+                           # the selection metric by name, in its own sign (val_metric is
+                           # negated for lower-is-better metrics such as MAE)
+                           "metric": self.select,
+                           "metric_value": selection_score(self.select, entry["val_metric"])})
 
     def _loss_fn(self, y_train: np.ndarray) -> nn.Module:
         if self.task.kind == "regression":
@@ -390,6 +415,9 @@ class _Trainer:
                 bad += 1
                 if bad >= self.cfg.patience:
                     break
+            self._report("epoch", logs[-1], best_epoch)
+        self._report("end", logs[-1], best_epoch)
+        self.runs_done += 1
         model.load_state_dict(best_state)
         model.eval()
         # e.g. a stacking meta-learner fit on validation (FusionHead's default: nothing)

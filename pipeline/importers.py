@@ -165,7 +165,13 @@ def _read_csd(path: Path) -> tuple[str, dict[str, str], dict[str, tuple[np.ndarr
     """(root name, metadata strings, video id -> (features, intervals)) of a .csd file."""
     import h5py
 
-    with h5py.File(path, "r") as f:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 file (a .csd is HDF5): {e}") from e
+    with f:
         roots = list(f.keys())
         if len(roots) != 1:
             raise ValueError(f"{path}: expected one root group in a computational sequence, found {roots}")

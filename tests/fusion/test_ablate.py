@@ -55,13 +55,40 @@ def test_ablate_grid_outputs_and_resume(tmp_path: Path) -> None:
     pd.testing.assert_series_equal(df2["accuracy_mean"].drop(5), df["accuracy_mean"].drop(5))
 
 
-def test_ablate_failed_cell_is_recorded_not_fatal(tmp_path: Path) -> None:
+def test_ablate_failed_cell_is_recorded_not_fatal(tmp_path: Path, monkeypatch) -> None:
+    import fusion.ablate as A
+
     write_feature_set(tmp_path, n=120, n_groups=12)
-    df = ablate(tmp_path, "synth", ["early", "nosuchhead"], [["audio"]], seeds=1, name="f",
+    real = A._run_cell
+
+    def flaky(*args, **kw):  # a cell that passes validation but fails while fitting
+        if args[2] == "late":
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(A, "_run_cell", flaky)
+    df = ablate(tmp_path, "synth", ["early", "late"], [["audio"]], seeds=1, name="f",
                 runs_dir=tmp_path / "runs", **FAST)
     errs = df.set_index("fusion")["error"]
-    assert errs["early"] == "" and "unknown fusion head 'nosuchhead'" in errs["nosuchhead"]
+    assert errs["early"] == "" and "out of memory (simulated)" in errs["late"]
     assert "Failed cells" in (tmp_path / "runs" / "f" / "ablation.md").read_text()
+
+
+def test_ablate_validates_the_grid_before_the_first_fit(tmp_path: Path) -> None:
+    write_feature_set(tmp_path, n=120, n_groups=12)
+    with pytest.raises(ValueError, match=r"'nosuchhead'.*valid heads: early"):
+        ablate(tmp_path, "synth", ["early", "nosuchhead"], [["audio"]], seeds=1, name="v",
+               runs_dir=tmp_path / "runs", **FAST)
+    with pytest.raises(ValueError, match=r"txt"):
+        ablate(tmp_path, "synth", ["early"], [["audio"], ["txt"]], seeds=1, name="v",
+               runs_dir=tmp_path / "runs", **FAST)
+    with pytest.raises(ValueError, match=r"cell early__audio: unknown option"):
+        ablate(tmp_path, "synth", ["early"], [["audio"]], seeds=1, name="v",
+               runs_dir=tmp_path / "runs", **{**FAST, "head_options": {"nosuch": 1}})
+    assert not list((tmp_path / "runs").rglob("metrics.json"))
+    # 'singles' among explicit sets expands to each modality alone
+    assert modality_subsets(["audio", "text"], [["singles"], ["audio", "text"]]) == [
+        ["audio"], ["text"], ["audio", "text"]]
 
 
 def test_ablate_parallel_processes(tmp_path: Path) -> None:

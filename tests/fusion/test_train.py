@@ -55,7 +55,19 @@ def test_fit_beats_majority_and_writes_outputs(early_run) -> None:
     assert m["accuracy"] > m["majority_baseline"]["accuracy"] + 0.2
     assert m["modalities"] == ["audio", "text", "visual"] and m["fusion"] == "early"
     assert len(m["feature_set"]) == 16
-    assert sum(sum(r) for r in m["confusion"]) == 3 * m["n_test"]  # pooled over 3 seeds
+    # the confusion is the mean over the 3 seeds (not their sum): it totals n_test, its rows
+    # the test support per class, and each seed's own matrix is kept
+    cm = np.asarray(m["confusion"])
+    assert cm.sum() == pytest.approx(m["n_test"]) and len(m["seeds"]) == 3
+    per_seed = np.stack([np.asarray(s["confusion"]) for s in m["seeds"]])
+    assert np.allclose(cm, per_seed.mean(axis=0), atol=1e-3)
+    assert [m["per_class"][c]["support"] for c in m["classes"]] == cm.sum(axis=1).round().tolist()
+    assert np.allclose(np.asarray(m["confusion_normalised"]).sum(axis=1), 1.0, atol=1e-3)
+    assert sum(m["support_by_split"]["test"].values()) == m["n_test"]
+    assert sum(m["support_by_split"]["train"].values()) == m["n_train"]
+    assert m["coverage"]["missing"] == 0 and "mean over 3 seed" in m["aggregation"]
+    assert {f"confusion_seed{s}.png" for s in range(3)} | {"confusion_normalised.png"} <= {
+        p.name for p in d.iterdir()}
     assert (d / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
