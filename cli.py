@@ -155,19 +155,27 @@ def extract(
     root: Path = typer.Option(None, "--root", help="Dataset root (default: from dataset.json)."),
     cache: Path = CacheOpt,
     preset: str = typer.Option("offline", "--preset", help="offline | full | path/to/preset.toml"),
-    set_: list[str] = typer.Option(None, "--set", help="Override a preset value: stage.key=value"),
+    set_: list[str] = typer.Option(None, "--set", help="Override a preset value, repeatable: stage.key=value "
+                                   "(e.g. --set run.lease=300 --set audio.feature_set=compare)."),
     workers: int = typer.Option(1, "--workers", help="Local worker processes (or Dask workers)."),
     scheduler: str = typer.Option(None, "--scheduler", help="Dask scheduler address (tcp://host:port)."),
-    executor: str = typer.Option("auto", "--executor", help="auto | inline | process | dask"),
-    batch_size: int = typer.Option(None, "--batch-size", help="Clips per model call."),
+    executor: str = typer.Option("auto", "--executor", help="auto (inline for 1 worker, process for more, "
+                                 "dask with --scheduler) | inline | process | dask"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Clips per model call (default: the preset's run.batch_size)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
-    force: bool = typer.Option(False, "--force", help="Redo finished work units."),
-    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any clip failed."),
+    force: bool = typer.Option(False, "--force", help="Redo finished work units (each keeps its old data until "
+                               "the replacement is committed)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 if any clip failed."),
     limit: int = typer.Option(None, "--limit", help="Only the first N clips (a quick look)."),
     manifests: Path = ManifestsOpt,
 ) -> None:
-    """Run the staged extractor over a dataset into the feature cache (resumable)."""
+    """Run the staged extractor over a dataset into the feature cache (resumable).
+
+    Progress: a bar in a terminal; otherwise a timestamped line every $MMEMO_PROGRESS_EVERY
+    seconds (default 30). Ctrl-C keeps finished units; the same command resumes.
+    """
     from pipeline.progress import extract_with_progress
+    from pipeline.runner import Interrupted
     from pipeline.stages.base import ModelMissingError
 
     try:
@@ -176,6 +184,16 @@ def extract(
             workers=workers, scheduler=scheduler, executor=executor, batch_size=batch_size,
             device=device, force=force, limit=limit, manifests=manifests, console=console,
         )
+    except Interrupted as e:
+        s = e.summary
+        console.print(f"interrupted: {s.done + s.skipped} of {s.n_units} units finished and kept in "
+                      f"{_cache(cache)}; run the same `mmemo extract --dataset {dataset} ...` command "
+                      "again to resume (finished units are skipped)", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        console.print("interrupted before any unit was extracted; run the same command again to start",
+                      markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     except ModelMissingError as e:
         _fail(str(e))
     except (FileNotFoundError, ValueError) as e:

@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from pipeline import cacheformat as cf
-from pipeline.store import FeatureSetStore, Store, sha256_file
+from pipeline.store import FeatureSetStore, Store, claim_state, sha256_file
 
 GC_MIN_AGE_S = 3600.0  # temporaries younger than this may belong to a live writer
 
@@ -369,11 +369,10 @@ def _age(p: Path) -> float:
 
 
 def _claim_expired(p: Path, min_age_s: float) -> bool:
-    try:
-        expires = float(json.loads(p.read_text() or "{}")["expires"])
-        return time.time() > expires
-    except (OSError, ValueError, KeyError, TypeError):
-        return _age(p) > min_age_s  # garbage or being written: judge by age
+    """An expired lease, or a claim whose process is gone from this host; garbage (or a claim
+    being written) is judged by age."""
+    state, _ = claim_state(p, lease_s=min_age_s)
+    return state in ("expired", "dead")
 
 
 def gc(
