@@ -61,7 +61,8 @@ def resolve_key(cache_root: str | os.PathLike, key_or_alias: str) -> str:
     if store.alias_path(key_or_alias, "offline").exists():
         return store.resolve(key_or_alias, "offline")
     known = store.list_keys() + sorted(store.aliases())
-    raise FileNotFoundError(f"no feature set or alias '{key_or_alias}' in {store.root} (known: {known})")
+    shown = ", ".join(known[:10]) + (f" … (+{len(known) - 10})" if len(known) > 10 else "")
+    raise FileNotFoundError(f"no feature set or alias '{key_or_alias}' in {store.root} (known: {shown or 'none'}; see `mmemo cache ls`)")
 
 
 def _aliases_by_key(store: Store) -> dict[str, list[str]]:
