@@ -189,7 +189,7 @@ def extract(
         )
     except Interrupted as e:
         s = e.summary
-        console.print(f"interrupted: {s.done + s.skipped} of {s.n_units} units finished and kept in "
+        console.print(f"interrupted: {e.units_kept} of {s.n_units} units finished and kept in "
                       f"{_cache(cache)}; run the same `mmemo extract --dataset {dataset} ...` command "
                       "again to resume (finished units are skipped)", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None

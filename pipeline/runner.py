@@ -383,9 +383,10 @@ class Summary:
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during `run_extract`: the workers were stopped; `summary` says what was kept."""
 
-    def __init__(self, summary: Summary):
+    def __init__(self, summary: Summary, units_kept: int = 0):
         super().__init__("interrupted")
         self.summary = summary
+        self.units_kept = units_kept  # finished units of the set, as on disk
 
 
 def unit_tasks(plan: Plan, cache: Path, units: list[int], batch_size: int | None,
@@ -582,7 +583,7 @@ def run_extract(
             time.sleep(min(5.0, 0.2 * rounds))  # another worker holds them: wait for it or its lease
     except KeyboardInterrupt:
         summary.seconds = time.perf_counter() - t0
-        raise Interrupted(summary) from None
+        raise Interrupted(summary, len(fs.done_units())) from None
     finally:
         stop_drain.set()
         if drain is not None:
