@@ -463,3 +463,16 @@ def test_gc_removes_only_old_leftovers(tmp_path):
     assert removed == ["unreferenced set (no alias points to it): sets/ds-unref"]
     assert not other.path.exists() and Store(root).list_keys() == [fs.key]
     assert cachetools.verify(root)[0].clean
+
+
+def test_a_waiting_extractor_names_the_unit_the_holder_and_the_lease(tmp_path):
+    from pipeline.runner import waiting_line
+    from pipeline.store import who
+
+    store, fs = make_set(tmp_path / "c", commit=False)
+    assert waiting_line(store, fs.key, 1, (4, 8)) is None  # nobody holds it
+    held = store.claim(fs.key, 1, lease_s=90)
+    until = time.strftime("%H:%M:%S", time.localtime(json.loads(held.path.read_text())["expires"]))
+    line = waiting_line(store, fs.key, 1, (4, 8))
+    assert line.startswith(f"waiting for unit 1 (clips 4-7) of {fs.key}: held by {who()} pid {os.getpid()}, "
+                           f"lease until {until}")
