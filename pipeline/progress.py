@@ -245,5 +245,5 @@ def print_summary(summary: Summary, store: Store, console: Console, rate: float 
     console.print(f"feature set: {path}", markup=False, soft_wrap=True)
     console.print(f"subtitles (.srt, .asr.srt, .text.json): {store.srt_dir / summary.key}",
                   markup=False, soft_wrap=True)
-    console.print(f"ledger (per-clip failures, one .jsonl per unit): {path / cachefmt.LEDGER}",
+    console.print(f"failure ledger (one .jsonl per unit): {path / cachefmt.LEDGER}",
                   markup=False, soft_wrap=True)

@@ -84,7 +84,7 @@ def test_extract_to_a_file_prints_timestamped_progress_lines_and_names_its_outpu
     key = Store(cache).resolve("toy", "cheap")
     assert f"feature set: {cache / 'sets' / key}" in out
     assert f"subtitles (.srt, .asr.srt, .text.json): {cache / 'srt' / key}" in out
-    assert f"ledger (per-clip failures, one .jsonl per unit): {cache / 'sets' / key / 'ledger'}" in out
+    assert f"failure ledger (one .jsonl per unit): {cache / 'sets' / key / 'ledger'}" in out
 
 
 def test_rerun_summary_describes_the_set(toy, extracted):
