@@ -172,6 +172,8 @@ def prepare(
     out: Path = ManifestsOpt,
 ) -> None:
     """Write JSONL manifests for a dataset on disk."""
+    from rich.markup import escape
+
     from pipeline.recipes import RECIPES, describe
 
     if list_:
@@ -200,7 +202,7 @@ def prepare(
         res = RECIPES[recipe](root=root, out=out, name=name, **extra)
     except TypeError as e:  # an option this recipe does not take
         _fail(f"{recipe}: {e}")
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         _fail(str(e))
     t = Table(title=f"manifests for '{res.dataset}'")
     t.add_column("split")
@@ -212,9 +214,10 @@ def prepare(
         t.add_row(split, str(len(clips)), str(labelled))
     console.print(t)
     for cid, reason in res.missing[:10]:
-        console.print(f"[yellow]missing media[/yellow] {cid}: {reason}")
+        console.print(f"[yellow]problem[/yellow] {escape(cid)}: {escape(reason)}", soft_wrap=True)
     if len(res.missing) > 10:
-        console.print(f"[yellow]... and {len(res.missing) - 10} more clips with missing media[/yellow]")
+        console.print(f"[yellow]... and {len(res.missing) - 10} more rows with a problem "
+                      "(missing media, refused path, oversized field)[/yellow]")
 
 
 # --- extract ---------------------------------------------------------------------------------
@@ -224,19 +227,27 @@ def extract(
     root: Path = typer.Option(None, "--root", help="Dataset root (default: from dataset.json)."),
     cache: Path = CacheOpt,
     preset: str = typer.Option("offline", "--preset", help="offline | full | path/to/preset.toml"),
-    set_: list[str] = typer.Option(None, "--set", help="Override a preset value: stage.key=value"),
+    set_: list[str] = typer.Option(None, "--set", help="Override a preset value, repeatable: stage.key=value "
+                                   "(e.g. --set run.lease=300 --set audio.feature_set=compare)."),
     workers: int = typer.Option(1, "--workers", help="Local worker processes (or Dask workers)."),
     scheduler: str = typer.Option(None, "--scheduler", help="Dask scheduler address (tcp://host:port)."),
-    executor: str = typer.Option("auto", "--executor", help="auto | inline | process | dask"),
-    batch_size: int = typer.Option(None, "--batch-size", help="Clips per model call."),
+    executor: str = typer.Option("auto", "--executor", help="auto (inline for 1 worker, process for more, "
+                                 "dask with --scheduler) | inline | process | dask"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Clips per model call (default: the preset's run.batch_size)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
-    force: bool = typer.Option(False, "--force", help="Redo finished work units."),
-    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any clip failed."),
+    force: bool = typer.Option(False, "--force", help="Redo finished work units (each keeps its old data until "
+                               "the replacement is committed)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 if any clip failed."),
     limit: int = typer.Option(None, "--limit", help="Only the first N clips (a quick look)."),
     manifests: Path = ManifestsOpt,
 ) -> None:
-    """Run the staged extractor over a dataset into the feature cache (resumable)."""
+    """Run the staged extractor over a dataset into the feature cache (resumable).
+
+    Progress: a bar in a terminal; otherwise a timestamped line every $MMEMO_PROGRESS_EVERY
+    seconds (default 30). Ctrl-C keeps finished units; the same command resumes.
+    """
     from pipeline.progress import extract_with_progress
+    from pipeline.runner import Interrupted
     from pipeline.stages.base import ModelMissingError
 
     try:
@@ -245,6 +256,16 @@ def extract(
             workers=workers, scheduler=scheduler, executor=executor, batch_size=batch_size,
             device=device, force=force, limit=limit, manifests=manifests, console=console,
         )
+    except Interrupted as e:
+        s = e.summary
+        console.print(f"interrupted: {e.units_kept} of {s.n_units} units finished and kept in "
+                      f"{_cache(cache)}; run the same `mmemo extract --dataset {dataset} ...` command "
+                      "again to resume (finished units are skipped)", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        console.print("interrupted before any unit was extracted; run the same command again to start",
+                      markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     except ModelMissingError as e:
         _fail(str(e))
     except (FileNotFoundError, ValueError) as e:
@@ -429,16 +450,18 @@ def report(run: list[Path] = typer.Argument(..., help="Run folders (runs/<name>)
 def predict(
     video: Path = typer.Argument(..., help="A video (or audio) file."),
     run: Path = typer.Option(..., "--run", help="A run folder (runs/<name>) with model.safetensors."),
-    text: str = typer.Option(None, "--text", help="Transcript, if known."),
-    title: str = typer.Option(None, "--title", help="Title / context, if known."),
-    preset: str = typer.Option(None, "--preset", help="Default: the preset the run was trained on."),
+    text: str = typer.Option(None, "--text", help="Transcript, if known (else recognised speech / subtitles, "
+                             "as the preset says)."),
+    title: str = typer.Option(None, "--title", help="Title / context, if known (the conditioning text)."),
+    preset: str = typer.Option(None, "--preset", help="offline | full | path/to/preset.toml "
+                               "(default: the preset the run's feature set was extracted with)."),
 ) -> None:
     """Run the extractor on one new video and print the emotion distribution."""
     from pipeline.predict import predict_file
 
     try:
         out = predict_file(video, run, text=text, title=title, preset=preset)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, OSError) as e:
         _fail(str(e))
     t = Table(title=f"{video.name}: emotion distribution")
     t.add_column("class")
@@ -456,6 +479,9 @@ def predict(
     rec = out.get("text") or {}
     asr = rec.get("asr")
     console.print(f"text source: {rec.get('text_source') or 'none'}")
+    for source, said in (out.get("text_used") or {}).items():
+        shown = said if len(said) <= 300 else said[:300] + f"… ({len(said)} characters)"
+        console.print(f"  {source}: {shown}", markup=False, soft_wrap=True)
     if asr is not None:
         said = asr["text"] or "(empty: " + asr["note"] + ")"
         console.print(f"recognised speech ({asr['backend']}, language {asr['language'] or '?'}, "
@@ -485,11 +511,22 @@ def cache_ls(cache: Path = CacheOpt) -> None:
 
 
 @cache_app.command("info")
-def cache_info(key: str = typer.Argument(..., help="A key or dataset/preset alias."), cache: Path = CacheOpt) -> None:
-    """Everything recorded about one feature set (config, models, ledger summary)."""
+def cache_info(
+    key: str = typer.Argument(..., help="A key or dataset/preset alias."),
+    as_json: bool = typer.Option(False, "--json", help="Everything recorded, as JSON (config, models, ledger)."),
+    cache: Path = CacheOpt,
+) -> None:
+    """A short summary of one feature set (everything recorded with --json)."""
     from pipeline.cachetools import set_info
 
-    console.print_json(json.dumps(set_info(_cache(cache), key), default=str))
+    try:
+        info = set_info(_cache(cache), key)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        console.print_json(json.dumps(info, default=str))
+        return
+    _print_set_summary(info)
 
 
 @cache_app.command("verify")
@@ -503,20 +540,54 @@ def cache_verify(
     """Check every chunk against its recorded checksum; find missing/incomplete units."""
     from pipeline.cachetools import repair_set, verify
 
-    reports = verify(_cache(cache), key)
+    try:
+        reports = verify(_cache(cache), key)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
     bad = False
     for r in reports:
         status = "[green]clean[/green]" if r.clean else "[red]PROBLEMS[/red]"
         console.print(f"{r.key}: {status} ({r.files_checked} files, {r.units_done}/{r.units} units done)")
         for p in r.problems:
-            console.print(f"  - {p}")
+            console.print(f"  - {p}", markup=False, soft_wrap=True)
         if not r.clean:
             bad = True
             if repair:
-                n = repair_set(_cache(cache), r, root=root, manifests=manifests)
+                try:
+                    n = repair_set(_cache(cache), r, root=root, manifests=manifests)
+                except (FileNotFoundError, ValueError) as e:
+                    _fail(f"repair of {r.key}: {e}")
                 console.print(f"  repaired {n} unit(s)")
     if bad and not repair:
         raise typer.Exit(1)
+
+
+@cache_app.command("claims")
+def cache_claims(
+    as_json: bool = typer.Option(False, "--json", help="The claims as JSON."),
+    cache: Path = CacheOpt,
+) -> None:
+    """Work units claimed by running (or dead) extractors: who, pid, lease, live or stale."""
+    import datetime as dt
+
+    from pipeline.store import Store
+
+    rows = Store(_cache(cache)).claims()
+    if as_json:
+        console.print_json(json.dumps(rows, default=str))
+        return
+    if not rows:
+        console.print(f"no claims in {_cache(cache)}", markup=False)
+        return
+    t = Table(title=f"claims in {_cache(cache)}")
+    for col in ("set", "unit", "by", "pid", "lease until", "state"):
+        t.add_column(col)
+    for r in rows:
+        until = dt.datetime.fromtimestamp(float(r.get("expires", 0))).isoformat(sep=" ", timespec="seconds")
+        state = {"live": "live", "expired": "stale (lease expired)",
+                 "dead": "stale (process gone)"}.get(r["state"], r["state"])
+        t.add_row(r["key"], str(r["unit"]), str(r.get("by", "?")), str(r.get("pid", "?")), until, state)
+    table_console.print(t)
 
 
 @cache_app.command("gc")
@@ -578,6 +649,37 @@ def export(
         _fail(f"--format {format!r}: unknown export format; use one of {', '.join(EXPORT_FORMATS)}")
     export_set(_cache(cache), key, out, fmt=format)
     console.print(f"wrote {out}")
+
+
+
+def _print_set_summary(info: dict) -> None:
+    """`cache info`: a few lines a person reads (the JSON has everything)."""
+    attrs = info.get("attrs", {})
+    clips, units, ledger = info["clips"], info["units"], info["ledger"]
+    lines = [
+        f"set {info['key']}" + (f" ({', '.join(info['aliases'])})" if info.get("aliases") else ""),
+        f"  path      {info['path']}",
+        f"  dataset   {attrs.get('dataset', '?')}, preset {attrs.get('preset', '?')}, "
+        f"{len(attrs.get('classes') or [])} classes, task {attrs.get('task', '?')}",
+        f"  clips     {clips['n']} ({clips['in_done_units']} in finished units)",
+        f"  units     {units['done']}/{units['total']} done, {units['unit_size']} clips each"
+        + (f"; missing {_short_list(units['missing'])}" if units["missing"] else ""),
+        f"  created   {attrs.get('created_by', '?')} {attrs.get('created_at', '?')}",
+    ]
+    for name, m in info["modalities"].items():
+        prov = m.get("provenance") or {}
+        dims = f"{m['pooled_dim']}" + (f", seq {m['max_len']}x{m['seq_dim']}" if m.get("seq_dim") else "")
+        lines.append(f"  {name:<9} {prov.get('backend', '?')} [{dims}] present {m['present']}, absent {m['absent']}")
+    lines.append(f"  failures  {ledger['clips']} clip(s), {ledger['rows']} ledger row(s)"
+                 + (": " + ", ".join(f"{k} {v}" for k, v in list(ledger["by_error"].items())[:4])
+                    if ledger["by_error"] else ""))
+    lines.append("  (mmemo cache info KEY --json for configs, models and the full ledger summary)")
+    for line in lines:
+        console.print(line, markup=False, soft_wrap=True)
+
+
+def _short_list(values: list, n: int = 8) -> str:
+    return ", ".join(map(str, values[:n])) + (f" … (+{len(values) - n})" if len(values) > n else "")
 
 
 if __name__ == "__main__":  # pragma: no cover

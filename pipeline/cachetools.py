@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from pipeline import cacheformat as cf
-from pipeline.store import FeatureSetStore, Store, sha256_file
+from pipeline.store import FeatureSetStore, Store, claim_state, sha256_file
 
 GC_MIN_AGE_S = 3600.0  # temporaries younger than this may belong to a live writer
 
@@ -61,7 +61,8 @@ def resolve_key(cache_root: str | os.PathLike, key_or_alias: str) -> str:
     if store.alias_path(key_or_alias, "offline").exists():
         return store.resolve(key_or_alias, "offline")
     known = store.list_keys() + sorted(store.aliases())
-    raise FileNotFoundError(f"no feature set or alias '{key_or_alias}' in {store.root} (known: {known})")
+    shown = ", ".join(known[:10]) + (f" … (+{len(known) - 10})" if len(known) > 10 else "")
+    raise FileNotFoundError(f"no feature set or alias '{key_or_alias}' in {store.root} (known: {shown or 'none'}; see `mmemo cache ls`)")
 
 
 def _aliases_by_key(store: Store) -> dict[str, list[str]]:
@@ -369,11 +370,10 @@ def _age(p: Path) -> float:
 
 
 def _claim_expired(p: Path, min_age_s: float) -> bool:
-    try:
-        expires = float(json.loads(p.read_text() or "{}")["expires"])
-        return time.time() > expires
-    except (OSError, ValueError, KeyError, TypeError):
-        return _age(p) > min_age_s  # garbage or being written: judge by age
+    """An expired lease, or a claim whose process is gone from this host; garbage (or a claim
+    being written) is judged by age."""
+    state, _ = claim_state(p, lease_s=min_age_s)
+    return state in ("expired", "dead")
 
 
 def gc(

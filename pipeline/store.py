@@ -3,7 +3,9 @@
 Why it is built this way:
 - NFS has no reliable locks, so nothing here locks. A work unit (a contiguous run of clips)
   is *claimed* by creating a claim file with O_EXCL (atomic on NFSv3+); the claim carries a
-  lease, so a crashed worker's unit is taken over once the lease expires.
+  short lease (minutes) that a heartbeat thread renews while the unit is worked on
+  (`Heartbeat`), so a crashed worker's unit is taken over once the lease expires, and at once
+  when the claim was made on this host by a process that is gone (pid check, `claim_state`).
 - Every array is chunked along the clip axis by exactly one unit, so one unit = one chunk
   file per array = one writer per file. A unit's chunk files are encoded in a private staging
   folder and renamed into place (rename is atomic); the unit's `.done` marker, holding the
@@ -39,7 +41,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from pipeline import cacheformat as cf
 from pipeline.cacheformat import ModalityLayout, SetAttrs, SetLayout
 
-__all__ = ["FeatureSetStore", "LostClaim", "ModalityLayout", "SetLayout", "Store"]
+__all__ = ["FeatureSetStore", "Heartbeat", "LostClaim", "ModalityLayout", "SetLayout", "Store"]
 
 DEFAULT_CACHE = Path("cache")
 
@@ -155,11 +157,110 @@ def codec(compression: str, level: int) -> Any:
 
 
 # --- claims ------------------------------------------------------------------------------
+DEFAULT_LEASE_S = 120.0  # the store's own default; extraction uses the preset's run.lease
+
+
 @dataclass
 class Claim:
     path: Path
     token: str
     unit: int
+    lease_s: float = DEFAULT_LEASE_S
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks (Linux /proc), to tell a reused pid apart."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        return stat_line.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _claim_body(token: str, lease_s: float) -> dict[str, Any]:
+    now = time.time()
+    return {"token": token, "by": who(), "host": socket.gethostname(), "pid": os.getpid(),
+            "pid_start": _proc_start(os.getpid()), "lease": float(lease_s),
+            "renewed": now, "expires": now + float(lease_s)}
+
+
+def process_gone(host: str | None, pid: Any, pid_start: str | None = None) -> bool:
+    """True only when the claim was made on this host and its process no longer exists (or
+    the pid now belongs to another process). Claims from other hosts are judged by lease only."""
+    if not host or host != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # exists, another user's
+    except OSError:
+        return False
+    if pid_start is not None:
+        now_start = _proc_start(pid)
+        if now_start is not None and now_start != pid_start:
+            return True  # the pid was reused by another process
+    # a zombie (killed, not yet reaped by its parent) is gone too
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def claim_state(path: Path, lease_s: float = DEFAULT_LEASE_S) -> tuple[str, dict[str, Any]]:
+    """(state, body) of a claim file: absent | live | expired (lease ran out) | dead (made on
+    this host by a process that is gone). A file being written right now, or garbage, is
+    judged by its age against `lease_s`."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return "absent", {}
+    except OSError:
+        return "live", {}
+    try:
+        body = json.loads(text or "{}")
+        expires = float(body["expires"])
+    except (ValueError, KeyError, TypeError):
+        try:
+            expires = path.stat().st_mtime + lease_s
+        except FileNotFoundError:
+            return "absent", {}
+        body = {"expires": expires}
+    if process_gone(body.get("host"), body.get("pid"), body.get("pid_start")):
+        return "dead", body
+    return ("expired" if time.time() > expires else "live"), body
+
+
+class Heartbeat:
+    """Renews a claim every lease/4 seconds on a daemon thread while the unit is worked on, so
+    a lease can be short (minutes) and a dead writer's unit is free soon after it died."""
+
+    def __init__(self, store: Store, claim: Claim, every: float | None = None):
+        import threading
+
+        self.store, self.claim = store, claim
+        self.every = every if every is not None else max(0.05, claim.lease_s / 4)
+        self._stop = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mmemo-claim-heartbeat")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                if not self.store.renew(self.claim):
+                    self.lost = True
+                    return
+            except OSError:
+                continue  # a transient NFS error: try again next beat
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class LostClaim(RuntimeError):
@@ -260,11 +361,16 @@ class FeatureSetStore:
                         moves.append((f, self.path / relfile))
             if claim is not None and not self.store.owns(claim):
                 raise LostClaim(f"unit {u} of {self.key} was taken over by another worker")
+            # a recommit (--force, repair): the replacement is fully staged, so only now does
+            # the old marker go (readers stop using the unit for the few renames below)
+            self.done_path(u).unlink(missing_ok=True)
             for src, dst in moves:
                 make_dirs(dst.parent)
                 _no_world_write(src)
                 os.replace(src, dst)
             fail_rows = list(failures)
+            if not fail_rows:
+                (self.path / cf.ledger_file(u)).unlink(missing_ok=True)
             if fail_rows:
                 atomic_write(
                     self.path / cf.ledger_file(u),
@@ -403,17 +509,21 @@ class Store:
     def claim_path(self, key: str, unit: int) -> Path:
         return cf.claim_file(self.root, safe_name(key, "feature set key"), unit)
 
-    def claim(self, key: str, unit: int, lease_s: float = 3600.0) -> Claim | None:
-        """Try to claim a unit; None if someone else holds a live claim."""
+    def claim(self, key: str, unit: int, lease_s: float = DEFAULT_LEASE_S) -> Claim | None:
+        """Try to claim a unit; None if someone else holds a live claim.
+
+        A claim is taken over when its lease ran out, or at once when it was made on this host
+        by a process that no longer exists (killed, OOM): `claim_state` says which.
+        """
         path = self.claim_path(key, unit)
         make_dirs(path.parent)
         for _ in range(2):
             token = uuid.uuid4().hex
-            body = json.dumps({"token": token, "by": who(), "pid": os.getpid(), "expires": time.time() + lease_s})
+            body = _claim_body(token, lease_s)
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o664)
             except FileExistsError:
-                if not self._expired(path, lease_s):
+                if claim_state(path, lease_s)[0] == "live":
                     return None
                 stale = path.with_name(f"{path.name}.stale.{token}")
                 try:
@@ -423,22 +533,42 @@ class Store:
                 stale.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(body)
+                f.write(json.dumps(body))
             _no_world_write(path)
-            return Claim(path=path, token=token, unit=unit)
+            return Claim(path=path, token=token, unit=unit, lease_s=float(lease_s))
         return None
 
-    def _expired(self, path: Path, lease_s: float) -> bool:
-        try:
-            body = json.loads(path.read_text() or "{}")
-            expires = float(body["expires"])
-        except (OSError, ValueError, KeyError):
-            # being written right now, or garbage: judge by age
-            try:
-                expires = path.stat().st_mtime + lease_s
-            except FileNotFoundError:
-                return True
-        return time.time() > expires
+    def renew(self, claim: Claim) -> bool:
+        """Push the claim's expiry a lease ahead (the heartbeat); False when it is no longer ours."""
+        if not self.owns(claim):
+            return False
+        atomic_write(claim.path, json.dumps(_claim_body(claim.token, claim.lease_s)).encode())
+        return True
+
+    def holder(self, key: str, unit: int) -> dict[str, Any] | None:
+        """Who holds a unit's claim: its body plus `state` (live | expired | dead) and `path`."""
+        path = self.claim_path(key, unit)
+        state, body = claim_state(path)
+        if state == "absent":
+            return None
+        return {**body, "state": state, "path": str(path)}
+
+    def claims(self) -> list[dict[str, Any]]:
+        """Every claim in the cache: key, unit, by, host, pid, expires, state (live | expired |
+        dead: its process is gone from this host)."""
+        rows: list[dict[str, Any]] = []
+        if not self.claims_dir.is_dir():
+            return rows
+        for kdir in sorted(self.claims_dir.iterdir()):
+            if not kdir.is_dir():
+                continue
+            for p in sorted(kdir.glob("*.claim"), key=lambda q: int(q.stem) if q.stem.isdigit() else -1):
+                state, body = claim_state(p)
+                if state == "absent":
+                    continue
+                rows.append({"key": kdir.name, "unit": int(p.stem) if p.stem.isdigit() else p.stem,
+                             **body, "state": state, "path": p.relative_to(self.root).as_posix()})
+        return rows
 
     def owns(self, claim: Claim) -> bool:
         try:

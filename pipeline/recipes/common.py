@@ -84,8 +84,14 @@ def dataset_name(name: str | None, default: str) -> str:
 
 
 def relative_to_root(path: Path, root: Path) -> str:
-    """A media path as the manifest stores it: POSIX, relative to the dataset root."""
-    return path.resolve().relative_to(root.resolve()).as_posix()
+    """A media path as the manifest stores it: POSIX, relative to the dataset root.
+
+    A path found under the root is kept as found (a symlink inside the root is followed later,
+    wherever it leads: media on another disk); otherwise both sides are resolved."""
+    try:
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
+    except ValueError:
+        return path.resolve().relative_to(root.resolve()).as_posix()
 
 
 def index_media(dirs: Iterable[Path], exts: tuple[str, ...]) -> dict[str, Path]:

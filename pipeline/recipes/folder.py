@@ -18,10 +18,14 @@ Decisions:
   sorted unique labels.
 * Split: the ``split`` column where filled, else a deterministic hash split grouped by speaker
   (or by id when the row has no speaker); ``group_by`` is ``speaker`` when any row names one.
-* A row whose media is missing, absolute, or escapes the root (``..`` or a symlink out) is
-  reported in ``missing`` and left OUT of the manifest (a typo must not silently become a
-  text-only clip); ``keep_missing=True`` keeps such rows text-only instead. Paths outside the
-  root are never followed.
+* A row whose media is missing, absolute, climbs out with ``..`` or is a symlink loop is
+  reported in ``missing`` (file, line, reason) and left OUT of the manifest (a typo must not
+  silently become a text-only clip); ``keep_missing=True`` keeps such rows text-only instead.
+  Symlinks inside the root are followed wherever they lead (media on another disk linked
+  into the dataset folder is the usual cluster layout).
+* One hostile row never stops the batch: a field longer than ``MAX_FIELD_CHARS`` (131,072
+  characters, the csv module's default limit, far beyond any transcript) is reported as that
+  row's problem and the row skipped; every other row is prepared.
 * Ids are sanitised (``sanitize_id``); a duplicate id is reported and the later row skipped.
 * ``name`` makes differently named datasets from the same recipe (``sample``, ``ravdess`` ...).
 """
@@ -41,7 +45,6 @@ from pipeline.recipes.common import (
     PrepareResult,
     dataset_name,
     grouped_split,
-    relative_to_root,
     write_result,
 )
 
@@ -86,9 +89,13 @@ def _value(text: str) -> Any:
     return s
 
 
+MAX_FIELD_CHARS = 131_072  # longest labels.csv field kept (the csv module's default limit)
+
+
 def check_media(value: str, root: Path) -> tuple[str | None, str | None]:
-    """(relative path, None) for a usable media path, else (None, reason). Never follows a
-    path outside the root: absolute and ``..`` paths are rejected before touching the disk."""
+    """(relative path, None) for a usable media path, else (None, reason). Absolute and ``..``
+    paths are rejected before touching the disk; symlinks inside the root are followed (media
+    on another disk); a symlink loop is refused."""
     try:
         rel = check_rel_path(value)
     except ValueError as e:
@@ -97,16 +104,35 @@ def check_media(value: str, root: Path) -> tuple[str | None, str | None]:
         return None, None
     p = root / rel
     try:
-        p.resolve().relative_to(root.resolve())
-    except ValueError:
-        return None, f"'{value}' leads outside the dataset root (symlink)"
-    if not p.is_file():
+        p.resolve(strict=True)
+    except FileNotFoundError:
+        if p.is_symlink():
+            return None, f"media '{value}' is a broken symlink (its target does not exist)"
         return None, f"media file '{value}' not found under {root}"
+    except (RuntimeError, OSError) as e:  # RuntimeError: symlink loop (Python < 3.13)
+        if "loop" in str(e).lower() or getattr(e, "errno", None) == 40:
+            return None, f"media '{value}' is a symlink loop (it never reaches a file)"
+        return None, f"media '{value}' cannot be resolved ({e})"
+    if not p.is_file():
+        return None, f"media file '{value}' not found under {root} (not a regular file)"
     return rel, None
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
+    text = read_text_file(path)
+    # no field can be longer than the file: lift the csv module's 131,072-character limit
+    # so one huge field is read (and then refused as that row's problem, in _row_clip)
+    # instead of stopping the whole file
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(max(old_limit, min(len(text) + 1, 2**31 - 1)))
+    try:
+        return _parse_rows(path, text)
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _parse_rows(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames is None:
         raise ValueError(f"{path}: empty file, expected a header line")
     cols = [(c or "").strip().lower() for c in reader.fieldnames]
@@ -125,6 +151,11 @@ def _row_clip(
     classes: list[str] | None, keep_missing: bool, fractions: dict[str, float] | None,
 ) -> tuple[Clip | None, str | None]:
     """A clip for one csv row, or (None, reason) when its media cannot be used."""
+    huge = [(k, len(v)) for k, v in row.items() if len(v) > MAX_FIELD_CHARS]
+    if huge:
+        return None, (f"{csv_path.name}:{line}: " + "; ".join(
+            f"field '{k}' is {n:,} characters (at most {MAX_FIELD_CHARS:,})" for k, n in huge)
+            + "; skipped")
     media: dict[str, str | None] = {}
     problems: list[str] = []
     for col in ("video", "audio"):
@@ -178,7 +209,8 @@ def _from_csv(
     for line, row in rows:
         clip, problem = _row_clip(row, line, path, root, dataset, classes, keep_missing,
                                   fractions)
-        cid = clip.id if clip else sanitize_id(row.get("id", "").strip() or f"line{line}")
+        raw_id = row.get("id", "").strip()
+        cid = clip.id if clip else sanitize_id(raw_id if 0 < len(raw_id) <= 200 else f"line{line}")
         if problem:
             missing.append((cid, problem))
         if clip is None:
@@ -202,10 +234,9 @@ def _from_scan(root: Path, dataset: str, fractions: dict[str, float] | None) -> 
         kind = "video" if ext in VIDEO_EXTS else "audio" if ext in AUDIO_EXTS else None
         if kind is None:
             continue
-        try:
-            rel = relative_to_root(p, root)
-        except ValueError:
-            continue  # a symlink leading out of the root: never followed
+        # the path as found under the root (symlinks inside it are followed: media on
+        # another disk); rglob never yields a path outside it
+        rel = p.relative_to(root).as_posix()
         pairs.setdefault(Path(rel).with_suffix("").as_posix(), {}).setdefault(kind, rel)
     clips: list[Clip] = []
     used: set[str] = set()

@@ -45,10 +45,18 @@ class DecodeConfig(StageConfig):
 def resolve_media_path(root: Path, rel: str) -> Path:
     """Resolve a manifest's relative media path inside the dataset root.
 
-    A manifest must not make mmemo read outside the dataset root, so the path is resolved
-    after following symlinks and must still lie under the (resolved) root.
+    The path as written must stay inside the root (no absolute path, no `..`: the manifest
+    refuses both). Symlinks inside the root are followed wherever they lead: media kept on
+    another disk and linked into the dataset folder is the usual cluster layout. A symlink
+    loop, a broken link and anything that is not a regular file (FIFO, device: checked
+    before opening) are refused with a reason.
     """
-    root_resolved = Path(root).resolve()
+    from pipeline.manifest import check_rel_path
+
+    try:
+        check_rel_path(rel)
+    except ValueError as e:
+        raise ClipError(f"{rel}: {e}") from None
     candidate = Path(root) / rel
     try:
         resolved = candidate.resolve(strict=True)
@@ -60,11 +68,6 @@ def resolve_media_path(root: Path, rel: str) -> Path:
         if "loop" in str(e).lower() or getattr(e, "errno", None) == 40:
             raise ClipError(f"{candidate}: symlink loop, the path never reaches a file") from None
         raise ClipError(f"{candidate}: cannot resolve the path ({e})") from None
-    if not resolved.is_relative_to(root_resolved):
-        raise ClipError(
-            f"{candidate}: resolves to {resolved}, outside the dataset root {root_resolved}; "
-            "refusing to read it"
-        )
     return resolved
 
 

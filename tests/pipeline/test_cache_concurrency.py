@@ -387,3 +387,60 @@ def test_two_configs_coexist_and_a_second_user_reuses_results(toy, reference, tm
     assert {q.name: q.stat().st_mtime_ns for q in (cache / "sets" / key / "units").glob("*.done")} == markers
     assert store.list_keys() == sorted([key, plan_b.key])
     _assert_same(cache, key, want)
+
+
+def _claims_of(cache: Path, pid: int) -> list[Path]:
+    out = []
+    for p in cache.glob("claims/*/*.claim"):
+        try:
+            if json.loads(p.read_text()).get("pid") == pid:
+                out.append(p)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+@pytest.mark.slow
+def test_three_extractors_one_sigkilled_mid_unit_survivors_take_over_at_once(toy, reference, tmp_path):
+    """Three CLI extractors on one cache with the default (un-shortened) lease; one is
+    SIGKILLed while it holds a claim (mid-unit). Its process is gone from this host, so the
+    survivors take its unit over at once: they finish every unit within a few minutes of the
+    kill (not after a lease), and the arrays equal the clean single-process run."""
+    import signal
+
+    key, _, want = reference
+    cache = tmp_path / "cache"
+    procs = []
+    for _ in range(3):
+        env = {**_env(), "MMEMO_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [MMEMO, "extract", "--dataset", "toy", "--cache", str(cache), "--preset", str(toy.preset),
+             "--manifests", str(toy.manifests)],
+            cwd=toy.base, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    victim = procs[0]
+    t0 = time.time()
+    held: list[Path] = []
+    while time.time() - t0 < 240 and victim.poll() is None:
+        held = _claims_of(cache, victim.pid)
+        if held:
+            break
+        time.sleep(0.002)
+    assert held, "the victim never claimed a unit"
+    victim.send_signal(signal.SIGKILL)
+    t_kill = time.time()
+    victim.wait()
+    held_unit = int(held[0].stem)
+    outs = [p.communicate(timeout=300)[0] for p in procs[1:]]
+    took = time.time() - t_kill
+    assert [p.returncode for p in procs[1:]] == [0, 0], outs
+    assert took < 180, f"survivors needed {took:.0f} s after the kill"
+    plan = toy.plan()
+    fs = Store(cache).open(key)
+    assert fs.done_units() == set(range(plan.layout.n_units))
+    assert fs.is_done(held_unit)  # the unit the victim held when it died
+    # each unit computed once: what the survivors did plus what the victim committed
+    assert sum(_units_done_now(o) for o in outs) <= plan.layout.n_units
+    rep = cachetools.verify(cache)[0]
+    assert rep.clean, rep.problems
+    _assert_same(cache, key, want)
+    assert not list((cache / "claims" / key).glob("*.claim"))  # the dead claim was taken over and released

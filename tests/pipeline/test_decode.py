@@ -306,15 +306,20 @@ def test_stage_applies_clip_segment(tmp_path):
 
 
 @pytest.mark.robustness
-def test_symlink_outside_root_is_refused(tmp_path):
+def test_symlink_inside_the_root_is_followed_and_climbing_paths_are_refused(tmp_path):
+    """Media on another disk linked into the dataset folder (the usual cluster layout) is read;
+    a `..` or absolute path in the manifest never is."""
     root = tmp_path / "dataset"
     root.mkdir()
-    outside = write_media(tmp_path / "secret.mp4", audio=False)
-    os.symlink(outside, root / "link.mp4")
-    with pytest.raises(ClipError, match=r"link\.mp4: resolves to .*secret\.mp4, outside the dataset root"):
-        resolve_media_path(root, "link.mp4")
-    errors = PyAVDecode().process([_ctx(root, video="link.mp4")])
-    assert isinstance(errors[0], ClipError) and "outside the dataset root" in str(errors[0])
+    elsewhere = write_media(tmp_path / "disk2.mp4", audio=False)
+    os.symlink(elsewhere, root / "link.mp4")
+    assert resolve_media_path(root, "link.mp4") == elsewhere.resolve()
+    ctx = _ctx(root, video="link.mp4")
+    assert PyAVDecode().process([ctx]) == [None] and ctx.media is not None
+    with pytest.raises(ClipError, match=r"inside the dataset root"):
+        resolve_media_path(root, "../disk2.mp4")
+    with pytest.raises(ClipError, match=r"relative to the dataset root"):
+        resolve_media_path(root, str(elsewhere))
 
 
 @pytest.mark.robustness

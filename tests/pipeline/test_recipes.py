@@ -323,7 +323,7 @@ def test_folder_labels_csv(tmp_path: Path) -> None:
     ])  # fmt: skip
     res = folder.prepare(root, out=tmp_path / "m", name="sample")
     clips = {c.id: c for c in _all(res)}
-    assert sorted(clips) == ["a_1", "b", "c"]
+    assert sorted(clips) == ["a_1", "b", "c", "sym"]  # a symlink inside the root is followed
     a = clips["a_1"]
     assert (a.video, a.transcript, a.title, a.speaker) == ("clips/a.mp4", "Hello there.", "My vlog", "ann")
     assert a.labels.emotion == "happy" and a.labels.emotion_idx == 0
@@ -335,14 +335,14 @@ def test_folder_labels_csv(tmp_path: Path) -> None:
     assert "not found" in reasons["gone"] and reasons["gone"].startswith("labels.csv:5:")
     assert "absolute" in reasons["abs"]
     assert "inside the dataset root" in reasons["esc"]
-    assert "outside the dataset root" in reasons["sym"]
+    assert "sym" not in reasons and clips["sym"].video == "clips/link.mp4"
     assert "duplicate id 'a_1' (first on line 2)" in reasons["a_1"]
     info = read_dataset_info("sample", tmp_path / "m")
     assert info["classes"] == ["happy", "sad"] and info["group_by"] == "speaker"
     assert read_manifest(res.paths["test"])[0].id == "c"
     kept = folder.prepare(root, out=tmp_path / "m2", name="ravdess", keep_missing=True)
-    assert {"gone", "abs", "esc", "sym"} <= {c.id for c in _all(kept)}
-    assert all(c.video is None for c in _all(kept) if c.id in {"gone", "abs", "esc", "sym"})
+    assert {"gone", "abs", "esc"} <= {c.id for c in _all(kept)}
+    assert all(c.video is None for c in _all(kept) if c.id in {"gone", "abs", "esc"})
     assert (tmp_path / "m2" / "ravdess" / "dataset.json").is_file()
 
 

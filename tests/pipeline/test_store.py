@@ -127,6 +127,68 @@ def test_expired_lease_is_taken_over_and_stale_owner_cannot_commit(tmp_path):
     assert fs.is_done(0)
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_claim_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+    import socket
+
+    store, fs = make_set(tmp_path / "c", commit=False)
+    held = store.claim(fs.key, 0, lease_s=3600)
+    body = json.loads(held.path.read_text())
+    assert body["host"] == socket.gethostname() and body["lease"] == 3600
+    assert store.claim(fs.key, 0, lease_s=3600) is None  # our own process is alive: live
+    assert store.holder(fs.key, 0)["state"] == "live"
+    # the same claim, made by a process that is gone: an hour of lease left, taken at once
+    body["pid"], body["pid_start"] = _dead_pid(), None
+    held.path.write_text(json.dumps(body))
+    assert store.holder(fs.key, 0)["state"] == "dead"
+    assert [r["state"] for r in store.claims()] == ["dead"]
+    fresh = store.claim(fs.key, 0, lease_s=3600)
+    assert fresh is not None and store.owns(fresh) and not store.owns(held)
+    # a claim from another host is judged by its lease only (its pid means nothing here)
+    body2 = json.loads(fresh.path.read_text())
+    body2.update(host="some-other-node", pid=_dead_pid())
+    fresh.path.write_text(json.dumps(body2))
+    assert store.holder(fs.key, 0)["state"] == "live"
+    assert store.claim(fs.key, 0, lease_s=3600) is None
+
+
+def test_heartbeat_renews_the_lease_while_the_unit_is_worked_on(tmp_path):
+    from pipeline.store import Heartbeat
+
+    store, fs = make_set(tmp_path / "c", commit=False)
+    claim = store.claim(fs.key, 0, lease_s=0.6)
+    first = json.loads(claim.path.read_text())["expires"]
+    with Heartbeat(store, claim) as beat:
+        time.sleep(1.5)  # 2.5 leases: without the heartbeat the claim would have expired
+        assert store.claim(fs.key, 0, lease_s=60) is None
+        assert json.loads(claim.path.read_text())["expires"] > first + 0.5
+        assert not beat.lost
+    time.sleep(0.8)  # the heartbeat stopped: the lease now runs out
+    assert store.holder(fs.key, 0)["state"] == "expired"
+    assert store.claim(fs.key, 0, lease_s=60) is not None
+
+
+def test_a_taken_over_claim_stops_its_heartbeat(tmp_path):
+    from pipeline.store import Heartbeat
+
+    store, fs = make_set(tmp_path / "c", commit=False)
+    claim = store.claim(fs.key, 0, lease_s=0.4)
+    with Heartbeat(store, claim) as beat:
+        claim.path.write_text(json.dumps({"token": "someone-else", "expires": time.time() + 60}))
+        time.sleep(0.4)
+        assert beat.lost  # it never overwrites another worker's claim
+    assert json.loads(claim.path.read_text())["token"] == "someone-else"
+
+
 # --- commits ---------------------------------------------------------------------------------
 def test_commit_writes_data_then_marker_with_checksums(tmp_path):
     store, fs = make_set(tmp_path / "c", commit=False)
@@ -401,3 +463,16 @@ def test_gc_removes_only_old_leftovers(tmp_path):
     assert removed == ["unreferenced set (no alias points to it): sets/ds-unref"]
     assert not other.path.exists() and Store(root).list_keys() == [fs.key]
     assert cachetools.verify(root)[0].clean
+
+
+def test_a_waiting_extractor_names_the_unit_the_holder_and_the_lease(tmp_path):
+    from pipeline.runner import waiting_line
+    from pipeline.store import who
+
+    store, fs = make_set(tmp_path / "c", commit=False)
+    assert waiting_line(store, fs.key, 1, (4, 8)) is None  # nobody holds it
+    held = store.claim(fs.key, 1, lease_s=90)
+    until = time.strftime("%H:%M:%S", time.localtime(json.loads(held.path.read_text())["expires"]))
+    line = waiting_line(store, fs.key, 1, (4, 8))
+    assert line.startswith(f"waiting for unit 1 (clips 4-7) of {fs.key}: held by {who()} pid {os.getpid()}, "
+                           f"lease until {until}")

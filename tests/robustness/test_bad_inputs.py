@@ -167,7 +167,7 @@ def test_strict_makes_failures_a_nonzero_exit(cheap_run, visual_run):
 def test_summary_counts_the_failed_clips(which, request):
     run: Run = request.getfixturevalue(which)
     expected = {cid for c in run.cases if c.kind == "ledger" for cid in c.ids}
-    m = re.search(r"clips with a failure \(this run\)\D+(\d+)", run.out)
+    m = re.search(r"clips with a failure \(this run / whole set\)\D+(\d+)", run.out)
     assert m, run.out[-3000:]
     assert int(m.group(1)) == len(expected)
     for stage in {f["stage"] for f in ledger(run.cache, run.key)}:

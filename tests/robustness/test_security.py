@@ -129,23 +129,25 @@ def _reader_opened(fifo: Path, stop: threading.Event, seen: list[str]) -> None:
         time.sleep(0.005)
 
 
-def test_links_out_of_the_root_are_never_opened(tmp_path):
+def test_links_inside_the_root_are_followed_but_never_to_a_fifo(tmp_path):
+    """Symlinks inside the dataset root are followed wherever they lead (media on another
+    disk), but only regular files are opened: a link to a FIFO, directly or through a linked
+    folder, is refused before anything opens it. `..` and absolute manifest paths never
+    validate (tests/pipeline/test_manifest.py, test_decode.py)."""
     outside = tmp_path / "outside"
     outside.mkdir()
     fifo = outside / "watch.wav"
     os.mkfifo(fifo)
-    secret = outside / "secret.wav"
-    marker = b"MMEMO-SECRET-7f3a9c"
-    write_wav(secret, voice(1.0))
-    secret.write_bytes(secret.read_bytes() + marker)
+    far = outside / "far.wav"
+    write_wav(far, voice(1.0))
     root = tmp_path / "data"
     rows = good_clips(root, "leak", n=2, with_faces=False)
     (root / "fifo-link.wav").symlink_to(fifo)
-    (root / "secret-link.wav").symlink_to(secret)
+    (root / "far-link.wav").symlink_to(far)
     (root / "outdir").symlink_to(outside, target_is_directory=True)
     rows += [
         {**rows[0], "id": "fifo-link", "video": None, "audio": "fifo-link.wav"},
-        {**rows[0], "id": "secret-link", "video": None, "audio": "secret-link.wav"},
+        {**rows[0], "id": "far-link", "video": None, "audio": "far-link.wav"},
         {**rows[0], "id": "via-dir", "video": None, "audio": "outdir/watch.wav"},
     ]
     man = tmp_path / "manifests"
@@ -168,12 +170,9 @@ def test_links_out_of_the_root_are_never_opened(tmp_path):
 
     key = set_key(cache, "leak", "robust-cheap")
     lines = {f["id"]: f for f in ledger(cache, key)}
-    assert set(lines) == {"fifo-link", "secret-link", "via-dir"}
+    assert set(lines) == {"fifo-link", "via-dir"}  # far-link, on "another disk", was read
     for f in lines.values():
-        assert f["stage"] == "decode" and "outside the dataset root" in f["message"]
-    for p in cache.rglob("*"):
-        if p.is_file():
-            assert marker not in p.read_bytes(), f"{p} holds bytes of a file outside the root"
+        assert f["stage"] == "decode" and "not a regular file" in f["message"]
 
 
 # --- no unpickling, no network, file modes, tamper detection ------------------------------------
