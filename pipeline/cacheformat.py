@@ -705,10 +705,16 @@ def read_slice(arr: Any, lo: int, hi: int) -> np.ndarray:
 
 
 def read_units(arr: Any, rows: np.ndarray) -> np.ndarray:
-    """Sorted `rows` of a per-clip array, reading only the unit files that hold them."""
+    """`rows` of a per-clip array (any order), reading only the unit files that hold them."""
     lay = _fast_layout(arr)
     if lay is None:
         return np.asarray(arr.oindex[rows])
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *lay.shape[1:]), dtype=lay.dtype)
+        out[order] = read_units(arr, rows[order])
+        return out
     bs = lay.block[0]
     out = np.empty((len(rows), *lay.shape[1:]), dtype=lay.dtype)
     blocks = rows // bs

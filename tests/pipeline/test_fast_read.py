@@ -63,3 +63,10 @@ def test_unsupported_layouts_fall_back_to_zarr(tmp_path):
     b[:] = np.arange(24, dtype="float32").reshape(6, 4)
     assert cf._fast_layout(b) is None
     np.testing.assert_array_equal(cf.read_slice(b, 1, 5), np.arange(24).reshape(6, 4)[1:5])
+
+
+def test_read_units_any_order(tmp_path):
+    a = _array(tmp_path, "zstd", (90, 3), 30, 10, "float16", [(0, 30), (30, 60), (60, 90)])
+    ref = np.asarray(a[:])
+    rows = np.array([70, 3, 45, 3, 89, 0])
+    np.testing.assert_array_equal(cf.read_units(a, rows), ref[rows])
