@@ -26,7 +26,7 @@ from pipeline.runner import plan_extract, run_extract  # noqa: E402
 from pipeline.stages.decode import DecodeConfig, decode_media  # noqa: E402
 
 GOAL_RT = 6.0  # issue 16: media-seconds per wall-second with 2 workers on the 2-core machine
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "video"
+REAL = Path(os.environ.get("MMEMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "video"
 
 
 def build_dataset(tmp: Path, n: int, real: bool) -> tuple[str, Path, Path]:
