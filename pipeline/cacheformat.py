@@ -534,11 +534,19 @@ def _read_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
 
 
-@functools.lru_cache(maxsize=1)
+_POOLS: dict[int, Any] = {}
+
+
 def _pool() -> Any:
+    """The read thread pool of this process (a forked child, e.g. a DataLoader worker, gets its
+    own: the parent's threads do not exist there)."""
+    import os
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(max_workers=_read_threads(), thread_name_prefix="mmemo-read")
+    pid = os.getpid()
+    if pid not in _POOLS:
+        _POOLS[pid] = ThreadPoolExecutor(max_workers=_read_threads(), thread_name_prefix="mmemo-read")
+    return _POOLS[pid]
 
 
 def _copy_into(src: Any, out: np.ndarray) -> None:

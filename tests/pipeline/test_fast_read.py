@@ -70,3 +70,20 @@ def test_read_units_any_order(tmp_path):
     ref = np.asarray(a[:])
     rows = np.array([70, 3, 45, 3, 89, 0])
     np.testing.assert_array_equal(cf.read_units(a, rows), ref[rows])
+
+
+def test_reads_in_a_forked_child_after_the_parent_used_the_pool(tmp_path):
+    import multiprocessing as mp
+
+    a = _array(tmp_path, "zstd", (90, 3), 30, 10, "float16", [(0, 30), (30, 60), (60, 90)])
+    ref = np.asarray(a[:])
+    np.testing.assert_array_equal(cf.read_slice(a, 0, 90), ref)  # the parent's pool now exists
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_child_read, (str(tmp_path / "g-zstd-30-10-float16"),)).get(timeout=60)
+    np.testing.assert_array_equal(got, ref)
+
+
+def _child_read(path: str) -> np.ndarray:
+    g = zarr.open_group(path, mode="r")
+    return cf.read_slice(g["m/seq"], 0, 90)
