@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MMEMO_CACHE ?= cache
 
-.PHONY: venv demo test lint bench clean-demo
+.PHONY: venv demo test lint bench bench-quick clean-demo
 
 venv: $(STAMP)
 
@@ -39,10 +39,22 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Each bench prints its figure beside its floor / goal (issue 16; BENCHMARKS.md keeps the table).
+# bench: all of them (< 20 min on the 2-core machine); bench-quick: a smaller run of each (< 3 min).
+# MMEMO_SHARED_DATA (default ../shared/data) holds the real videos and MELD for extract/text.
 bench: $(STAMP)
-	$(BIN)/python bench/extract.py
-	$(BIN)/python bench/cache_read.py
+	MMEMO_THREADS=1 $(BIN)/python bench/extract.py --real --workers 2
+	MMEMO_THREADS=1 $(BIN)/python bench/extract.py --n 40 --workers 2
+	$(BIN)/python bench/cache_read.py --n 8000 --codecs zstd,blosc-lz4 --repeats 3
+	MMEMO_THREADS=1 $(BIN)/python bench/text.py --repeats 2
 	$(BIN)/python bench/fit.py
+	bench/gpu.sh --quick
+
+bench-quick: $(STAMP)
+	MMEMO_THREADS=1 $(BIN)/python bench/extract.py --n 4 --workers 2
+	$(BIN)/python bench/cache_read.py --n 1000 --codecs zstd --repeats 1
+	MMEMO_THREADS=1 $(BIN)/python bench/text.py --limit 150 --repeats 1
+	bench/gpu.sh --quick --only text,visual
 
 clean-demo:
 	rm -rf $(DEMO) runs/demo*

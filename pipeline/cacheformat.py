@@ -542,21 +542,248 @@ def resolve_set(root: Path | str, dataset: str | None = None, preset: str = "off
     return path
 
 
+# --- fast whole-shard reads -----------------------------------------------------------------
+# zarr's generic read path spends milliseconds of asyncio and per-chunk bookkeeping on every
+# inner chunk; for the layouts mmemo writes (one shard file or chunk file per work unit along
+# N, little-endian `bytes` + zstd/blosc, sharding index at the end) a unit can be read with one
+# `read()` of its file and its inner chunks decoded on a few threads (numcodecs releases the GIL
+# while decompressing). Anything else — other codecs, other stores, string arrays — goes
+# through zarr unchanged, so the fast path is an optimisation, never a second format.
+_NO_CHUNK = 2**64 - 1
+
+
+def _read_threads() -> int:
+    import os
+
+    env = os.environ.get("MMEMO_READ_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+
+
+_POOLS: dict[int, Any] = {}
+
+
+def _pool() -> Any:
+    """The read thread pool of this process (a forked child, e.g. a DataLoader worker, gets its
+    own: the parent's threads do not exist there)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    pid = os.getpid()
+    if pid not in _POOLS:
+        _POOLS[pid] = ThreadPoolExecutor(max_workers=_read_threads(), thread_name_prefix="mmemo-read")
+    return _POOLS[pid]
+
+
+def _copy_into(src: Any, out: np.ndarray) -> None:
+    flat = out.reshape(-1).view(np.uint8)
+    if len(src) != flat.nbytes:
+        raise FormatError(f"chunk holds {len(src)} bytes, expected {flat.nbytes}")
+    flat[:] = np.frombuffer(src, dtype=np.uint8)
+
+
+def _decoder(codecs: tuple[dict[str, Any], ...]) -> Any:
+    """`decode(src, out)` filling the C-contiguous array `out` (one whole chunk) for
+    [bytes(little), zstd|blosc], or None when the codecs are not these."""
+    if not codecs or codecs[0].get("name") != "bytes":
+        return None
+    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+    if endian not in ("little", None) or len(codecs) > 2:
+        return None
+    if len(codecs) == 1:
+        return _copy_into
+    name = codecs[1].get("name")
+    if name == "zstd":
+        from numcodecs import Zstd
+
+        codec = Zstd()
+    elif name == "blosc":
+        from numcodecs import Blosc
+
+        codec = Blosc()  # blosc frames carry their own shuffle/typesize header
+    else:
+        return None
+
+    def decode(src: Any, out: np.ndarray) -> None:
+        codec.decode(src, out=out.reshape(-1).view(np.uint8))
+
+    return decode
+
+
+@dataclass(frozen=True)
+class _FastLayout:
+    root: Path  # the array's folder
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    block: tuple[int, ...]  # shard (or chunk) shape = one file
+    inner: tuple[int, ...]  # inner chunk shape (== block when not sharded)
+    fill: Any
+    decode: Any
+    sharded: bool
+    index_crc: bool = False  # the shard index is followed by its crc32c (zarr's default)
+
+
+def _fast_layout(arr: Any) -> _FastLayout | None:
+    try:
+        from zarr.storage import LocalStore
+
+        if not isinstance(arr.store, LocalStore) or arr.metadata.zarr_format != 3:
+            return None
+        meta = arr.metadata.to_dict()
+        dtype = np.dtype(arr.dtype)
+        if dtype.kind not in "biuf" or dtype.byteorder == ">":
+            return None
+        grid = meta["chunk_grid"]
+        enc = meta["chunk_key_encoding"]
+        if grid["name"] != "regular" or enc["name"] != "default" or \
+                enc.get("configuration", {}).get("separator", "/") != "/":
+            return None
+        if meta.get("storage_transformers"):
+            return None
+        block = tuple(int(x) for x in grid["configuration"]["chunk_shape"])
+        codecs = tuple(meta["codecs"])
+        sharded = len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed"
+        if sharded:
+            conf = codecs[0]["configuration"]
+            idx = [c["name"] for c in conf["index_codecs"]]
+            if conf.get("index_location", "end") != "end" or idx not in (["bytes"], ["bytes", "crc32c"]):
+                return None
+            inner = tuple(int(x) for x in conf["chunk_shape"])
+            index_crc = idx == ["bytes", "crc32c"]
+            decode = _decoder(tuple(conf["codecs"]))
+            if any(b % i for b, i in zip(block, inner, strict=True)) or len(block) != len(arr.shape):
+                return None
+        else:
+            inner, index_crc = block, False
+            decode = _decoder(codecs)
+        if decode is None or any(b != s for b, s in zip(block[1:], arr.shape[1:], strict=True)):
+            return None  # only arrays chunked along the first axis alone
+        root = Path(arr.store.root) / arr.path
+        return _FastLayout(root, tuple(arr.shape), dtype, block, inner, meta.get("fill_value", 0),
+                           decode, sharded, index_crc)
+    except Exception:  # noqa: BLE001 - anything unexpected: let zarr read it
+        return None
+
+
+def _decode_part(lay: _FastLayout, src: Any, dst: np.ndarray, a: int, z: int) -> None:
+    """Rows a..z of one encoded chunk into `dst` (decoded in place when it is the whole chunk)."""
+    if a == 0 and z == lay.inner[0] and dst.flags.c_contiguous:
+        lay.decode(src, dst)
+        return
+    tmp = np.empty(lay.inner, dtype=lay.dtype)
+    lay.decode(src, tmp)
+    dst[...] = tmp[a:z]
+
+
+def _block_file(lay: _FastLayout, b: int) -> Path:
+    return lay.root / "c" / "/".join([str(b)] + ["0"] * (len(lay.shape) - 1))
+
+
+def _read_block(lay: _FastLayout, b: int, out: np.ndarray, lo: int, hi: int) -> None:
+    """Fill `out` (rows lo..hi of the array, all inside block b) from block b's file."""
+    n0 = b * lay.block[0]
+    path = _block_file(lay, b)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        out[...] = lay.fill
+        return
+    if not lay.sharded:
+        _decode_part(lay, data, out, lo - n0, hi - n0)
+        return
+    n_inner = lay.block[0] // lay.inner[0]
+    index_bytes = n_inner * 16
+    extra = 4 if lay.index_crc else 0
+    start = len(data) - index_bytes - extra
+    if start < 0:
+        raise FormatError(f"{path}: shard file too short for its index ({len(data)} bytes)")
+    if lay.index_crc:
+        import google_crc32c
+
+        want = int.from_bytes(data[start + index_bytes:], "little")
+        if google_crc32c.value(data[start:start + index_bytes]) != want:
+            raise FormatError(f"{path}: shard index checksum mismatch (corrupt or partly written file)")
+    index = np.frombuffer(data, dtype="<u8", count=n_inner * 2, offset=start).reshape(n_inner, 2)
+    k = lay.inner[0]
+    view = memoryview(data)
+    for i in range(n_inner):
+        c_lo, c_hi = n0 + i * k, n0 + (i + 1) * k
+        s_lo, s_hi = max(lo, c_lo), min(hi, c_hi)
+        if s_lo >= s_hi:
+            continue
+        off, nb = int(index[i, 0]), int(index[i, 1])
+        dst = out[s_lo - lo:s_hi - lo]
+        if off == _NO_CHUNK and nb == _NO_CHUNK:
+            dst[...] = lay.fill
+            continue
+        _decode_part(lay, view[off:off + nb], dst, s_lo - c_lo, s_hi - c_lo)
+
+
+def read_slice(arr: Any, lo: int, hi: int) -> np.ndarray:
+    """Rows lo..hi of a per-clip array: whole unit files read and decoded on a thread pool."""
+    lo, hi = max(0, int(lo)), min(int(arr.shape[0]), int(hi))
+    lay = _fast_layout(arr)
+    if lay is None or hi <= lo:
+        return np.asarray(arr[lo:hi])
+    out = np.empty((hi - lo, *lay.shape[1:]), dtype=lay.dtype)
+    bs = lay.block[0]
+    jobs = [(b, max(lo, b * bs), min(hi, (b + 1) * bs)) for b in range(lo // bs, (hi - 1) // bs + 1)]
+    if len(jobs) == 1:
+        b, a, z = jobs[0]
+        _read_block(lay, b, out[a - lo:z - lo], a, z)
+        return out
+    futs = [_pool().submit(_read_block, lay, b, out[a - lo:z - lo], a, z) for b, a, z in jobs]
+    for f in futs:
+        f.result()
+    return out
+
+
+def read_units(arr: Any, rows: np.ndarray) -> np.ndarray:
+    """`rows` of a per-clip array (any order), reading only the unit files that hold them."""
+    lay = _fast_layout(arr)
+    if lay is None:
+        return np.asarray(arr.oindex[rows])
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) > 1 and np.any(rows[1:] < rows[:-1]):
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *lay.shape[1:]), dtype=lay.dtype)
+        out[order] = read_units(arr, rows[order])
+        return out
+    bs = lay.block[0]
+    out = np.empty((len(rows), *lay.shape[1:]), dtype=lay.dtype)
+    blocks = rows // bs
+    starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
+    ends = np.r_[starts[1:], len(rows)]
+
+    def one(s: int, e: int) -> None:
+        r = rows[s:e]
+        a, z = int(r[0]), int(r[-1]) + 1
+        buf = np.empty((z - a, *lay.shape[1:]), dtype=lay.dtype)
+        _read_block(lay, int(blocks[s]), buf, a, z)
+        out[s:e] = buf[r - a]
+
+    futs = [_pool().submit(one, int(s), int(e)) for s, e in zip(starts, ends, strict=True)]
+    for f in futs:
+        f.result()
+    return out
+
+
 # --- reading -------------------------------------------------------------------------------
 def read_rows(arr: Any, rows: np.ndarray) -> np.ndarray:
     """Rows (sorted) of a chunked-along-N zarr array, touching only the chunks that hold them.
 
     Dense selections (the usual case: whole completed units) read one bounding slice;
-    sparse ones use orthogonal indexing so unrelated chunks are never decoded.
+    sparse ones read only the unit files that hold a row, so unrelated units are never decoded.
     """
     if len(rows) == 0:
         return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
     lo, hi = int(rows[0]), int(rows[-1]) + 1
     if len(rows) == hi - lo:
-        return np.asarray(arr[lo:hi])
+        return read_slice(arr, lo, hi)
     if len(rows) * 2 >= hi - lo:
-        return np.asarray(arr[lo:hi])[rows - lo]
-    return np.asarray(arr.oindex[rows])
+        return read_slice(arr, lo, hi)[rows - lo]
+    return read_units(arr, np.asarray(rows, dtype=np.int64))
 
 
 def as_strings(values: Any) -> np.ndarray:
@@ -604,7 +831,7 @@ class SetReader:
 
     def read(self, rel: str, rows: np.ndarray | None = None) -> np.ndarray:
         arr = self.group[rel]
-        return np.asarray(arr[:]) if rows is None else read_rows(arr, rows)
+        return read_slice(arr, 0, arr.shape[0]) if rows is None else read_rows(arr, rows)
 
     def strings(self, rel: str) -> np.ndarray:
         return as_strings(self.group[rel][:])

@@ -60,16 +60,21 @@ from pipeline.store import Heartbeat, LostClaim, Store
 _STAGE_CACHE: dict[str, list[Stage]] = {}
 
 
-def _stages_for(preset: Preset | dict[str, Any], device: str, info: dict[str, Any] | None = None) -> list[Stage]:
-    """Stages are built and their models loaded once per worker process."""
+def _stages_for(preset: Preset | dict[str, Any], device: str, info: dict[str, Any] | None = None,
+                timings: dict[str, float] | None = None) -> list[Stage]:
+    """Stages are built and their models loaded once per worker process; the unit that pays
+    for it gets the seconds as `timings["startup"]` (imports + model loads), the others nothing."""
     if not isinstance(preset, Preset):
         preset = load_preset(preset)
     k = hashlib.sha256(json.dumps([preset.data, device, info], sort_keys=True, default=str).encode()).hexdigest()
     if k not in _STAGE_CACHE:
+        t0 = time.perf_counter()
         stages = build_stages(preset, device=device, info=info)
         for s in stages:
             s.ensure_loaded()
         _STAGE_CACHE[k] = stages
+        if timings is not None:
+            timings["startup"] = timings.get("startup", 0.0) + time.perf_counter() - t0
     return _STAGE_CACHE[k]
 
 
@@ -307,13 +312,13 @@ def run_unit(task: UnitTask) -> UnitResult:
         if task.threads:
             _limit_threads(task.threads)
         preset = load_preset(task.preset.data)
-        stages = _stages_for(preset, task.device, task.info)
+        timings: dict[str, float] = {}
+        stages = _stages_for(preset, task.device, task.info, timings)
         root = Path(task.root)
         ctxs = [ClipContext(clip=Clip.model_validate(c), root=root) for c in task.clips]
         run = preset.run
         if task.batch_size:
             run = run.model_copy(update={"batch_size": task.batch_size})
-        timings: dict[str, float] = {}
         q = task.progress_queue
 
         def on_clips(n: int, n_failed: int) -> None:

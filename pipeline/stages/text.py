@@ -116,6 +116,24 @@ def plan_clip(ctx: ClipContext, sources: list[str], max_segments: int, cond: boo
     return TextPlan(segments[:max_segments], title if readable(title) else None, reason)
 
 
+def length_batches(lengths: np.ndarray, batch_size: int, spread: float = 1.3) -> list[np.ndarray]:
+    """Indices of texts grouped for embedding: sorted by length, so a batch pads little.
+
+    A batch closes at `batch_size` texts, or when the next text is more than `spread` times
+    longer than the batch's first (shortest) one and the batch already holds 4 texts: short
+    utterances then never pay for the padding of a long dialogue context in the same call.
+    """
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    out: list[np.ndarray] = []
+    start = 0
+    for k in range(1, len(order) + 1):
+        if k == len(order) or k - start >= batch_size or (
+                k - start >= 4 and lengths[order[k]] > spread * max(1, lengths[order[start]])):
+            out.append(order[start:k])
+            start = k
+    return out
+
+
 # --- shared backend logic --------------------------------------------------------------------
 class TextConfig(StageConfig):
     sources: list[Source] = Field(default_factory=lambda: ["transcript", "cues"])
@@ -252,12 +270,25 @@ class MiniLMText(_TextStage):
     def _embed(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         if not texts:
             return []
-        vecs = self._model.encode(
-            texts, batch_size=self.config.batch_size, convert_to_numpy=True,
-            show_progress_bar=False,
-        )  # fmt: skip
-        vecs = np.asarray(vecs, dtype=np.float32)
+        vecs = np.empty((len(texts), 0), dtype=np.float32)
+        for idx in length_batches(self._token_lengths(texts), self.config.batch_size):
+            part = self._model.encode(
+                [texts[i] for i in idx], batch_size=len(idx), convert_to_numpy=True,
+                show_progress_bar=False,
+            )  # fmt: skip
+            if vecs.shape[1] == 0:
+                vecs = np.empty((len(texts), part.shape[1]), dtype=np.float32)
+            vecs[idx] = part
         return [(v[None, :], v) for v in vecs]
+
+    def _token_lengths(self, texts: list[str]) -> np.ndarray:
+        """Tokens per text as the model will see them (truncated), from its fast tokenizer."""
+        tok = getattr(self._model, "tokenizer", None)
+        cap = int(getattr(self._model, "max_seq_length", 0) or 512)
+        if tok is None:
+            return np.array([len(t) for t in texts])
+        ids = tok(texts, add_special_tokens=True, truncation=True, max_length=cap)["input_ids"]
+        return np.array([len(x) for x in ids])
 
 
 # --- hf-text (full) --------------------------------------------------------------------------
@@ -332,11 +363,14 @@ class HFText(_TextStage):
     def _embed(self, texts: list[str]) -> list[tuple[np.ndarray, ...]]:
         import torch
 
-        out: list[tuple[np.ndarray, ...]] = []
-        bs = self.config.batch_size
-        for i in range(0, len(texts), bs):
+        out: list[Any] = [None] * len(texts)
+        if not texts:
+            return []
+        lengths = np.array([len(x) for x in self._tok(
+            texts, truncation=True, max_length=self.config.max_length)["input_ids"]])
+        for idx in length_batches(lengths, self.config.batch_size):
             enc = self._tok(
-                texts[i : i + bs], padding=True, truncation=True,
+                [texts[i] for i in idx], padding=True, truncation=True,
                 max_length=self.config.max_length, return_tensors="pt",
                 return_special_tokens_mask=True,
             )  # fmt: skip
@@ -346,8 +380,8 @@ class HFText(_TextStage):
                 hidden = self._model(**enc, output_hidden_states=True).hidden_states
             stack = torch.stack(hidden, dim=1).float().cpu()  # [B, L+1, tokens, D]
             mask = enc["attention_mask"].bool().cpu()
-            for j in range(stack.shape[0]):
-                out.append(self._one(stack[j], mask[j], special[j]))
+            for j, i in enumerate(idx):
+                out[i] = self._one(stack[j], mask[j], special[j])
         return out
 
     def _one(self, states: Any, mask: Any, special: Any) -> tuple[np.ndarray, ...]:

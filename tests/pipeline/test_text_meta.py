@@ -258,3 +258,18 @@ def test_metadata_numeric_scaling_and_absent(monkeypatch, tmp_path: Path) -> Non
 
 def test_flatten() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": [1]}) == {"a.b": 1, "a.c.d": "x", "e": [1]}
+
+
+def test_length_batches_sort_cover_and_bound():
+    from pipeline.stages.text import length_batches
+
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(5, 20, 40), rng.integers(80, 120, 25)])
+    rng.shuffle(lengths)
+    groups = length_batches(lengths, batch_size=16)
+    flat = np.concatenate(groups)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))  # every text exactly once
+    assert all(len(g) <= 16 for g in groups)
+    for g in groups:  # no batch mixes a short utterance with a long context
+        assert lengths[g].max() <= 1.3 * lengths[g].min() or len(g) <= 4
+    assert length_batches(np.array([], dtype=int), 8) == []
