@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import cacheformat
 from pipeline.stages.base import StageConfig, get_backend
+from pipeline.store import DEFAULT_LEASE_S
 
 PRESET_DIR = Path(__file__).parent / "presets"
 STAGE_ORDER = ("decode", "separate", "asr", "ocr", "faces", "audio", "text", "visual", "metadata")
@@ -67,7 +68,7 @@ class RunSettings(BaseModel):
     # seconds a unit's claim lasts unless renewed; a heartbeat renews it every lease/4 while
     # the unit is worked on, so a dead writer's unit is free within this time (at once when
     # the writer ran on the same host: its pid is checked)
-    lease: float = Field(120.0, gt=0)
+    lease: float = Field(DEFAULT_LEASE_S, gt=0)
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ def codec(compression: str, level: int) -> Any:
 
 
 # --- claims ------------------------------------------------------------------------------
-DEFAULT_LEASE_S = 120.0  # the store's own default; extraction uses the preset's run.lease
+DEFAULT_LEASE_S = 120.0  # defined here once; the presets' run.lease defaults to it
 
 
 @dataclass
