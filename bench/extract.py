@@ -1,6 +1,6 @@
 """Extraction throughput: clips/s and media-seconds per wall-second, beside the decode-only floor.
 
-    .venv/bin/python bench/extract.py [--n 40] [--preset offline] [--workers 1] [--real]
+    .venv/bin/python bench/extract.py [--n 40] [--preset offline] [--workers 1] [--real] [--set k=v]
 
 Builds the synthetic sample (or, with --real, a folder dataset over ../shared/data/video),
 times a full `run_extract` into a fresh cache, then times decode alone over the same clips
@@ -51,13 +51,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--real", action="store_true", help="the real videos in ../shared/data/video")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="preset override stage.key=value (repeatable), e.g. asr.backend=none")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         name, root, man = build_dataset(tmp, args.n, args.real)
         clips = load_dataset(name, man)
-        plan = plan_extract(name, root, args.preset, manifests=man, device=args.device)
+        plan = plan_extract(name, root, args.preset, overrides=args.overrides, manifests=man,
+                            device=args.device)
 
         # decode-only floor (same decode config as the preset)
         dcfg = plan.preset.stages["decode"].config
