@@ -245,7 +245,8 @@ def fit(
 @app.command()
 def ablate(
     dataset: str = typer.Option(..., "--dataset"),
-    fusion: str = typer.Option("early,late,hybrid,cquery", "--fusion", help="Comma list of heads."),
+    fusion: str = typer.Option("early,late,hybrid,cquery", "--fusion",
+                               help="Comma list of heads, or 'all' (every registered head)."),
     modalities: str = typer.Option("all-subsets", "--modalities", help="all-subsets | all,singles | a;b,c"),
     seeds: int = typer.Option(3, "--seeds"),
     name: str = typer.Option("ablation", "--name"),
@@ -270,6 +271,10 @@ def ablate(
     from fusion.data import DataError
 
     heads = _split_list(fusion) or []
+    if heads == ["all"]:
+        from fusion.heads import HEADS
+
+        heads = list(HEADS)
     if modalities in ("all-subsets", "all,singles"):
         msets: object = modalities
     else:
