@@ -401,10 +401,13 @@ class FusionHead(nn.Module):
         """Hook after training (best state restored) with the validation rows: nothing here."""
 
     def add_pooled(self, logits: Tensor, batch: dict) -> Tensor:
-        """logits plus those of the head's residual pooled path (`self.pooled_path`, a
-        PooledPath), when it has one."""
+        """The head's own logits combined with its residual pooled path (`self.pooled_path`, a
+        PooledPath), when it has one: pooled logits + seq_gate * the head's logits, the gate a
+        learned scalar starting at 0 (as in ReZero), so training starts from early fusion and the
+        sequence path enters as far as it helps — on a few dozen real clips an untrained
+        attention path otherwise adds noise to a decision early fusion gets right."""
         path = getattr(self, "pooled_path", None)
-        return logits if path is None else logits + path(batch)
+        return logits if path is None else path(batch) + self.seq_gate * logits
 
 
 POOLED_MODES = ("both", "token", "residual", "none")

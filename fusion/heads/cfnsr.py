@@ -73,6 +73,7 @@ class CrossFusionSR(FusionHead):
         n_in = len(names) + (self.cond is not None)
         self.head = mlp(n_in * hidden, hidden, n_out, dropout)
         self.pooled_path = PooledPath(spec, pooled_hidden, n_out, dropout) if residual else None
+        self.seq_gate = nn.Parameter(torch.zeros(()))  # see FusionHead.add_pooled
 
     def forward(self, batch: dict) -> HeadOutput:
         xa, pa, ya = self.tokens[self.anchor](batch[self.anchor])

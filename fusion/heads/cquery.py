@@ -66,6 +66,7 @@ class ConditionalQueryFusion(FusionHead):
         )
         self.head = mlp((len(self.names) + 1) * hidden, hidden, n_out, dropout)
         self.pooled_path = PooledPath(spec, pooled_hidden, n_out, dropout) if residual else None
+        self.seq_gate = nn.Parameter(torch.zeros(()))  # see FusionHead.add_pooled
 
     def query(self, batch: dict) -> Tensor:
         """[B, hidden]: the projected conditioning vector, or the learned query where absent."""

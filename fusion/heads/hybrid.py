@@ -92,6 +92,7 @@ class HybridFusion(FusionHead):
         self.unit_weights = nn.Parameter(torch.zeros(len(self.units)))
         self.prior = nn.Parameter(torch.zeros(n_out))
         self.pooled_path = PooledPath(spec, pooled_hidden, n_out, dropout) if residual else None
+        self.seq_gate = nn.Parameter(torch.zeros(()))  # see FusionHead.add_pooled
 
     def forward(self, batch: dict) -> HeadOutput:
         enc: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -122,8 +123,8 @@ class HybridFusion(FusionHead):
         out = (w[..., None] * logits).sum(dim=1)
         nothing = ~mask.any(dim=1)
         out = torch.where(nothing[:, None], self.prior.expand_as(out), out)
-        if self.pooled_path is not None:  # residual pooled path (see PooledPath)
+        if self.pooled_path is not None:  # residual pooled path (see PooledPath, add_pooled)
             res = self.pooled_path(batch)
             aux["pooled"] = (res, torch.ones_like(nothing))
-            out = out + res
+            out = res + self.seq_gate * out
         return HeadOutput(out, aux)
