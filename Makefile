@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/mmemo sample --out $(DEMO)/data --n 160 --seed 0
 	$(BIN)/mmemo prepare folder --root $(DEMO)/data --name sample
 	$(BIN)/mmemo extract --dataset sample --root $(DEMO)/data --preset offline --workers 2
-	$(BIN)/mmemo ablate --dataset sample --fusion early,late,hybrid,cquery --modalities all,singles \
+	$(BIN)/mmemo ablate --dataset sample --fusion early,late,hybrid,cquery,cfnsr --modalities all,singles \
 	    --split kfold --folds 5 --seeds 3 --name demo --fresh
 
 test: $(STAMP)

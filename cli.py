@@ -359,7 +359,8 @@ def fit(
 @app.command()
 def ablate(
     dataset: str = typer.Option(..., "--dataset", help="Dataset name (its feature set is looked up by --preset)."),
-    fusion: str = typer.Option("early,late,hybrid,cquery", "--fusion", help="Comma list of heads."),
+    fusion: str = typer.Option("early,late,hybrid,cquery", "--fusion",
+                               help="Comma list of heads, or 'all' (every registered head)."),
     modalities: str = typer.Option("all-subsets", "--modalities", help="all-subsets | all,singles | "
                                    "sets separated by ';', each a comma list (audio,text;audio)."),
     seeds: int = SeedsOpt,
@@ -394,6 +395,10 @@ def ablate(
     from fusion.progress import CellProgress
 
     heads = _split_list(fusion) or []
+    if heads == ["all"]:
+        from fusion.heads import HEADS
+
+        heads = list(HEADS)
     keywords = {"all-subsets", "all", "singles"}
     if set(_split_list(modalities) or []) <= keywords and ";" not in modalities:
         msets: object = modalities

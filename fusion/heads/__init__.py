@@ -7,6 +7,12 @@ sized so one fit of a 10k-clip set takes seconds on a CPU core; see BENCHMARKS.m
 `forward(batch) -> HeadOutput` (logits [B, n_out] and per-branch `aux`), a `FusionHead`
 subclass; see fusion/heads/base.py for the batch format and the hooks with defaults
 (`seq_inputs`, `prepare`, `after_fit`).
+
+The sequence heads (hybrid, cquery, cfnsr, mult) also read every modality's pooled vector
+(option `pooled`, default "both"): as a global token before the time-step tokens, and through a
+residual pooled path (early fusion's computation, `pooled_hidden` 128) that their own,
+gated, logits are added to — so a sequence head never knows less than early fusion (issue 15;
+"none" gives the sequence-only heads of before).
 """
 
 from __future__ import annotations

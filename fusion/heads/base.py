@@ -192,11 +192,24 @@ class Tokens(nn.Module):
     """
 
     def __init__(
-        self, m: ModalitySpec, hidden: int, use_seq: bool = True, max_tokens: int | None = None
+        self,
+        m: ModalitySpec,
+        hidden: int,
+        use_seq: bool = True,
+        max_tokens: int | None = None,
+        pooled_token: bool = False,
     ):
         super().__init__()
         self.name = m.name
         self.use_seq = use_seq and m.is_sequence
+        # A sequence's pooled vector (the set's own summary of the clip: for audio the eGeMAPS
+        # functionals and log-mel statistics, richer than any average of the low-level
+        # descriptors) as one more, global token before the time steps.
+        self.global_proj: nn.Module | None = None
+        if self.use_seq and pooled_token:
+            self.global_proj = nn.Sequential(nn.LayerNorm(m.pooled_dim),
+                                             nn.Linear(m.pooled_dim, hidden))
+            self.global_pos = nn.Parameter(torch.randn(hidden) * 0.02)
         self.max_len = m.max_len
         self.window = 1
         if self.use_seq and max_tokens is not None:
@@ -204,6 +217,7 @@ class Tokens(nn.Module):
                 raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
             self.window = -(-m.max_len // max_tokens)  # ceil
         self.n_tokens = -(-m.max_len // self.window) if self.use_seq else 1
+        self.n_out_tokens = self.n_tokens + (self.global_proj is not None)
         d_in = m.seq_dim if self.use_seq else m.pooled_dim
         self.proj = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden))
         if self.use_seq:
@@ -251,6 +265,15 @@ class Tokens(nn.Module):
         if not self.use_seq:
             v, present = clean_pooled(x, dtype)
             return self.proj(v)[:, None, :], ~present[:, None], present
+        toks, pad, present = self.seq_tokens(x, dtype)
+        if self.global_proj is None:
+            return toks, pad, present
+        v, has = clean_pooled(x, dtype)
+        g = self.global_proj(v) + self.global_pos
+        return torch.cat([g[:, None], toks], dim=1), torch.cat([~has[:, None], pad], 1), present | has
+
+    def seq_tokens(self, x: Mapping[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The time-step tokens of a sequence modality (windowed), their pad mask and presence."""
         key_seq, key_len = self.keys
         if self.window > 1 and key_seq in x:  # prepared: windows averaged already
             seq = x[key_seq].to(dtype)
@@ -376,3 +399,52 @@ class FusionHead(nn.Module):
 
     def after_fit(self, val_batch: dict, val_y: Tensor) -> None:
         """Hook after training (best state restored) with the validation rows: nothing here."""
+
+    def add_pooled(self, logits: Tensor, batch: dict) -> Tensor:
+        """The head's own logits combined with its residual pooled path (`self.pooled_path`, a
+        PooledPath), when it has one: pooled logits + seq_gate * the head's logits, the gate a
+        learned scalar starting at 0 (as in ReZero), so training starts from early fusion and the
+        sequence path enters as far as it helps — on a few dozen real clips an untrained
+        attention path otherwise adds noise to a decision early fusion gets right."""
+        path = getattr(self, "pooled_path", None)
+        return logits if path is None else path(batch) + self.seq_gate * logits
+
+
+POOLED_MODES = ("both", "token", "residual", "none")
+
+
+def pooled_mode(head: str, pooled: str) -> tuple[bool, bool]:
+    """(global token?, residual path?) for a sequence head's `pooled` option."""
+    if pooled not in POOLED_MODES:
+        raise ValueError(f"{head}: pooled must be one of {POOLED_MODES}, got {pooled!r}")
+    return pooled in ("both", "token"), pooled in ("both", "residual")
+
+
+class PooledPath(nn.Module):
+    """The residual pooled path of a sequence head: every present modality's pooled vector (and
+    the conditioning vector), each LayerNorm + Linear with its presence flag (a learned "absent"
+    embedding for absent rows), concatenated -> MLP -> logits that the head adds to its own.
+
+    It is early fusion's computation inside the sequence head, so a sequence head always has at
+    least what early fusion reads; its sequence path then only has to learn what the pooled
+    vectors miss. Cheap: one vector per modality, no attention.
+    """
+
+    def __init__(self, spec: InputSpec, hidden: int, n_out: int, dropout: float):
+        super().__init__()
+        self.names = spec.names
+        self.enc = nn.ModuleDict({m.name: VectorEncoder(m.pooled_dim, hidden)
+                                  for m in spec.modalities})
+        self.cond = VectorEncoder(spec.cond.pooled_dim, hidden) if spec.cond else None
+        n_in = len(self.names) + (self.cond is not None)
+        self.head = mlp(n_in * (hidden + 1), hidden, n_out, dropout)
+
+    def forward(self, batch: dict) -> Tensor:
+        parts: list[Tensor] = []
+        encs = [(self.enc[n], batch[n]) for n in self.names]
+        if self.cond is not None:
+            encs.append((self.cond, batch["cond"]))
+        for enc, x in encs:
+            z, present = enc(x)
+            parts += [z, present[:, None].to(z.dtype)]
+        return self.head(torch.cat(parts, dim=-1))

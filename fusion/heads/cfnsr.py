@@ -23,12 +23,14 @@ from fusion.heads.base import (
     Block,
     FusionHead,
     HeadOutput,
+    PooledPath,
     Tokens,
     VectorEncoder,
     check_spec,
     fill_absent,
     masked_mean,
     mlp,
+    pooled_mode,
     token_inputs,
 )
 
@@ -44,9 +46,12 @@ class CrossFusionSR(FusionHead):
         max_tokens: int = 4,
         anchor: str = "audio",
         layers: int = 1,
+        pooled: str = "both",
+        pooled_hidden: int = 128,
     ):
         super().__init__()
         check_spec(spec)
+        token, residual = pooled_mode("cfnsr", pooled)
         if not 1 <= layers <= 4:
             raise ValueError(f"cfnsr: layers must be in 1..4, got {layers}")
         if anchor not in spec.names:
@@ -55,7 +60,7 @@ class CrossFusionSR(FusionHead):
         self.anchor = anchor
         self.others = tuple(n for n in spec.names if n != anchor)
         self.tokens = nn.ModuleDict(
-            {m.name: Tokens(m, hidden, max_tokens=max_tokens) for m in spec.modalities}
+            {m.name: Tokens(m, hidden, max_tokens=max_tokens, pooled_token=token) for m in spec.modalities}
         )
         self.seq_inputs = token_inputs(self.tokens)
         self.self_attn = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(layers))
@@ -67,6 +72,8 @@ class CrossFusionSR(FusionHead):
         self.cond = VectorEncoder(spec.cond.pooled_dim, hidden) if spec.cond else None
         n_in = len(names) + (self.cond is not None)
         self.head = mlp(n_in * hidden, hidden, n_out, dropout)
+        self.pooled_path = PooledPath(spec, pooled_hidden, n_out, dropout) if residual else None
+        self.seq_gate = nn.Parameter(torch.zeros(()))  # see FusionHead.add_pooled
 
     def forward(self, batch: dict) -> HeadOutput:
         xa, pa, ya = self.tokens[self.anchor](batch[self.anchor])
@@ -85,4 +92,4 @@ class CrossFusionSR(FusionHead):
         parts.insert(0, fused)
         if self.cond is not None:
             parts.append(self.cond(batch["cond"])[0])
-        return HeadOutput(self.head(torch.cat(parts, dim=-1)))
+        return HeadOutput(self.add_pooled(self.head(torch.cat(parts, dim=-1)), batch))

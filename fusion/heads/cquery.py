@@ -23,11 +23,13 @@ from fusion.heads.base import (
     Attention,
     FusionHead,
     HeadOutput,
+    PooledPath,
     Tokens,
     check_spec,
     clean_pooled,
     fill_absent,
     mlp,
+    pooled_mode,
     token_inputs,
 )
 
@@ -41,9 +43,12 @@ class ConditionalQueryFusion(FusionHead):
         dropout: float = 0.2,
         heads: int = 4,
         max_tokens: int = 8,
+        pooled: str = "both",
+        pooled_hidden: int = 128,
     ):
         super().__init__()
         check_spec(spec)
+        token, residual = pooled_mode("cquery", pooled)
         self.names = spec.names
         self.query_proj: nn.Module | None = None
         if spec.cond is not None:
@@ -51,7 +56,7 @@ class ConditionalQueryFusion(FusionHead):
             self.query_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden))
         self.learned_query = nn.Parameter(torch.randn(hidden) * 0.02)
         self.tokens = nn.ModuleDict(
-            {m.name: Tokens(m, hidden, max_tokens=max_tokens) for m in spec.modalities}
+            {m.name: Tokens(m, hidden, max_tokens=max_tokens, pooled_token=token) for m in spec.modalities}
         )
         self.seq_inputs = token_inputs(self.tokens)
         self.ln_kv = nn.ModuleDict({name: nn.LayerNorm(hidden) for name in self.names})
@@ -60,6 +65,8 @@ class ConditionalQueryFusion(FusionHead):
             {name: nn.Parameter(torch.randn(hidden) * 0.02) for name in self.names}
         )
         self.head = mlp((len(self.names) + 1) * hidden, hidden, n_out, dropout)
+        self.pooled_path = PooledPath(spec, pooled_hidden, n_out, dropout) if residual else None
+        self.seq_gate = nn.Parameter(torch.zeros(()))  # see FusionHead.add_pooled
 
     def query(self, batch: dict) -> Tensor:
         """[B, hidden]: the projected conditioning vector, or the learned query where absent."""
@@ -77,4 +84,4 @@ class ConditionalQueryFusion(FusionHead):
             kv = self.ln_kv[name](x)
             a = self.attn[name](q[:, None], kv, pad)[:, 0]
             parts.append(fill_absent(a, present, self.absent[name]))
-        return HeadOutput(self.head(torch.cat([q, *parts], dim=-1)))
+        return HeadOutput(self.add_pooled(self.head(torch.cat([q, *parts], dim=-1)), batch))

@@ -27,12 +27,14 @@ from fusion.heads.base import (
     Block,
     FusionHead,
     HeadOutput,
+    PooledPath,
     Tokens,
     VectorEncoder,
     check_spec,
     masked_mean,
     masked_softmax,
     mlp,
+    pooled_mode,
     token_inputs,
 )
 
@@ -50,16 +52,20 @@ class HybridFusion(FusionHead):
         heads: int = 2,
         max_tokens: int = 4,
         pairs: tuple[tuple[str, str], ...] = PAIRS,
+        pooled: str = "both",
+        pooled_hidden: int = 128,
     ):
         super().__init__()
         check_spec(spec)
+        token, residual = pooled_mode("hybrid", pooled)
         if not 0 <= layers <= 4:
             raise ValueError(f"hybrid: layers must be in 0..4, got {layers}")
         self.names = spec.names
         self.pairs = tuple((a, b) for a, b in pairs if a in self.names and b in self.names)
         # 1. encoding layer
         self.tokens = nn.ModuleDict(
-            {m.name: Tokens(m, hidden, max_tokens=max_tokens) for m in spec.modalities}
+            {m.name: Tokens(m, hidden, max_tokens=max_tokens, pooled_token=token)
+             for m in spec.modalities}
         )
         self.seq_inputs = token_inputs(self.tokens)
         self.encoder = nn.ModuleDict(
@@ -85,6 +91,8 @@ class HybridFusion(FusionHead):
             self.decide[unit] = mlp(d_in, hidden, n_out, dropout)
         self.unit_weights = nn.Parameter(torch.zeros(len(self.units)))
         self.prior = nn.Parameter(torch.zeros(n_out))
+        self.pooled_path = PooledPath(spec, pooled_hidden, n_out, dropout) if residual else None
+        self.seq_gate = nn.Parameter(torch.zeros(()))  # see FusionHead.add_pooled
 
     def forward(self, batch: dict) -> HeadOutput:
         enc: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -114,4 +122,9 @@ class HybridFusion(FusionHead):
         w = masked_softmax(self.unit_weights.expand_as(mask), mask)
         out = (w[..., None] * logits).sum(dim=1)
         nothing = ~mask.any(dim=1)
-        return HeadOutput(torch.where(nothing[:, None], self.prior.expand_as(out), out), aux)
+        out = torch.where(nothing[:, None], self.prior.expand_as(out), out)
+        if self.pooled_path is not None:  # residual pooled path (see PooledPath, add_pooled)
+            res = self.pooled_path(batch)
+            aux["pooled"] = (res, torch.ones_like(nothing))
+            out = res + self.seq_gate * out
+        return HeadOutput(out, aux)

@@ -21,12 +21,14 @@ from fusion.heads.base import (
     Block,
     FusionHead,
     HeadOutput,
+    PooledPath,
     Tokens,
     VectorEncoder,
     check_spec,
     fill_absent,
     masked_mean,
     mlp,
+    pooled_mode,
     token_inputs,
 )
 
@@ -40,12 +42,15 @@ class MulTLite(FusionHead):
         dropout: float = 0.2,
         heads: int = 2,
         max_tokens: int = 4,
+        pooled: str = "both",
+        pooled_hidden: int = 128,
     ):
         super().__init__()
         check_spec(spec)
+        token, residual = pooled_mode("mult", pooled)
         self.names = spec.names
         self.tokens = nn.ModuleDict(
-            {m.name: Tokens(m, hidden, max_tokens=max_tokens) for m in spec.modalities}
+            {m.name: Tokens(m, hidden, max_tokens=max_tokens, pooled_token=token) for m in spec.modalities}
         )
         self.seq_inputs = token_inputs(self.tokens)
         self.cross = nn.ModuleDict(
@@ -67,6 +72,8 @@ class MulTLite(FusionHead):
         self.cond = VectorEncoder(spec.cond.pooled_dim, hidden) if spec.cond else None
         n_in = k + (self.cond is not None)
         self.head = mlp(n_in * hidden, hidden, n_out, dropout)
+        self.pooled_path = PooledPath(spec, pooled_hidden, n_out, dropout) if residual else None
+        self.seq_gate = nn.Parameter(torch.zeros(()))  # see FusionHead.add_pooled
 
     def forward(self, batch: dict) -> HeadOutput:
         toks = {name: self.tokens[name](batch[name]) for name in self.names}
@@ -79,4 +86,4 @@ class MulTLite(FusionHead):
             parts.append(fill_absent(masked_mean(h, ~pt), yt, self.absent[t]))
         if self.cond is not None:
             parts.append(self.cond(batch["cond"])[0])
-        return HeadOutput(self.head(torch.cat(parts, dim=-1)))
+        return HeadOutput(self.add_pooled(self.head(torch.cat(parts, dim=-1)), batch))

@@ -480,7 +480,10 @@ def test_hybrid_pairs_follow_the_spec():
 def test_cquery_follows_cond_when_present_and_works_without():
     g = torch.Generator().manual_seed(13)
     spec = make_spec()
-    head = make_head("cquery", {}, spec)
+    # The residual pooled path reads cond with its presence flag (as early fusion does), so the
+    # "absent cond = no cond" equivalence below is the attention path's: measured without it.
+    opts = {"pooled": "token"}
+    head = make_head("cquery", opts, spec)
     batch = make_batch(spec, 4, g)
     batch["cond"]["present"][3] = False
     batch["cond"]["pooled"][3] = 0.0
@@ -492,7 +495,7 @@ def test_cquery_follows_cond_when_present_and_works_without():
     torch.testing.assert_close(changed[3], base[3])  # absent cond: the learned query, unchanged
     # Without a conditioning vector in the spec: the learned query, and the same modalities.
     spec_nc = make_spec(cond=False)
-    head_nc = make_head("cquery", {}, spec_nc)
+    head_nc = make_head("cquery", opts, spec_nc)
     assert head_nc.query_proj is None
     batch_nc = {k: v for k, v in batch.items() if k != "cond"}
     assert run(head_nc, batch_nc).shape == (4, 3)

@@ -1,0 +1,139 @@
+"""The head table on the shared real sets and the demo: every fusion head beside the majority
+baseline, mean ± std of 3 seeds on the same split (issue 15; BENCHMARKS.md "Heads on real data").
+
+    python bench/heads.py --work /tmp/heads_bench [--sets ravdess01,ravdess02,av05,meld,demo]
+        [--demo-root DIR] [--heads early,late,hybrid,cquery,cfnsr,mult,tfn] [--seeds 3]
+
+Extracts (once, resumable) into <work>/cache with the offline preset:
+  ravdess01 / ravdess02  ../shared/data/ravdess-speech, actor 01 (02) held out as test, the
+                         other actor's strong-intensity takes as validation; audio
+  av05                   ../shared/data/ravdess-av-actor05/original via the folder recipe and
+                         its labels.csv (14 takes, one actor): row-level 5-fold; all modalities
+  meld                   ../shared/data/meld dev_sent_emo.csv, text-only, dialogue context (the 5
+                         previous turns) as the conditioning vector; dialogue-grouped 5-fold
+  demo                   an extracted `mmemo sample --n 160` set in --demo-root (its cache at
+                         <demo-root>/cache): 5-fold, all modalities
+and prints one table per set. Slow on a busy CPU (minutes per set); nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+HEADS = ("early", "late", "hybrid", "cquery", "cfnsr", "mult", "tfn")
+
+
+def shared() -> Path:
+    p = Path(os.environ.get("MMEMO_SHARED_DATA") or ROOT.parent / "shared" / "data")
+    if not p.is_dir():
+        sys.exit(f"error: {p}: shared data not found (set MMEMO_SHARED_DATA)")
+    return p
+
+
+def extract_ravdess(work: Path, held_out: int) -> str:
+    from pipeline.manifest import load_dataset, write_manifest
+    from pipeline.recipes import RECIPES
+    from pipeline.runner import plan_extract, run_extract
+
+    man, name = work / "manifests", f"ravdess{held_out:02d}"
+    RECIPES["ravdess"](root=shared() / "ravdess-speech", out=man, name=name,
+                       test_actors=[held_out])
+    clips = load_dataset(name, man)
+    for c in clips:  # validation carved within the training actor (see tests/test_e2e.py)
+        if c.split == "train" and c.metadata["intensity"] == "strong":
+            c.split = "valid"
+    for f in (man / name).glob("*.jsonl"):
+        f.unlink()
+    for sp in ("train", "valid", "test"):
+        write_manifest([c for c in clips if c.split == sp], man / name / f"{sp}.jsonl")
+    run_extract(plan_extract(name, preset="offline", manifests=man), cache=work / "cache")
+    return name
+
+
+def extract_av05(work: Path) -> str:
+    from pipeline.recipes import RECIPES
+    from pipeline.runner import plan_extract, run_extract
+
+    man, root = work / "manifests", shared() / "ravdess-av-actor05" / "original"
+    RECIPES["folder"](root=root, out=man, name="av05", labels=root / "labels.csv")
+    run_extract(plan_extract("av05", preset="offline", manifests=man, root=root),
+                cache=work / "cache", workers=1)
+    return "av05"
+
+
+def extract_meld(work: Path) -> str:
+    from pipeline.recipes import RECIPES
+    from pipeline.runner import plan_extract, run_extract
+
+    man = work / "manifests"
+    RECIPES["meld"](root=shared() / "meld", out=man)
+    (man / "meld" / "train.jsonl").unlink(missing_ok=True)  # the head300 excerpt: dev only
+    run_extract(plan_extract("meld", preset="offline", manifests=man), cache=work / "cache")
+    return "meld"
+
+
+# set -> (extract, fit settings)
+SETS = {
+    "ravdess01": (lambda w: extract_ravdess(w, 1), dict(split="official", mods=["audio"])),
+    "ravdess02": (lambda w: extract_ravdess(w, 2), dict(split="official", mods=["audio"])),
+    "av05": (extract_av05, dict(split="kfold", group_by="none", mods="all")),
+    "meld": (extract_meld, dict(split="kfold", mods=["text"])),
+    "demo": (None, dict(split="kfold", mods="all")),
+}
+
+
+def table(cache: Path, dataset: str, heads, seeds: int, settings: dict, runs: Path, **cfg_kw):
+    from fusion.config import FitConfig
+    from fusion.train import fit
+
+    s = dict(settings)
+    mods = s.pop("mods")
+    cfg = FitConfig(seeds=seeds, **s, **cfg_kw)
+    rows = []
+    for head in heads:
+        r = fit(cache, dataset, head, mods, cfg, runs_dir=runs, name=f"{dataset}-{head}")
+        m = r.metrics
+        rows.append((head, m["mean"]["accuracy"], m["std"]["accuracy"], m["mean"]["macro_f1"],
+                     m["std"]["macro_f1"], m["majority_baseline"]))
+    maj = rows[0][5]
+    print(f"\n## {dataset} ({mods}, {s['split']}, {seeds} seeds, n_test={m['n_test']})")
+    print("| head | accuracy | macro F1 |\n|---|---|---|")
+    print(f"| majority | {maj['accuracy']:.3f} | {maj['macro_f1']:.3f} |")
+    for head, a, sa, f, sf, _ in rows:
+        print(f"| {head} | {a:.3f} ± {sa:.3f} | {f:.3f} ± {sf:.3f} |")
+    sys.stdout.flush()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mmemo_heads_bench"))
+    ap.add_argument("--sets", default="ravdess01,ravdess02,av05,meld,demo")
+    ap.add_argument("--demo-root", type=Path, default=None)
+    ap.add_argument("--heads", default=",".join(HEADS))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--extract-only", action="store_true")
+    a = ap.parse_args()
+    heads = [h for h in a.heads.split(",") if h]
+    for name in a.sets.split(","):
+        if name not in SETS:
+            sys.exit(f"error: unknown set {name!r}; known: {', '.join(SETS)}")
+        extract, settings = SETS[name]
+        if extract is None:
+            if a.demo_root is None:
+                print("error: demo: --demo-root not given; skipped", file=sys.stderr)
+                continue
+            cache, dataset = a.demo_root / "cache", "sample"
+        else:
+            cache, dataset = a.work / "cache", extract(a.work)
+        if not a.extract_only:
+            table(cache, dataset, heads, a.seeds, settings, a.work / "runs")
+
+
+if __name__ == "__main__":
+    main()
