@@ -260,3 +260,36 @@ def test_extraction_with_tiny_whisper(tmp_path: Path, tiny_whisper: Path) -> Non
     recs = [json.loads(p.read_text()) for p in folder.glob("*.text.json")]
     assert len(recs) == 2 and all(r["asr"]["backend"] == "whisper" for r in recs)
     assert all(r["asr"]["language"] == "en" for r in recs)
+
+
+def test_predict_shows_the_recognised_speech_of_a_video_without_text(tmp_path: Path) -> None:
+    """`mmemo predict` on a real video with no subtitles and no transcript: the text modality
+    comes from recognised speech, and the output says so and shows the words."""
+    import os
+    import subprocess
+    import sys
+
+    from fusion.train import fit
+
+    video = shared_path("ravdess-av-actor05", "original", "video", "01-01-01-01-02-01-05.mp4")
+    src = shared_path("ravdess-speech", "Actor_01")
+    wavs = sorted(src.glob("*.wav"))[:6]
+    splits = ["train", "train", "valid", "valid", "test", "test"]
+    clips = [Clip(id=w.stem, dataset="asrp", split=splits[i], audio=f"Actor_01/{w.name}",
+                  labels=Labels(emotion="ab"[i % 2], emotion_idx=i % 2)) for i, w in enumerate(wavs)]  # fmt: skip
+    man = tmp_path / "manifests"
+    write_manifest(clips, man / "asrp" / "all.jsonl")
+    write_dataset_info("asrp", {"name": "asrp", "root": str(src.parent), "classes": ["a", "b"]}, man)
+    plan = plan_extract("asrp", preset="offline", overrides=CHEAP, manifests=man)
+    cache = tmp_path / "cache"
+    assert not run_extract(plan, cache=cache).failures
+    res = fit(cache, "asrp", "early", ["text"], seeds=1, epochs=2, runs_dir=tmp_path / "runs", key=plan.key)
+    env = {**os.environ, "MMEMO_CACHE": str(cache), "MMEMO_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([str(Path(sys.executable).with_name("mmemo")), "predict", str(video), "--run",
+                           str(res.run_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "text source: asr" in out, out
+    spoken = {"dogs", "sitting", "door"}  # statement 02: "Dogs are sitting by the door"
+    assert len(spoken & set(out.lower().replace(":", " ").split())) >= 2, out
