@@ -59,7 +59,7 @@ def test_omitted_store_and_run_keys_take_the_one_default_but_data_stays_as_writt
     assert p.store.inner_chunk == StoreSettings().inner_chunk == 128
     assert p.store.max_len_of("audio") == 8 and p.store.max_len_of("other") == StoreSettings.DEFAULT_MAX_LEN
     assert p.run == RunSettings()
-    assert (p.run.batch_size, p.run.clip_timeout, p.run.decode_workers, p.run.lease) == (16, 300.0, 2, 3600.0)
+    assert (p.run.batch_size, p.run.clip_timeout, p.run.decode_workers, p.run.lease) == (16, 300.0, 2, 120.0)
 
 
 def test_overrides_and_their_errors():
