@@ -20,6 +20,7 @@ Backends:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -44,6 +45,42 @@ LLD_FRAME = 0.020  # seconds; eGeMAPS energy/spectral frames (10 ms hop)
 
 
 # --- input ------------------------------------------------------------------------------------
+def embed_windows(stage: Stage, batch: list[ClipContext],
+                  windows_of: Callable[[np.ndarray], list[tuple[int, np.ndarray]]],
+                  feature_of: Callable[[list], Feature]) -> list[BaseException | None]:
+    """The batch flow of the windowed audio encoders (hf-audio, whisper-encoder): every clip's
+    voice signal at the stage's rate, cut by `windows_of` into (start, signal) windows, all
+    windows of the batch through `stage._run_windows`, then `feature_of` per clip. A failing
+    batch is retried clip by clip so that the error lands on its clip."""
+    stage.ensure_loaded()
+    errors: list[BaseException | None] = [None] * len(batch)
+    windows: list[tuple[int, int, np.ndarray]] = []  # (clip index, start sample, signal)
+    for i, ctx in enumerate(batch):
+        try:
+            got = voice_signal(ctx)
+            if got is not None:
+                windows += [(i, s, w) for s, w in windows_of(to_rate(*got, stage.sr))]
+        except ClipError as e:
+            errors[i] = e
+    try:
+        outs = stage._run_windows([w for _, _, w in windows])
+    except Exception as e:  # noqa: BLE001 - retry clip by clip so the error lands on its clip
+        if len({i for i, _, _ in windows}) <= 1:
+            for i, _, _ in windows:
+                errors[i] = e
+            return errors
+        return [embed_windows(stage, [c], windows_of, feature_of)[0] for c in batch]
+    per_clip: dict[int, list[tuple[int, tuple[np.ndarray, np.ndarray]]]] = {}
+    for (i, start, _), out in zip(windows, outs, strict=True):
+        per_clip.setdefault(i, []).append((start, out))
+    for i, parts in per_clip.items():
+        try:
+            batch[i].features["audio"] = feature_of(parts)
+        except ClipError as e:
+            errors[i] = e
+    return errors
+
+
 def voice_signal(ctx: ClipContext) -> tuple[np.ndarray, int] | None:
     """The signal to describe: separated vocals if any, else the decoded audio.
 
@@ -285,33 +322,7 @@ class HfAudio(Stage):
 
     # --- batching ------------------------------------------------------------------------------
     def process(self, batch: list[ClipContext]) -> list[BaseException | None]:
-        self.ensure_loaded()
-        errors: list[BaseException | None] = [None] * len(batch)
-        windows: list[tuple[int, int, np.ndarray]] = []  # (clip index, start sample, signal)
-        for i, ctx in enumerate(batch):
-            try:
-                got = voice_signal(ctx)
-                if got is not None:
-                    windows += [(i, s, w) for s, w in self._windows(to_rate(*got, self.sr))]
-            except ClipError as e:
-                errors[i] = e
-        try:
-            outs = self._run_windows([w for _, _, w in windows])
-        except Exception as e:  # noqa: BLE001 - retry clip by clip so the error lands on its clip
-            if len({i for i, _, _ in windows}) <= 1:
-                for i, _, _ in windows:
-                    errors[i] = e
-                return errors
-            return super().process(batch)
-        per_clip: dict[int, list[tuple[int, tuple[np.ndarray, np.ndarray]]]] = {}
-        for (i, start, _), hidden in zip(windows, outs, strict=True):
-            per_clip.setdefault(i, []).append((start, hidden))
-        for i, parts in per_clip.items():
-            try:
-                batch[i].features["audio"] = self._feature(parts)
-            except ClipError as e:
-                errors[i] = e
-        return errors
+        return embed_windows(self, batch, lambda x: self._windows(x), self._feature)
 
     def process_one(self, ctx: ClipContext) -> None:
         err = self.process([ctx])[0]

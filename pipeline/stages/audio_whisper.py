@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from pipeline.stages.audio import _missing_model, to_rate, voice_signal, window_feature
-from pipeline.stages.base import ClipContext, ClipError, Stage, StageConfig, register
+from pipeline.stages.audio import _missing_model, embed_windows, window_feature
+from pipeline.stages.base import ClipContext, Stage, StageConfig, register
 
 WINDOW_SECONDS = 30.0  # Whisper's encoder only accepts 30 s of log-mel frames
 MEL_HOP = 160  # samples per log-mel frame at 16 kHz (10 ms); the encoder halves the rate
@@ -97,34 +97,11 @@ class WhisperEncoderAudio(Stage):
         return max(1, min(self.max_frames, math.ceil(n_samples / (2 * MEL_HOP))))
 
     def process(self, batch: list[ClipContext]) -> list[BaseException | None]:
-        self.ensure_loaded()
-        errors: list[BaseException | None] = [None] * len(batch)
-        windows: list[tuple[int, int, np.ndarray]] = []  # (clip index, start sample, signal)
-        for i, ctx in enumerate(batch):
-            try:
-                got = voice_signal(ctx)
-                if got is not None:
-                    x = to_rate(*got, self.sr)
-                    windows += [(i, s, x[s : s + self.window]) for s in range(0, len(x), self.window)]
-            except ClipError as e:
-                errors[i] = e
-        try:
-            outs = self._run_windows([w for _, _, w in windows])
-        except Exception as e:  # noqa: BLE001 - retry clip by clip so the error lands on its clip
-            if len({i for i, _, _ in windows}) <= 1:
-                for i, _, _ in windows:
-                    errors[i] = e
-                return errors
-            return super().process(batch)
-        per_clip: dict[int, list[tuple[int, tuple[np.ndarray, np.ndarray]]]] = {}
-        for (i, start, _), out in zip(windows, outs, strict=True):
-            per_clip.setdefault(i, []).append((start, out))
-        for i, parts in per_clip.items():
-            try:
-                batch[i].features["audio"] = window_feature(parts, 2 * MEL_HOP, MEL_HOP, self.sr)
-            except ClipError as e:
-                errors[i] = e
-        return errors
+        return embed_windows(
+            self, batch,
+            lambda x: [(s, x[s : s + self.window]) for s in range(0, len(x), self.window)],
+            lambda parts: window_feature(parts, 2 * MEL_HOP, MEL_HOP, self.sr),
+        )  # fmt: skip
 
     def process_one(self, ctx: ClipContext) -> None:
         err = self.process([ctx])[0]
