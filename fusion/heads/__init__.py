@@ -9,10 +9,11 @@ subclass; see fusion/heads/base.py for the batch format and the hooks with defau
 (`seq_inputs`, `prepare`, `after_fit`).
 
 The sequence heads (hybrid, cquery, cfnsr, mult) also read every modality's pooled vector
-(option `pooled`, default "both"): as a global token before the time-step tokens, and through a
-residual pooled path (early fusion's computation, `pooled_hidden` 128) that their own,
-gated, logits are added to — so a sequence head never knows less than early fusion (issue 15;
-"none" gives the sequence-only heads of before).
+(option `pooled`): as a global token before the time-step tokens ("token": hybrid's default)
+and, with "both" (cquery, cfnsr, mult), also through a residual pooled path (early fusion's
+computation, `pooled_hidden` 128) that their own, gated, logits are added to — so a sequence
+head never reads less than early fusion (issue 15; "none" gives the sequence-only heads of
+before; BENCHMARKS.md "Heads on real data" has the measurement behind hybrid's default).
 """
 
 from __future__ import annotations
