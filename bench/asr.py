@@ -29,6 +29,7 @@ from pipeline.manifest import Clip  # noqa: E402
 from pipeline.presets import _parse_value  # noqa: E402
 from pipeline.stages.asr import PocketSphinxAsr  # noqa: E402
 from pipeline.stages.base import ClipContext, Media  # noqa: E402
+from pipeline.stages.ocr import edit_distance  # noqa: E402
 
 _SHARED = os.environ.get("MMEMO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA = Path(_SHARED) / "ravdess-speech"
@@ -42,14 +43,8 @@ def words(text: str) -> list[str]:
 
 def wer(ref: str, hyp: str) -> float:
     """(substitutions + deletions + insertions) / reference words (word-level Levenshtein)."""
-    r, h = words(ref), words(hyp)
-    prev = list(range(len(h) + 1))
-    for i, a in enumerate(r, start=1):
-        cur = [i]
-        for j, b in enumerate(h, start=1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a != b)))
-        prev = cur
-    return prev[-1] / max(1, len(r))
+    r = words(ref)
+    return edit_distance(r, words(hyp)) / max(1, len(r))
 
 
 def main() -> int:

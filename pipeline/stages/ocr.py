@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 import unicodedata
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from importlib import metadata as importlib_metadata
@@ -175,8 +176,9 @@ def normalize_text(text: str) -> str:
     return "".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insert, delete, substitute), O(len(a)*len(b)) in two rows."""
+def edit_distance(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Levenshtein distance (insert, delete, substitute) between two sequences — characters of
+    strings here, words of transcripts in bench/asr.py — O(len(a)*len(b)) in two rows."""
     if len(a) < len(b):
         a, b = b, a
     prev = list(range(len(b) + 1))
