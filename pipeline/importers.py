@@ -161,7 +161,7 @@ def _modality_rows(name: str, seqs: list[np.ndarray | None], max_len: int, ids: 
 
 
 # --- CMU-MultimodalSDK ---------------------------------------------------------------------------
-def _read_csd(path: Path) -> tuple[str, dict[str, str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+def read_csd(path: Path) -> tuple[str, dict[str, str], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """(root name, metadata strings, video id -> (features, intervals)) of a .csd file."""
     import h5py
 
@@ -217,7 +217,7 @@ def import_csd(
     """
     path = Path(file)
     dataset = _simple_name(dataset or path.stem, "csd")
-    root_name, meta, data = _read_csd(path)
+    root_name, meta, data = read_csd(path)
     vids = sorted(data)
     failures: list[dict[str, Any]] = []
     rows: dict[str, np.ndarray] = {}
@@ -229,7 +229,7 @@ def import_csd(
     if _is_labels(root_name, data):
         seg_source, feat_source = data, None
     elif labels is not None:
-        lroot, lmeta, ldata = _read_csd(Path(labels))
+        lroot, lmeta, ldata = read_csd(Path(labels))
         if not _is_labels(lroot, ldata):
             raise ValueError(f"{labels}: not a labels computational sequence (root '{lroot}')")
         sources.append({"file": Path(labels).name, "sha256": sha256_file(Path(labels)), "root": lroot,

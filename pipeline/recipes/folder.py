@@ -118,7 +118,7 @@ def check_media(value: str, root: Path) -> tuple[str | None, str | None]:
     return rel, None
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+def read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     text = read_text_file(path)
     # no field can be longer than the file: lift the csv module's 131,072-character limit
     # so one huge field is read (and then refused as that row's problem, in _row_clip)
@@ -194,12 +194,12 @@ def _row_clip(
                   if problems else None)
 
 
-def _from_csv(
+def clips_from_csv(
     root: Path, dataset: str, keep_missing: bool, fractions: dict[str, float] | None,
     path: Path | None = None,
 ) -> tuple[list[Clip], list[tuple[str, str]], list[str]]:
     path = path or root / "labels.csv"
-    _cols, rows = _read_rows(path)
+    _cols, rows = read_rows(path)
     classes = read_classes(path.parent) or read_classes(root)
     if classes is None:
         classes = sorted({r.get("label", "").strip() for _, r in rows} - {""})
@@ -274,7 +274,7 @@ def prepare(
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} is not a folder")
     if labels is not None or (root / "labels.csv").is_file():
-        clips, missing, classes = _from_csv(root, dataset, keep_missing, split_fractions,
+        clips, missing, classes = clips_from_csv(root, dataset, keep_missing, split_fractions,
                                             Path(labels) if labels else None)
     else:
         clips, missing = _from_scan(root, dataset, split_fractions), []

@@ -11,7 +11,7 @@ Expected layout (the CMU-MultimodalSDK label sequence plus the segmented raw rel
 
 Decisions:
 
-* The label side is `mmemo import csd`'s reader (``pipeline.importers._read_csd``), not a
+* The label side is `mmemo import csd`'s reader (``pipeline.importers.read_csd``), not a
   second parser. One clip per labelled segment (row of the labels .csd): id ``{video}_{n}``
   with ``n`` = row + 1 (the SDK names the same segment ``{video}[row]``; the segmented files
   are numbered from 1), ``start`` / ``end`` from the interval, ``dialogue_id`` = the video,
@@ -111,12 +111,12 @@ def _transcripts(root: Path, kind: str) -> dict[str, str]:
 
 def _prepare(kind: str, root: Path, out: Path, name: str | None,
              folds: Path | None) -> PrepareResult:
-    from pipeline.importers import _read_csd  # the `import csd` reader: one parser for .csd
+    from pipeline.importers import read_csd  # the `import csd` reader: one parser for .csd
 
     root = Path(root)
     dataset = dataset_name(name, kind)
     csd = find_one(root, [LABEL_FILES[kind], f"**/{LABEL_FILES[kind]}"], kind)
-    _root_name, meta, data = _read_csd(csd)
+    _root_name, meta, data = read_csd(csd)
     ncol = {f.shape[1] for f, _ in data.values()}
     want = 7 if kind == "mosei" else 1
     if ncol != {want}:

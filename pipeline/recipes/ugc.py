@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.manifest import MANIFEST_DIR
 from pipeline.recipes.common import PrepareResult, dataset_name, require_file, write_result
-from pipeline.recipes.folder import _from_csv, _read_rows
+from pipeline.recipes.folder import clips_from_csv, read_rows
 
 LAYOUT = ("labels.csv with id,video,title,label (+ text, audio, speaker, split; optional "
           "plutchik, plutchik_intensity, plutchik_dyads); media under the root")
@@ -52,7 +52,7 @@ def prepare(
     root = Path(root)
     dataset = dataset_name(name, "ugc")
     csv_path = require_file(root, "labels.csv", "ugc")
-    cols, rows = _read_rows(csv_path)
+    cols, rows = read_rows(csv_path)
     if "title" not in cols:
         raise ValueError(f"{csv_path}: ugc needs a 'title' column (the conditional query); "
                          f"found {cols}")
@@ -71,7 +71,7 @@ def prepare(
             if d and d not in dyads:
                 raise ValueError(f"{csv_path}:{line}: field 'plutchik_dyads': {d!r} is not a "
                                  f"dyad in plutchik.toml ({', '.join(sorted(dyads))})")
-    clips, missing, classes = _from_csv(root, dataset, keep_missing, split_fractions, csv_path)
+    clips, missing, classes = clips_from_csv(root, dataset, keep_missing, split_fractions, csv_path)
     if not clips:
         raise FileNotFoundError(f"ugc: no usable row in {csv_path}"
                                 + (f"; first problem: {missing[0][1]}" if missing else ""))
