@@ -1,5 +1,5 @@
 """The head table on the shared real sets and the demo: every fusion head beside the majority
-baseline, mean ± std of 3 seeds on the same split (issue 15; BENCHMARKS.md "Heads on real data").
+baseline and the linear probe, mean ± std of 3 seeds on the same split (issue 15; BENCHMARKS.md "Heads on real data").
 
     python bench/heads.py --work /tmp/heads_bench [--sets ravdess01,ravdess02,av05,meld,demo]
         [--demo-root DIR] [--heads early,late,hybrid,cquery,cfnsr,mult,tfn] [--seeds 3]
@@ -98,14 +98,18 @@ def table(cache: Path, dataset: str, heads, seeds: int, settings: dict, runs: Pa
     for head in heads:
         r = fit(cache, dataset, head, mods, cfg, runs_dir=runs, name=f"{dataset}-{head}")
         m = r.metrics
+        # the share of (seed, fold) runs whose kept state is the probe it started from (epoch 0)
+        kept = [e == 0 and w for s_ in m["seeds"] for e, w in zip(s_["best_epoch"], s_["warm_start"])]
         rows.append((head, m["mean"]["accuracy"], m["std"]["accuracy"], m["mean"]["macro_f1"],
-                     m["std"]["macro_f1"], m["majority_baseline"]))
-    maj = rows[0][5]
+                     m["std"]["macro_f1"], m["majority_baseline"], m["linear_probe"],
+                     sum(kept) / len(kept), m["elapsed_s"]))
+    maj, probe = rows[0][5], rows[0][6]
     print(f"\n## {dataset} ({mods}, {s['split']}, {seeds} seeds, n_test={m['n_test']})")
-    print("| head | accuracy | macro F1 |\n|---|---|---|")
-    print(f"| majority | {maj['accuracy']:.3f} | {maj['macro_f1']:.3f} |")
-    for head, a, sa, f, sf, _ in rows:
-        print(f"| {head} | {a:.3f} ± {sa:.3f} | {f:.3f} ± {sf:.3f} |")
+    print("| head | accuracy | macro F1 | runs that kept the probe | fit s |\n|---|---|---|---|---|")
+    print(f"| majority | {maj['accuracy']:.3f} | {maj['macro_f1']:.3f} | | |")
+    print(f"| linear probe | {probe['accuracy']:.3f} | {probe['macro_f1']:.3f} | | |")
+    for head, a, sa, f, sf, _, _, k, t in rows:
+        print(f"| {head} | {a:.3f} ± {sa:.3f} | {f:.3f} ± {sf:.3f} | {k:.0%} | {t:.0f} |")
     sys.stdout.flush()
     return rows
 

@@ -43,6 +43,9 @@ class FitConfig:
     modality_dropout: float = 0.1
     class_weight: bool = True
     aux_weight: float = 0.0  # loss weight of a head's per-branch (aux) logits
+    # start a registered head's linear path from the fold's fitted linear probe, scored on
+    # validation as epoch 0 (fusion/heads/linear.py); False: from zero
+    warm_start: bool = True
     labels: str | None = None  # fit-time label set: iemocap4 | iemocap6 | plutchik
     select_metric: str | None = None  # early stopping / selection (None: macro F1, or MAE)
     protocol: str | None = None  # the protocol (fusion/protocols.py) that set the above
@@ -97,7 +100,7 @@ class FitConfig:
         """A config from a recorded dict; keys that are not settings are ignored.
 
         A setting missing from `d` is None when its field may be None (config.toml leaves None
-        out), else its default. Runs written before lr_base / batch_size_asked were recorded
+        out), `warm_start` False (runs from before it existed), else its default. Runs written before lr_base / batch_size_asked were recorded
         take those two from `unrecorded_from` when given (an ablation compares them only where
         recorded), else from the recorded lr / batch size used.
         """
@@ -107,6 +110,9 @@ class FitConfig:
         kw.pop("batch_size", None)
         for opt in ("group_by", "threads"):
             kw.setdefault(opt, None)
+        # runs written before the linear path's warm start trained without it: an ablation
+        # must not take them for cells of today's default
+        kw.setdefault("warm_start", False)
         if LR_KEY in d:
             kw["lr"] = d[LR_KEY]
         elif unrecorded_from is not None:

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fusion.data import open_set
-from fusion.heads import build_head
+from fusion.heads import build_saved_head
 from fusion.normalise import apply_stats
 
 
@@ -48,8 +48,7 @@ def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | No
     rows = np.flatnonzero(fs.complete) if rows is None else np.asarray(rows)
     spec = fs.spec(mods)
     n_out = len(classes) if classes else 1
-    head = build_head(cfg["fusion"], spec, n_out, **(cfg.get("head_options") or {}))
-    head.load_state_dict(state)
+    head = build_saved_head(cfg["fusion"], spec, n_out, cfg.get("head_options") or {}, state)
     head.eval()
     data = fs.load(mods, rows)
     batch = {m: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()} for m, d in data.items()}

@@ -10,11 +10,15 @@ them (`class_weight`). Deterministic; seconds on a CPU.
 
 A head below this probe (or below the majority / mean baseline) on the headline metric is
 flagged by the report: it learned less from the features than a linear model does.
+
+Each fold's fitted probe is also kept (`ProbeFit`, when `fits` is given): the trainer starts
+a head's linear path from it (fusion/heads/linear.py), as in linear-probing-then-fine-tuning.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,9 +33,32 @@ C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
+@dataclass
+class ProbeFit:
+    """One fold's fitted probe as logits: `coef @ ((x - mean) / std) + intercept`, x a row of
+    the design matrix (pooled_matrix) whose column blocks `blocks` lists as (modality, pooled
+    dim, has a presence column). coef [n_out, D] gives every class a row (classes missing from
+    the training rows get a very low intercept); a ridge has n_out = 1."""
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    blocks: list[tuple[str, int, bool]]
+
+
+def pooled_blocks(raw: dict, mods: list[str]) -> list[tuple[str, int, bool]]:
+    """(modality, pooled dim, has a presence column) for each block of pooled_matrix."""
+    out = []
+    for m in mods:
+        present = np.asarray(raw[m]["present"], dtype=bool)
+        out.append((m, int(np.prod(np.shape(raw[m]["pooled"])[1:])), not present.all()))
+    return out
+
+
 def pooled_matrix(raw: dict, mods: list[str]) -> np.ndarray:
     """[n, D] design matrix from loaded inputs: each modality's pooled vector (zeros where
-    absent) and, when it is absent on some rows, a presence column."""
+    absent) and, when it is absent on some rows, a presence column (pooled_blocks)."""
     parts = []
     for m in mods:
         present = np.asarray(raw[m]["present"], dtype=bool)
@@ -42,10 +69,24 @@ def pooled_matrix(raw: dict, mods: list[str]) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def _standardise(x: np.ndarray, train: np.ndarray) -> np.ndarray:
-    mu = x[train].mean(axis=0)
+def _moments(x: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sd = x[train].std(axis=0)
-    return (x - mu) / np.where(sd > 1e-8, sd, 1.0)
+    return x[train].mean(axis=0), np.where(sd > 1e-8, sd, 1.0)
+
+
+def _as_logits(model, kind: str, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """(coef [n_out, D], intercept [n_out]) whose logits _predict's argmax agrees with: a
+    binary logistic regression's decision d becomes logits [0, d] (softmax = its sigmoid)."""
+    if kind == "regression":
+        return np.atleast_2d(model.coef_).astype(np.float64), np.atleast_1d(model.intercept_)
+    coef, inter = model.coef_, model.intercept_
+    if len(model.classes_) == 2:
+        coef = np.concatenate([np.zeros_like(coef), coef])
+        inter = np.concatenate([np.zeros_like(inter), inter])
+    w = np.zeros((n_out, coef.shape[1]))
+    b = np.full(n_out, float(np.min(inter)) - 10.0)  # a class never seen in training
+    w[model.classes_], b[model.classes_] = coef, inter
+    return w, b
 
 
 def _model(kind: str, strength: float, class_weight: bool, seed: int = 0):
@@ -75,14 +116,17 @@ def _metric(task: Task, y: np.ndarray, pred: np.ndarray, key: str) -> float:
 
 
 def linear_probe(x: np.ndarray, y: np.ndarray, folds: list[Fold], task: Task, select: str,
-                 class_weight: bool) -> dict:
+                 class_weight: bool, fits: list[ProbeFit] | None = None,
+                 blocks: list[tuple[str, int, bool]] | None = None) -> dict:
     """Fit the probe on each fold (positions into `x` / `y`), pool its test predictions and
-    score them like a head's: the scalar metrics, plus the chosen strength per fold."""
+    score them like a head's: the scalar metrics, plus the chosen strength per fold. With
+    `fits` (a list) and `blocks` (pooled_blocks of x), each fold's fitted probe is appended."""
     kind = task.kind
     grid = ALPHA_GRID if kind == "regression" else C_GRID
     preds, ys, chosen = [], [], []
     for f in folds:
-        xs = _standardise(x, f.train)
+        mu, sd = _moments(x, f.train)
+        xs = (x - mu) / sd
         best, best_score = grid[0], -np.inf
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence chatter on tiny folds
@@ -94,6 +138,8 @@ def linear_probe(x: np.ndarray, y: np.ndarray, folds: list[Fold], task: Task, se
                 if score > best_score + 1e-9:
                     best, best_score = s, score
             mdl = _model(kind, best, class_weight).fit(xs[f.train], y[f.train])
+        if fits is not None:
+            fits.append(ProbeFit(*_as_logits(mdl, kind, task.n_out), mu, sd, list(blocks or [])))
         preds.append(_predict(mdl, xs[f.test], kind, task.n_out))
         ys.append(y[f.test])
         chosen.append(best)

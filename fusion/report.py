@@ -213,6 +213,8 @@ def _seed_metrics(seed: int, outs: list[dict], task: Task) -> dict:
     m["seed"] = seed
     m["best_epoch"] = [o["best_epoch"] for o in outs]
     m["epochs_run"] = [o["epochs_run"] for o in outs]
+    # per fold: the linear path started from the fold's probe (best_epoch 0: the probe was kept)
+    m["warm_start"] = [bool(o.get("warm_start")) for o in outs]
     return m
 
 

@@ -29,7 +29,7 @@ from fusion.data import FeatureSet, open_set
 from fusion.heads.base import FusionHead
 from fusion.layers import LayerMixedHead, build_with_layers, summarise_weights, weights_from_state
 from fusion.normalise import Batch, apply_stats, drop_modalities, fit_stats, take, to_tensors
-from fusion.probe import below_baselines, linear_probe, pooled_matrix
+from fusion.probe import ProbeFit, below_baselines, linear_probe, pooled_blocks, pooled_matrix
 from fusion.protocols import (
     default_headline,
     get_protocol,
@@ -153,8 +153,9 @@ def fit(
         raise ValueError(f"selection metric {select!r} is not a {task.kind} metric "
                          f"(one of {', '.join(_scalar_keys(task))})")
     pos_plan = [_positions(rows, f) for f in plan]
+    probe_fits: list[ProbeFit] = []  # each fold's probe: where a head's linear path starts
     lin = linear_probe(pooled_matrix(raw, mods), task.y[rows], pos_plan, task, select,
-                       cfg.class_weight)
+                       cfg.class_weight, fits=probe_fits, blocks=pooled_blocks(raw, mods))
     trainer.progress, trainer.n_runs = progress, len(plan) * len(seed_list)
     raw_t = to_tensors(raw)
     # parameter-free work (window averages) done once on the raw features, for every fold and
@@ -164,14 +165,15 @@ def fit(
     logs: list[dict] = []
     first_state = None
     layer_runs: list[dict[str, list[float]]] = []  # learned layer weights per (fold, seed)
-    for fold in plan:  # fold-major: each fold is standardised once, for every seed
+    for i, fold in enumerate(plan):  # fold-major: each fold is standardised once, for every seed
         pos = _positions(rows, fold)
         stats = fit_stats(raw_t, pos.train)
         data = apply_stats(prepared, stats, inplace=len(plan) == 1)
         data = {m: {k: v.to(trainer.device) for k, v in d.items()} for m, d in data.items()}
         for seed in seed_list:
             trainer.where = {"seed": seed, "fold": fold.index, "folds": len(plan)}
-            out = trainer.run(data, pos, task, seed, fold.index, logs, fresh)
+            start = (probe_fits[i], stats) if cfg.warm_start else None
+            out = trainer.run(data, pos, task, seed, fold.index, logs, fresh, start)
             fresh = None
             state = out.pop("state")
             layer_runs.append(weights_from_state(state))
@@ -347,19 +349,39 @@ class _Trainer:
         return selection_score(self.select, float(m[self.select]))
 
     def run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict],
-            fresh: tuple[FusionHead, Tensor] | None = None) -> dict:
+            fresh: tuple[FusionHead, Tensor] | None = None,
+            start: tuple[ProbeFit, dict[str, Tensor]] | None = None) -> dict:
         """Train with early stopping, restore the best state, call after_fit, predict test.
 
         `fresh` is an untrained head built just after torch.manual_seed(seed), with the RNG
-        state that followed; training it is the same as building one here. Gradients are
-        switched on explicitly: a library that turned them off globally in this process (an
-        encoder loaded by `mmemo predict`, say) must not break training.
+        state that followed; training it is the same as building one here. `start` (the fold's
+        fitted probe and feature statistics) sets a head's linear path before training
+        (fusion/heads/linear.py); that state is then scored as epoch 0 and kept unless a later
+        epoch beats it on validation. Gradients are switched on explicitly: a library that
+        turned them off globally in this process (an encoder loaded by `mmemo predict`, say)
+        must not break training.
         """
         with torch.enable_grad():
-            return self._run(data, f, task, seed, fold, logs, fresh)
+            return self._run(data, f, task, seed, fold, logs, fresh, start)
+
+    def _epoch_zero(self, model: FusionHead, data: Batch, f: Fold, loss_fn: nn.Module,
+                    yt: Tensor, yv: Tensor, y_va: np.ndarray, seed: int, fold: int) -> dict:
+        """The log entry of a warm-started head before any step (train loss in eval mode)."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pt, _ = self.predict(model, data, f.train)
+            pv, _ = self.predict(model, data, f.val)
+            train_loss, val_loss = float(loss_fn(pt, yt)), float(loss_fn(pv, yv))
+        score = self._val_score(pv, y_va)
+        return {"seed": seed, "fold": fold, "epoch": 0, "train_loss": round(train_loss, 6),
+                "val_loss": round(val_loss, 6),
+                "val_metric": round(selection_score(self.select, score), 6),
+                "epoch_s": round(time.perf_counter() - t0, 4), "_score": score,
+                "_loss": val_loss}
 
     def _run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict],
-             fresh: tuple[FusionHead, Tensor] | None = None) -> dict:
+             fresh: tuple[FusionHead, Tensor] | None = None,
+             start: tuple[ProbeFit, dict[str, Tensor]] | None = None) -> dict:
         if fresh is None:
             torch.manual_seed(seed)
             model = _make_head(self.fusion, self.spec, task.n_out, self.options)
@@ -380,6 +402,11 @@ class _Trainer:
             yt = torch.from_numpy(self.soft[f.train]).to(self.device)
             yv = torch.from_numpy(self.soft[f.val]).to(self.device)
         best_score, best_loss = -math.inf, math.inf
+        warm = start is not None and hasattr(model, "start_from") and model.start_from(*start)
+        if warm:  # the probe's state is a candidate like any epoch's
+            entry = self._epoch_zero(model, data, f, loss_fn, yt, yv, y_va, seed, fold)
+            best_score, best_loss = entry.pop("_score"), entry.pop("_loss")
+            logs.append(entry)
         best_state, best_epoch, bad = _state(model), 0, 0
         n, bs = len(f.train), self.batch_size
         train_pos = torch.from_numpy(f.train).to(self.device)
@@ -425,7 +452,7 @@ class _Trainer:
         pt, aux = self.predict(model, data, f.test)
         return {"pred": pt.cpu().numpy(),
                 "aux": {k: (v.cpu().numpy(), p.cpu().numpy()) for k, (v, p) in aux.items()},
-                "best_epoch": best_epoch, "epochs_run": epoch,
+                "best_epoch": best_epoch, "epochs_run": epoch, "warm_start": bool(warm),
                 "state": _state(model)}  # after after_fit: what was evaluated is what is saved
 
 

@@ -14,6 +14,11 @@ and, with "both" (cquery, cfnsr, mult), also through a residual pooled path (ear
 computation, `pooled_hidden` 128) that their own, gated, logits are added to — so a sequence
 head never reads less than early fusion (issue 15; "none" gives the sequence-only heads of
 before; BENCHMARKS.md "Heads on real data" has the measurement behind hybrid's default).
+
+Every registered head also has a linear path (fusion/heads/linear.py, option `linear`): a
+zero-initialised linear model of the pooled vectors, to which the head's own logits are added
+through a learned gate that starts at 0 — so on a small set no head starts below the linear
+model a logistic-regression baseline fits ("gated", the default; "off": the head alone).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from fusion.heads.cquery import ConditionalQueryFusion
 from fusion.heads.early import EarlyFusion
 from fusion.heads.hybrid import HybridFusion
 from fusion.heads.late import LateFusion
+from fusion.heads.linear import MODES, state_has_linear, with_linear
 from fusion.heads.mult import MulTLite
 from fusion.heads.tfn import TensorFusion
 
@@ -44,11 +50,12 @@ HEADS: dict[str, type[FusionHead]] = {
 def head_options(name: str) -> dict[str, object]:
     """The options head `name` accepts, with their defaults (spec and n_out excluded), plus
     the generic layer weighting `layer_mix`, also spelt `layers` (None: learned when an input
-    has per-layer features; fusion/layers.py). A head with an integer `layers` option of its own
-    (hybrid, cfnsr: block depth) keeps it: an integer goes to the head, a word to the weighting."""
+    has per-layer features; fusion/layers.py), and the linear path `linear` ("gated" | "off";
+    fusion/heads/linear.py). A head with an integer `layers` option of its own (hybrid, cfnsr:
+    block depth) keeps it: an integer goes to the head, a word to the weighting."""
     params = inspect.signature(HEADS[name].__init__).parameters
     out = {k: p.default for k, p in params.items() if k not in ("self", "spec", "n_out")}
-    return {"layers": None, **out, "layer_mix": None}
+    return {"layers": None, **out, "layer_mix": None, "linear": "gated"}
 
 
 def build_head(name: str, spec: InputSpec, n_out: int, **options) -> FusionHead:
@@ -66,7 +73,24 @@ def build_head(name: str, spec: InputSpec, n_out: int, **options) -> FusionHead:
         raise ValueError(f"n_out must be >= 1, got {n_out}")
     from fusion.layers import build_with_layers
 
-    return build_with_layers(lambda s, **o: HEADS[name](s, n_out, **o), spec, options)
+    opts = dict(options)
+    mode = opts.pop("linear", "gated")
+    if mode not in MODES:
+        raise ValueError(f"{name}: linear must be one of {MODES}, got {mode!r}")
+    return build_with_layers(lambda s, **o: with_linear(HEADS[name](s, n_out, **o), s, n_out, mode),
+                             spec, opts)
 
 
-__all__ = ["HEADS", "FusionHead", "HeadOutput", "build_head", "head_options"]
+def build_saved_head(name: str, spec: InputSpec, n_out: int, options: dict,
+                     state: dict) -> FusionHead:
+    """The head a run saved, its state loaded: a run written before the linear path existed
+    (no `linear.` parameters, no `linear` option) is rebuilt without it."""
+    opts = dict(options or {})
+    if "linear" not in opts and not state_has_linear(state):
+        opts["linear"] = "off"
+    head = build_head(name, spec, n_out, **opts)
+    head.load_state_dict(state)
+    return head
+
+
+__all__ = ["HEADS", "FusionHead", "HeadOutput", "build_head", "build_saved_head", "head_options"]

@@ -20,7 +20,10 @@ DIMS = {"audio": (6, 10, 12), "text": (8, 12, 10), "visual": (5, 9, 8), "meta": 
 MODALITIES = tuple(DIMS)
 COND = ModalitySpec("cond", pooled_dim=9)
 SUBSETS = [c for r in range(1, 5) for c in itertools.combinations(MODALITIES, r)]
-SMALL = {"hidden": 32, "dropout": 0.1}
+# linear="off": these tests are about each head's own computation; the linear path that every
+# registered head has by default (its output is exactly 0 at initialisation) is tested in
+# tests/fusion/test_heads_linear.py
+SMALL = {"hidden": 32, "dropout": 0.1, "linear": "off"}
 
 CONFIGS = [
     ("early", {"pool": "pooled"}),

@@ -31,7 +31,9 @@ def trained_accuracy(name: str, **opts) -> float:
     train, y_train = pooled_only(384, g)
     test, y_test = pooled_only(256, g)
     torch.manual_seed(0)
-    head = build_head(name, SPEC, 3, hidden=32, dropout=0.1, **opts)
+    # the head's own pooled path, without the linear path every head also has by default
+    # (which alone would learn this task: tests/fusion/test_heads_linear.py)
+    head = build_head(name, SPEC, 3, hidden=32, dropout=0.1, linear="off", **opts)
     fit(head, train, y_train)
     return accuracy(head, test, y_test)
 

@@ -91,7 +91,7 @@ def test_modes_and_their_errors(layered):
     assert not isinstance(build_head("early", spec, 3, layers="off"), LayerMixedHead)
     # hybrid's own integer `layers` (block depth) still reaches it; the weighting has its alias
     hy = build_head("hybrid", spec, 3, layers=2, layer_mix="mean")
-    assert isinstance(hy, LayerMixedHead) and hy.mode == "mean" and len(hy.inner.encoder["audio"]) == 2
+    assert isinstance(hy, LayerMixedHead) and hy.mode == "mean" and len(hy.inner.inner.encoder["audio"]) == 2  # inner: the linear path's wrapper
     assert build_head("hybrid", spec, 3, layers="last").mode == "last"
     with pytest.raises(ValueError, match="disagree"):
         build_head("early", spec, 3, layers="last", layer_mix="mean")

@@ -244,9 +244,9 @@ def test_real_meld_protocol_probe_and_plutchik_cross_to_avamerg(tmp_path: Path) 
     assert (m["n_train"], m["n_val"], m["n_test"]) == (594, 221, 294)
     probe, base = m["linear_probe"]["weighted_f1"], m["majority_baseline"]["weighted_f1"]
     assert probe > base + 0.1  # MiniLM text vectors carry MELD's emotions
-    # measured 2026-11-29: head 0.469 vs probe 0.470 (5 seeds, the full 894-row train);
-    # on these 594 training rows the two stay within seed / test-sampling noise of each other
-    assert m["weighted_f1"] > probe - 0.04, (m["weighted_f1"], probe)
+    # issue 14: the fit is not below its probe (the head's linear path starts from the probe)
+    print("meld-official head / probe weighted F1:", m["weighted_f1"], probe)
+    assert m["weighted_f1"] >= probe - 0.005, (m["weighted_f1"], probe)
     assert "weighted F1" in m["paper"] and "probe" in m["paper"]
     x = fit(cache, "meld", "early", ["text"], labels="plutchik", test_dataset="avamerg",
             seeds=1, threads=1, runs_dir=tmp_path / "runs", name="cross").metrics

@@ -144,7 +144,7 @@ def test_saved_state_includes_after_fit_changes(signal_cache: Path, tmp_path: Pa
     opts = {**QUICK, "head_options": {"hidden": 32, "combine": "stacking"}}
     r = fit(signal_cache, "synth", "late", ["audio", "text"], seeds=1, runs_dir=tmp_path, **opts)
     state = load_file(str(r.run_dir / "model.safetensors"))
-    assert state["stack_w"].abs().sum() > 0  # the meta-learner fit in after_fit was saved
+    assert state["inner.stack_w"].abs().sum() > 0  # the meta-learner fit in after_fit was saved
     assert r.metrics["macro_f1"] > r.metrics["majority_baseline"]["macro_f1"] + 0.3
 
 
