@@ -283,6 +283,9 @@ PatienceOpt = typer.Option(5, "--patience", help="Epochs without validation prog
 ModDropOpt = typer.Option(0.1, "--modality-dropout", help="Chance a modality is hidden from a training row.")
 ProtocolOpt = typer.Option(None, "--protocol", help="meld-official | iemocap-loso | iemocap6 | mosei-standard | mosi-standard | ravdess-6fold | ravdess-5fold | cremad-actor (sets split, labels, metric, class weights).")
 LabelsOpt = typer.Option(None, "--labels", help="Fit-time label set: iemocap4 | iemocap6 | plutchik.")
+WarmOpt = typer.Option(True, "--warm-start/--no-warm-start", help="Start each head's linear path "
+                       "from the fold's fitted linear probe, kept unless training beats it on "
+                       "validation (docs/ARCHITECTURE.md).")
 ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: the cores, at most 4).")
 SeedsOpt = typer.Option(3, "--seeds", help="How many seeds (0..N-1) to train; scores are mean ± std over them.")
 SplitOpt = typer.Option("official", "--split", help="official (the set's train/val/test) | kfold (grouped k-fold).")
@@ -316,6 +319,7 @@ def fit(
     batch_size: int = BatchOpt,
     patience: int = PatienceOpt,
     modality_dropout: float = ModDropOpt,
+    warm_start: bool = WarmOpt,
     threads: int = ThreadsOpt,
     protocol: str = ProtocolOpt,
     labels: str = LabelsOpt,
@@ -334,7 +338,7 @@ def fit(
     try:
         cfg = FitConfig(seeds=seeds, split=split, folds=folds, group_by=group_by, epochs=epochs,
                         device=device, target=target, head_options=head_opts or {}, lr=lr,
-                        batch_size=batch_size, patience=patience,
+                        batch_size=batch_size, patience=patience, warm_start=warm_start,
                         modality_dropout=modality_dropout, threads=threads, labels=labels)
         progress = FitProgress(console)
         try:
@@ -378,6 +382,7 @@ def ablate(
     batch_size: int = BatchOpt,
     patience: int = PatienceOpt,
     modality_dropout: float = ModDropOpt,
+    warm_start: bool = WarmOpt,
     threads: int = typer.Option(None, "--threads", help="Torch threads per cell (default: the "
                                 "cores shared among --workers)."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard this grid's earlier cells instead of resuming them."),
@@ -408,10 +413,12 @@ def ablate(
         cfg = FitConfig(seeds=seeds, split=split, folds=folds, epochs=epochs,
                         head_options=_head_opts(opt, heads), lr=lr, batch_size=batch_size,
                         patience=patience, modality_dropout=modality_dropout, threads=threads,
-                        labels=labels)
+                        labels=labels, warm_start=warm_start)
         if protocol:
             from fusion.protocols import get_protocol
 
+            for line in get_protocol(protocol).overrides(cfg):
+                console.print(f"[yellow]warning:[/yellow] {line}", soft_wrap=True)
             cfg = get_protocol(protocol).config(cfg)
         progress = CellProgress(console)
         try:

@@ -53,6 +53,22 @@ class Protocol:
                        target=self.target, select_metric=self.headline,
                        class_weight=self.class_weight, protocol=self.name)
 
+    def overrides(self, cfg: FitConfig) -> list[str]:
+        """One line per setting the user asked for (a value other than FitConfig's default)
+        that this protocol replaces, e.g. `--split kfold` under meld-official: a fit warns
+        with them instead of overriding silently."""
+        from fusion.config import FitConfig
+
+        fixed = self.config(cfg)
+        default = FitConfig()
+        out = []
+        for key in ("split", "folds", "labels", "target", "select_metric", "class_weight"):
+            asked, used = getattr(cfg, key), getattr(fixed, key)
+            if asked != getattr(default, key) and asked != used:
+                out.append(f"protocol {self.name} sets {key} = {used!r}; the asked {key} = "
+                           f"{asked!r} is not used")
+        return out
+
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("meld-official", "meld", "official", 1, None, "label", "weighted_f1",

@@ -99,7 +99,9 @@ def fit(
     """
     cfg = replace(cfg or FitConfig(), **settings)
     proto = get_protocol(protocol or cfg.protocol) if (protocol or cfg.protocol) else None
+    overridden: list[str] = []
     if proto is not None:
+        overridden = proto.overrides(cfg) if cfg.protocol != proto.name else []
         cfg = proto.config(cfg)
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads or default_threads())
@@ -111,7 +113,7 @@ def fit(
     if cfg.labels:
         task, left_out = relabel(task, fs.meta.dataset or dataset or "", cfg.labels)
     usable = np.flatnonzero(fs.complete & task.labelled())
-    warnings = fs.check(mods, usable)
+    warnings = fs.check(mods, usable) + overridden
     if proto is not None and fs.meta.dataset not in (None, proto.dataset):
         warnings.append(f"protocol {proto.name} is for dataset {proto.dataset!r}; this set is "
                         f"{fs.meta.dataset!r}")

@@ -253,3 +253,16 @@ def test_real_meld_protocol_probe_and_plutchik_cross_to_avamerg(tmp_path: Path) 
     assert x["test_dataset"] == "avamerg" and x["n_test"] == 116
     assert len(x["per_class"]) == 9 and x["per_class"]["joy"]["support"] > 0
     assert x["accuracy"] > x["majority_baseline"]["accuracy"]
+
+
+def test_a_protocol_names_the_settings_it_overrides() -> None:
+    """`--protocol` replaces split / folds / labels / ...: a setting the user asked for that it
+    replaces is a warning line (fit puts them in metrics.json's warnings; ablate prints them)."""
+    from fusion.config import FitConfig
+
+    meld = get_protocol("meld-official")
+    assert meld.overrides(FitConfig()) == []  # defaults are not "asked for"
+    lines = meld.overrides(FitConfig(split="kfold", folds=3, class_weight=True))
+    assert [ln.split(" sets ")[1].split(" =")[0] for ln in lines] == ["split", "folds"]
+    assert "'official'" in lines[0] and "'kfold'" in lines[0]
+    assert meld.overrides(FitConfig(split="official")) == []  # what it sets anyway
