@@ -291,7 +291,9 @@ def test_mosi_fixture_and_folds(tmp_path: Path) -> None:
     res = mosi.prepare_mosi(root, out=tmp_path / "m")
     clips = {c.id: c for c in _all(res)}
     assert sorted(clips) == ["vidA_x1_1", "vidA_x1_2", "vidA_x1_3", "vidB-y2_1", "vidB-y2_2", "vidC_1"]
-    assert set(res.splits) == {"train"} and "missing" in res.info["folds"]
+    # the shipped standard folds name none of the fixture's videos: all in train, counted
+    assert set(res.splits) == {"train"} and res.info["folds"] == "mosi.json"
+    assert res.info["videos_not_in_folds"] == 3
     a2 = clips["vidA_x1_2"]
     assert a2.labels.sentiment == pytest.approx(-0.8) and (a2.start, a2.end) == (1.0, 2.0)
     assert a2.transcript == "but the end" and a2.video == "Raw/Video/Segmented/vidA_x1_2.mp4"
@@ -353,7 +355,10 @@ def test_mosi_real_csd(tmp_path: Path) -> None:
     assert all(-3 <= c.labels.sentiment <= 3 for c in clips)
     assert next(c for c in clips if c.id == f"{v}_1").labels.sentiment == pytest.approx(first)
     assert len(res.missing) == 2199  # annotations only here: every segment reported
-    assert len(read_manifest(res.paths["train"])) == 2199
+    # the shipped SDK standard folds: every video in one fold, the literature's segment counts
+    assert res.info["folds"] == "mosi.json" and res.info["videos_not_in_folds"] == 0
+    assert {s: len(v) for s, v in res.splits.items()} == {"train": 1284, "valid": 229, "test": 686}
+    assert len(read_manifest(res.paths["train"])) == 1284
 
 
 # --- CREMA-D ------------------------------------------------------------------------------------
