@@ -26,7 +26,13 @@ import pandas as pd
 
 from fusion.config import FitConfig
 from fusion.data import open_set
-from fusion.report import CLASSIFICATION_COLUMNS, REGRESSION_COLUMNS, fmt_pm, markdown_table
+from fusion.report import (
+    CLASSIFICATION_COLUMNS,
+    REGRESSION_COLUMNS,
+    fmt_pm,
+    markdown_table,
+    probe_kept,
+)
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +326,7 @@ def _metric_columns(m: dict) -> dict[str, Any]:
         if k in probe:
             out[f"probe_{k}"] = probe[k]
     out["headline"] = m.get("headline")
+    out["probe_kept"] = probe_kept(m)
     out["below"] = flag_text(m)
     out |= {"n_train": m.get("n_train"), "n_test": m.get("n_test"),
             "n_seeds": m.get("n_seeds"), "elapsed_s": m.get("elapsed_s"),
@@ -365,6 +372,8 @@ def ablation_markdown(df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -
         for k, label in cols[:3]:
             v = _num(r.get(f"probe_{k}"))
             row[f"probe {label}"] = "—" if v is None else f"{v:.3f}"
+        kept = r.get("probe_kept")
+        row["probe kept"] = kept if isinstance(kept, str) and kept else "—"
         below = r.get("below")
         row["flag"] = below if isinstance(below, str) else ""  # NaN when read from the csv
         rows.append(row)
@@ -378,8 +387,10 @@ def ablation_markdown(df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -
                   else f"mean ± std over {', '.join(str(int(s)) for s in seeds)} seeds")
         note = (f"Scores: {spread}; `n test`: test clips per cell; `{prefix}` columns: the "
                 f"trivial predictor on the same test rows; `probe`: a linear model on the same "
-                f"pooled features and folds (fusion/probe.py); `flag`: the head is below a "
-                f"baseline on the headline metric. {counts}\n\n")
+                f"pooled features and folds (fusion/probe.py); `probe kept`: of the (seed, fold) "
+                f"runs, those whose head kept the probe it started from (nothing scored better "
+                f"on validation: the head is that linear model there); `flag`: the head is "
+                f"below a baseline on the headline metric. {counts}\n\n")
     else:
         note = f"No cell finished, so there is nothing to compare. {counts}\n\n"
     fails = [f"- {r['cell']}: {r['error']}" for r in df.to_dict(orient="records") if r.get("error")]

@@ -97,9 +97,22 @@ def run_row(m: dict) -> dict[str, Any]:
             " / ".join(f"{probe[k]:.3f}" for k, _ in pk))
     if head and head not in dict(cols) and head in mean:
         row[head.replace("_", " ")] = fmt_pm(mean.get(head), std.get(head))
+    kept = probe_kept(m)
+    if kept:
+        row["probe kept"] = kept
     below = [k for k, v in (m.get("below_baseline") or {}).items() if v]
     row["flag"] = f"below {', '.join(below)} ({head})" if below else ""
     return row
+
+
+def probe_kept(m: dict) -> str:
+    """'k/n': of the n (seed, fold) runs whose linear path started from the fold's probe, the k
+    that kept it (no later epoch scored better on validation: the head *is* the probe there);
+    '' for runs without a warm start (fusion/heads/linear.py)."""
+    runs = [(e, w) for s in m.get("seeds", []) if isinstance(s, dict)
+            for e, w in zip(s.get("best_epoch", []), s.get("warm_start", []))]
+    warm = [e for e, w in runs if w]
+    return f"{sum(e == 0 for e in warm)}/{len(warm)}" if warm else ""
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -16,6 +16,7 @@ from fusion.heads import HEADS, build_head
 from fusion.heads.linear import WithLinearPath
 from fusion.normalise import apply_stats, fit_stats, to_tensors
 from fusion.probe import linear_probe, pooled_blocks, pooled_matrix
+from fusion.report import probe_kept
 from fusion.splits import Fold, Task
 from fusion.train import fit
 from tests.fusion.conftest import write_feature_set
@@ -107,7 +108,10 @@ def test_a_small_wide_set_is_not_fitted_below_its_probe(wide_cache: Path, tmp_pa
     assert m["macro_f1"] >= probe - 0.03, (m["macro_f1"], probe)
     assert not m["below_baseline"]["majority"]
     assert all(all(s["warm_start"]) for s in m["seeds"])
+    kept, runs = map(int, probe_kept(m).split("/"))  # shown in fit / ablate tables
+    assert runs == 8 and 0 <= kept <= runs
     # the control: the head as it was (no linear path, no warm start) fits noise here
     old = fit(wide_cache, "synth", "early", ["visual"], name="old", warm_start=False,
               head_options={"linear": "off"}, **kw).metrics
     assert old["macro_f1"] < probe - 0.03, (old["macro_f1"], probe)
+    assert probe_kept(old) == ""
