@@ -223,7 +223,8 @@ def to_label_space(result: PrepareResult, space: str, recipe: str | None = None)
     MOSEI (``metadata.emotions``, six intensities) a soft target weighted by the intensities
     (all six at 0: left out as ``"(no emotion)"``); ugc's annotated ``plutchik`` column when a
     clip has one; a recipe without a table (folder, ugc) has its labels read as Plutchik names
-    (a primary, an intensity word, a dyad or neutral), any other label is left out.
+    (a primary, an intensity word, a dyad or neutral), any other label is left out. A dataset
+    with no emotion label at all (CMU-MOSI: sentiment only) is a ValueError, nothing rewritten.
 
     dataset.json then holds ``label_space = "plutchik"``, ``classes`` = the 9 classes in wheel
     order, ``classes_original``, and ``label_space_counts`` = ``{"mapped": n, "soft": n (more
@@ -298,6 +299,9 @@ def to_label_space(result: PrepareResult, space: str, recipe: str | None = None)
                 mapped += 1
                 soft += len(md["plutchik"]) > 1
             c.metadata = md
+    if not mapped and not left:
+        raise ValueError(f"{result.dataset}: no clip has an emotion label to map into {space} "
+                         f"(recipe {recipe}); manifests left in the dataset's own labels")
     info = {k: v for k, v in result.info.items() if k not in ("name", "counts")}
     info["classes_original"] = list(result.info.get("classes") or [])
     info["classes"] = list(classes)

@@ -116,6 +116,13 @@ def test_mosei_intensities_become_a_soft_target(tmp_path: Path) -> None:
     assert c["s1"].labels.emotion == "joy"  # tie: joy comes first on the wheel
     assert c["s2"].labels.emotion is None
     assert res.info["label_space_counts"] == {"mapped": 2, "soft": 1, "left_out": {"(no emotion)": 1}}
+    # CMU-MOSI has sentiment only: nothing to map is an error, not an empty label space
+    mosi = write_result("mosi", tmp_path, tmp_path / "m", {"train": [Clip(
+        id="s", dataset="mosi", split="train", transcript="x", labels={"sentiment": 1.0})]}, [],
+        {"classes": [], "task": "regression"})
+    with pytest.raises(ValueError, match="no clip has an emotion label"):
+        to_label_space(mosi, "plutchik", recipe="mosi")
+    assert read_dataset_info("mosi", tmp_path / "m")["classes"] == []
 
 
 def test_cli_prepare_labels_plutchik_and_folder_labels_file(tmp_path: Path) -> None:
