@@ -165,7 +165,9 @@ def prepare(
     recipe: str = typer.Argument(None, help="Recipe name (see --list)."),
     root: Path = typer.Option(None, "--root", help="Dataset root folder."),
     name: str = typer.Option(None, "--name", help="Dataset name (default: the recipe's)."),
-    labels: Path = typer.Option(None, "--labels", help="folder recipe: a labels.csv kept outside the root."),
+    labels: str = typer.Option(None, "--labels", help="plutchik: rewrite the labels into Plutchik's wheel "
+                               "(8 primaries + neutral, soft targets for dyads; default name RECIPE-plutchik); "
+                               "folder recipe: a labels.csv kept outside the root."),
     opt: list[str] = typer.Option(None, "--opt", help="Recipe option KEY=VALUE, repeatable: "
                                   "cremad labels=av, ravdess folds=6, iemocap media=wav, mosi folds=FILE."),
     list_: bool = typer.Option(False, "--list", help="List the recipes, the layout each expects and its labels."),
@@ -175,6 +177,7 @@ def prepare(
     from rich.markup import escape
 
     from pipeline.recipes import RECIPES, describe
+    from pipeline.recipes.common import LABEL_SPACES, to_label_space
 
     if list_:
         t = Table(title="recipes (mmemo prepare RECIPE --root DIR)")
@@ -189,7 +192,11 @@ def prepare(
         _fail("give a recipe and --root (or --list to see the recipes)")
     if recipe not in RECIPES:
         _fail(f"unknown recipe '{recipe}' (known: {', '.join(sorted(RECIPES))}; see --list)")
-    extra: dict = {"labels": labels} if labels is not None else {}
+    # --labels names a label space (plutchik) unless a file of that name exists (folder recipe)
+    space = labels if labels in LABEL_SPACES and not Path(labels).exists() else None
+    extra: dict = {"labels": Path(labels)} if labels is not None and space is None else {}
+    if space is not None and name is None:
+        name = f"{recipe}-{space}"  # the dataset's own-space manifests stay as they are
     for item in opt or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -204,6 +211,11 @@ def prepare(
         _fail(f"{recipe}: {e}")
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         _fail(str(e))
+    if space is not None:
+        try:
+            res = to_label_space(res, space, recipe=recipe)
+        except (ValueError, KeyError) as e:
+            _fail(str(e))
     t = Table(title=f"manifests for '{res.dataset}'")
     t.add_column("split")
     t.add_column("clips", justify="right")
@@ -218,6 +230,12 @@ def prepare(
     if len(res.missing) > 10:
         console.print(f"[yellow]... and {len(res.missing) - 10} more rows with a problem "
                       "(missing media, refused path, oversized field)[/yellow]")
+    if space is not None:
+        n = res.info["label_space_counts"]
+        gone = n["left_out"]
+        which = f" ({', '.join(f'{k}: {v}' for k, v in gone.items())})" if gone else ""
+        console.print(escape(f"{space}: mapped {n['mapped']} ({n['soft']} soft), left out "
+                             f"{sum(gone.values())}{which}"), soft_wrap=True)
 
 
 # --- extract ---------------------------------------------------------------------------------

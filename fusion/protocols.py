@@ -165,7 +165,9 @@ def relabel(task: Task, dataset: str, labels: str) -> tuple[Task, dict[str, int]
     `iemocap4` / `iemocap6` map raw labels through labelsets.toml (hap + exc merged in
     iemocap4). `plutchik` maps the dataset's classes onto the 8 primaries + neutral; a label
     that maps to a dyad or a weight table gets a soft target (`Task.soft`), its hard label
-    (for scoring) being its heaviest class, the first on ties.
+    (for scoring) being its heaviest class, the first on ties. A set already in the space
+    (prepared with `--labels plutchik`: its classes are the wheel's 9) is kept as it is, with
+    its hard labels (the identity).
     """
     from fusion.labels import load_label_set, load_plutchik
     from fusion.splits import Task
@@ -179,6 +181,11 @@ def relabel(task: Task, dataset: str, labels: str) -> tuple[Task, dict[str, int]
     has = task.y >= 0
     if labels == "plutchik":
         space = load_plutchik()
+        if task.classes == space.classes:
+            # already in the space (`prepare --labels plutchik`): the identity, never a second
+            # mapping. The cache keeps the hard label only (the manifest's soft target in
+            # metadata["plutchik"] is not cached), so the set trains on its hard labels.
+            return task, lost
         table = space.soft_targets(dataset, task.classes)
         soft = np.zeros((len(task.y), len(space.classes)), dtype=np.float32)
         for i, c in enumerate(task.classes):
@@ -206,6 +213,14 @@ def relabel(task: Task, dataset: str, labels: str) -> tuple[Task, dict[str, int]
 
 
 # --- cross-dataset tests in a shared label space ------------------------------------------
+def one_hot(task: Task) -> np.ndarray:
+    """[N, K] one-hot targets of a classification task (zero rows where unlabelled)."""
+    out = np.zeros((len(task.y), len(task.classes)), dtype=np.float32)
+    has = np.flatnonzero(task.y >= 0)
+    out[has, task.y[has]] = 1.0
+    return out
+
+
 class CrossTest:
     """A second feature set to test on: its rows sit after the training set's in one index
     space (row i of the test set is `offset + i`), so folds, loading and scoring stay as for
@@ -281,7 +296,8 @@ def open_cross(cache_root, dataset: str, preset: str, train_fs, mods: list[str],
         raise DataError(f"feature set {other.name}: no completed, labelled rows to test on")
     other.check(mods, rows)
     y = np.concatenate([task.y, t2.y])
-    soft = (np.concatenate([task.soft, t2.soft]) if task.soft is not None
-            and t2.soft is not None else None)
+    soft = None
+    if task.soft is not None:  # the test rows' targets are one-hot where the set has no soft ones
+        soft = np.concatenate([task.soft, t2.soft if t2.soft is not None else one_hot(t2)])
     combined = TaskT(task.target, task.kind, y, task.classes, soft=soft)
     return CrossTest(other, rows, combined, train_fs.n, left, mods)

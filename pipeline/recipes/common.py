@@ -193,3 +193,125 @@ def block_folds(members: Iterable[int], k: int) -> dict[int, int]:
             out[m] = f + 1
         i += n
     return out
+
+
+# --- shared label spaces ------------------------------------------------------------------
+LABEL_SPACES = ("plutchik",)
+# metadata fields `to_label_space` writes (all derived from the label annotation)
+SPACE_FIELDS = ("plutchik", "plutchik_intensity", "label_original")
+
+
+def to_label_space(result: PrepareResult, space: str, recipe: str | None = None) -> PrepareResult:
+    """Rewrite a prepared dataset's manifests into a shared label space (``plutchik``).
+
+    The mapping is ``pipeline/recipes/plutchik.toml`` read by ``fusion.labels.load_plutchik``
+    (pure Python; the same data `fit --labels plutchik` uses). `recipe` names the table
+    ``[map.<recipe>]`` (default: the dataset name). Per clip:
+
+    * ``labels.emotion`` / ``emotion_idx``: the Plutchik class with the largest weight. Ties
+      (a dyad, e.g. avamerg ``contempt`` = disgust + anger at 0.5 / 0.5) go to the tied class
+      that comes first in wheel order (joy, trust, fear, surprise, sadness, disgust, anger,
+      anticipation, then neutral): contempt -> disgust, optimism (anticipation + joy) -> joy.
+      This is the rule `fusion.protocols.relabel` uses for the hard label of a soft target.
+    * ``metadata["plutchik"]``: the full soft target ``{class: weight}`` (non-zero weights,
+      summing to 1); ``metadata["plutchik_intensity"]`` when the target is an intensity word
+      (``fru`` -> annoyance -> low); ``metadata["label_original"]``: the dataset's own label.
+    * a label listed under ``unmapped`` in plutchik.toml, or one the recipe itself gave no
+      class (avamerg's labels outside its 7), leaves the clip unlabelled; it is counted by label.
+
+    Where the label comes from: the recipe's ``labels.emotion`` through ``[map.<recipe>]``;
+    MOSEI (``metadata.emotions``, six intensities) a soft target weighted by the intensities
+    (all six at 0: left out as ``"(no emotion)"``); ugc's annotated ``plutchik`` column when a
+    clip has one; a recipe without a table (folder, ugc) has its labels read as Plutchik names
+    (a primary, an intensity word, a dyad or neutral), any other label is left out. A dataset
+    with no emotion label at all (CMU-MOSI: sentiment only) is a ValueError, nothing rewritten.
+
+    dataset.json then holds ``label_space = "plutchik"``, ``classes`` = the 9 classes in wheel
+    order, ``classes_original``, and ``label_space_counts`` = ``{"mapped": n, "soft": n (more
+    than one class), "left_out": {label: n}}``; the fields above join ``label_derived``.
+    """
+    if space not in LABEL_SPACES:
+        raise ValueError(f"unknown label space {space!r} (known: {', '.join(LABEL_SPACES)})")
+    if result.info.get("label_space") == space:
+        return result  # already in the space: never map twice
+    from fusion.labels import load_plutchik
+
+    pl = load_plutchik()
+    classes = pl.classes
+    recipe = recipe or result.dataset
+    table = {k.lower(): v for k, v in pl.maps.get(recipe, {}).items()}
+    skip = {u.lower() for u in pl.unmapped.get(recipe, [])}
+    own = set(result.info.get("classes") or [])
+    mapped, soft = 0, 0
+    left: dict[str, int] = {}
+
+    def target(clip: Clip) -> tuple[Any, list[float] | None, object]:
+        """(original label, soft vector or None when left out, the mapping target)."""
+        emotions = clip.metadata.get("emotions")
+        if clip.labels.emotion is None and isinstance(emotions, dict) and table:
+            vec = [0.0] * len(classes)
+            for col, w in emotions.items():
+                key = str(col).lower()
+                if key in table and w:
+                    for i, x in enumerate(pl.vector(table[key])):
+                        vec[i] += float(w) * x
+            total = sum(vec)
+            return dict(emotions), ([x / total for x in vec] if total > 0 else None), None
+        label = clip.labels.emotion
+        annotated = clip.metadata.get("plutchik")
+        if isinstance(annotated, str) and annotated and not table:
+            return label, pl.vector(annotated), annotated
+        if label is None:
+            return None, None, None
+        key = label.lower()
+        if table:
+            if key in table:
+                return label, pl.vector(table[key]), table[key]
+            if key in skip or clip.labels.emotion_idx is None:
+                return label, None, None
+            if label in own:
+                raise KeyError(f"plutchik.toml [map.{recipe}] does not say where {label!r} goes")
+            return label, None, None
+        try:
+            return label, pl.vector(key), key
+        except ValueError:
+            return label, None, None
+
+    for clips in result.splits.values():
+        for c in clips:
+            original, vec, tgt = target(c)
+            if original is None and vec is None:
+                continue  # never labelled: nothing to map, nothing lost
+            md = dict(c.metadata)
+            md["label_original"] = original
+            if vec is None:
+                name = original if isinstance(original, str) else "(no emotion)"
+                left[name] = left.get(name, 0) + 1
+                md.pop("plutchik", None)
+                c.labels.emotion, c.labels.emotion_idx = None, None
+            else:
+                best = max(range(len(vec)), key=lambda i: (vec[i], -i))  # first on ties
+                md["plutchik"] = {k: round(w, 6) for k, w in zip(classes, vec, strict=True) if w}
+                level = pl.intensity_of(tgt) if tgt is not None else None
+                if level and "plutchik_intensity" not in md:
+                    md["plutchik_intensity"] = level
+                c.labels.emotion, c.labels.emotion_idx = classes[best], best
+                mapped += 1
+                soft += len(md["plutchik"]) > 1
+            c.metadata = md
+    if not mapped and not left:
+        raise ValueError(f"{result.dataset}: no clip has an emotion label to map into {space} "
+                         f"(recipe {recipe}); manifests left in the dataset's own labels")
+    info = {k: v for k, v in result.info.items() if k not in ("name", "counts")}
+    info["classes_original"] = list(result.info.get("classes") or [])
+    info["classes"] = list(classes)
+    if info.get("task") in (None, "none"):
+        info["task"] = "classification"
+    info["label_space"] = space
+    info["label_space_counts"] = {"mapped": mapped, "soft": soft, "left_out": dict(sorted(left.items()))}
+    info["label_derived"] = list(dict.fromkeys([*info.get("label_derived", []), *SPACE_FIELDS]))
+    out = result.paths["dataset"].parent.parent if "dataset" in result.paths else None
+    if out is None:
+        raise ValueError(f"{result.dataset}: no dataset.json written; nothing to rewrite")
+    return write_result(result.dataset, Path(info.pop("root", ".")), out, result.splits,
+                        result.missing, info)

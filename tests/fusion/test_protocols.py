@@ -176,6 +176,59 @@ def test_plutchik_cross_dataset_fit(tmp_path: Path) -> None:
             runs_dir=tmp_path / "runs", **QUICK)
 
 
+WHEEL = ["joy", "trust", "fear", "surprise", "sadness", "disgust", "anger", "anticipation", "neutral"]
+
+
+def test_plutchik_on_a_set_already_in_the_space_is_the_identity() -> None:
+    y = np.array([0, 5, 8, -1])
+    task = Task("label", "classification", y, WHEEL)
+    t, lost = relabel(task, "avamerg-plutchik", "plutchik")  # no [map.avamerg-plutchik]: no lookup
+    assert t is task and lost == {} and t.soft is None
+
+
+def test_plutchik_prepared_sets_fit_and_cross_test(tmp_path: Path) -> None:
+    """Sets prepared with `--labels plutchik` (their classes are the wheel's) fit as they are,
+    and serve as the test set of a fit mapped with --labels plutchik, and the other way round."""
+    c = tmp_path / "cache"
+    _set(c, "meld", MELD, n=300, n_groups=20, seed=1)
+    _set(c, "avamerg", AVAMERG, n=120, n_groups=10, seed=2)
+    _set(c, "meld-plutchik", WHEEL, n=270, n_groups=18, seed=3)
+    _set(c, "avamerg-plutchik", WHEEL, n=90, n_groups=9, seed=4)
+    own = fit(c, "meld-plutchik", "early", ["text"], runs_dir=tmp_path / "runs", name="own", **QUICK)
+    same = fit(c, "meld-plutchik", "early", ["text"], labels="plutchik", runs_dir=tmp_path / "runs",
+               name="same", **QUICK)
+    assert own.metrics["classes"] == WHEEL == same.metrics["classes"]
+    assert same.metrics["left_out"] == {} and same.metrics["n_test"] == own.metrics["n_test"]
+    assert same.metrics["macro_f1"] == own.metrics["macro_f1"]  # identity: the very same fit
+    # MELD mapped at fit time (soft targets), tested on a Plutchik-prepared set (hard labels)
+    r = fit(c, "meld", "early", ["text"], labels="plutchik", test_dataset="avamerg-plutchik",
+            runs_dir=tmp_path / "runs", name="x1", **QUICK)
+    assert r.metrics["n_test"] == 90 and r.metrics["test_dataset"] == "avamerg-plutchik"
+    # ... and the training rows keep their soft targets (the test rows get one-hot ones)
+    from fusion.config import FitConfig
+    from fusion.data import open_set
+    from fusion.protocols import open_cross
+    from fusion.splits import _task
+
+    fs = open_set(c, "meld")
+    task, _ = relabel(_task(fs, "label"), "meld", "plutchik")
+    cross = open_cross(c, "avamerg-plutchik", "offline", fs, ["text"], task,
+                       FitConfig(labels="plutchik"))
+    soft = cross.task.soft
+    assert soft is not None and soft.shape == (fs.n + 90, 9)
+    assert np.array_equal(soft[:fs.n], task.soft)
+    test = cross.offset + cross.rows
+    assert np.array_equal(soft[test].argmax(1), cross.task.y[test]) and (soft[test].max(1) == 1).all()
+    # a Plutchik-prepared set trained as it is, tested on AvaMERG mapped at fit time
+    r = fit(c, "meld-plutchik", "early", ["text"], labels="plutchik", test_dataset="avamerg",
+            runs_dir=tmp_path / "runs", name="x2", **QUICK)
+    assert r.metrics["n_test"] == 120 and r.metrics["classes"] == WHEEL
+    # two Plutchik-prepared sets share their classes: no --labels needed
+    r = fit(c, "meld-plutchik", "early", ["text"], test_dataset="avamerg-plutchik",
+            runs_dir=tmp_path / "runs", name="x3", **QUICK)
+    assert r.metrics["n_test"] == 90
+
+
 def test_cli_protocol_labels_and_ablate_flags(tmp_path: Path) -> None:
     c = tmp_path / "cache"
     _set(c, "meld", MELD, n=300, n_groups=20, seed=1)
