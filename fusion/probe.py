@@ -17,6 +17,7 @@ a head's linear path from it (fusion/heads/linear.py), as in linear-probing-then
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -94,7 +95,7 @@ def _model(kind: str, strength: float, class_weight: bool, seed: int = 0):
 
     if kind == "regression":
         return Ridge(alpha=strength)
-    return LogisticRegression(C=strength, max_iter=2000, random_state=seed,
+    return LogisticRegression(C=strength, max_iter=2000, random_state=seed, warm_start=True,
                               class_weight="balanced" if class_weight else None)
 
 
@@ -130,14 +131,19 @@ def linear_probe(x: np.ndarray, y: np.ndarray, folds: list[Fold], task: Task, se
         best, best_score = grid[0], -np.inf
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence chatter on tiny folds
+            # one model along the grid (from the strongest regularisation to the weakest),
+            # each fit starting from the previous solution (lbfgs warm start); the best fit is
+            # kept, not refitted
+            path = _model(kind, grid[0], class_weight)
+            mdl = path
             for s in grid:
-                mdl = _model(kind, s, class_weight).fit(xs[f.train], y[f.train])
+                path.set_params(**{"alpha" if kind == "regression" else "C": s})
+                path.fit(xs[f.train], y[f.train])
                 score = selection_score(select, _metric(task, y[f.val],
-                                                        _predict(mdl, xs[f.val], kind, task.n_out),
+                                                        _predict(path, xs[f.val], kind, task.n_out),
                                                         select))
                 if score > best_score + 1e-9:
-                    best, best_score = s, score
-            mdl = _model(kind, best, class_weight).fit(xs[f.train], y[f.train])
+                    best, best_score, mdl = s, score, copy.deepcopy(path)
         if fits is not None:
             fits.append(ProbeFit(*_as_logits(mdl, kind, task.n_out), mu, sd, list(blocks or [])))
         preds.append(_predict(mdl, xs[f.test], kind, task.n_out))
