@@ -71,13 +71,19 @@ def test_fit_beats_majority_and_writes_outputs(early_run) -> None:
     assert (d / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_seeds_mean_std_and_per_seed(early_run) -> None:
+def test_seeds_mean_std_and_per_seed(early_run, signal_cache: Path, tmp_path: Path) -> None:
     m = early_run.metrics
     accs = [s["accuracy"] for s in m["seeds"]]
     assert [s["seed"] for s in m["seeds"]] == [0, 1, 2]
     assert m["mean"]["accuracy"] == pytest.approx(np.mean(accs)) == pytest.approx(m["accuracy"])
     assert m["std"]["accuracy"] == pytest.approx(np.std(accs, ddof=1))
-    assert m["std"]["macro_f1"] >= 0 and len(set(accs)) > 1  # seeds really differ
+    assert m["std"]["macro_f1"] >= 0
+    # seeds really differ: a warm-started run that keeps its probe (or takes the first step,
+    # which the closed gate makes the same for every seed) is the same for every seed, so the
+    # seeds' own effect (the head's initialisation, batch order) is checked without it
+    cold = fit(signal_cache, "synth", "early", "all", seeds=3, runs_dir=tmp_path, name="cold",
+               warm_start=False, **QUICK).metrics
+    assert len({s["accuracy"] for s in cold["seeds"]}) > 1
 
 
 def test_log_config_and_model_files(early_run) -> None:
