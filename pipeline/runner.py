@@ -47,6 +47,7 @@ from pipeline.plan import (  # noqa: F401 - plan_extract, resolve_unit_size: re-
 )
 from pipeline.presets import Preset, RunSettings, load_preset
 from pipeline.stages.base import (
+    WORKER_THREADS_ENV,
     ClipContext,
     ClipError,
     Feature,
@@ -370,6 +371,8 @@ def run_unit(task: UnitTask) -> UnitResult:
 
 
 def _limit_threads(n: int) -> None:
+    """torch's intra-op threads, and the budget other thread pools read (stages.base.worker_threads)."""
+    os.environ[WORKER_THREADS_ENV] = str(n)
     try:
         import torch
 
@@ -504,7 +507,10 @@ def run_extract(
     if env_threads:
         threads: int | None = max(1, int(env_threads))
     else:
-        threads = None if executor == "inline" else max(1, (os.cpu_count() or 1) // max(1, workers))
+        # the workers that will have a unit to run share the cores (a 1-unit set on 2 workers
+        # runs in one process, which gets both cores)
+        busy = max(1, min(workers, len(pending)))
+        threads = None if executor == "inline" else max(1, (os.cpu_count() or 1) // busy)
 
     # per-clip progress: workers put ("clips", unit, n, n_failed) on a queue, drained here
     counted: Counter = Counter()  # clips reported so far per unit

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from abc import ABC
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,3 +237,17 @@ def pad_or_pool(seq: np.ndarray, max_len: int) -> tuple[np.ndarray, int]:
     for i in range(max_len):
         out[i] = seq[edges[i] : max(edges[i + 1], edges[i] + 1)].mean(axis=0)
     return out, max_len
+
+
+WORKER_THREADS_ENV = "MMEMO_WORKER_THREADS"
+
+
+def worker_threads() -> int:
+    """The threads this worker process may use (set by the runner when several workers share
+    the cores; 0 when none was set). Libraries with thread pools of their own — onnxruntime in
+    the OCR stage — size them with it; their defaults take every core in every worker, and on 2
+    cores 2 workers x 2 spinning onnxruntime threads made OCR twice as slow (BENCHMARKS.md)."""
+    try:
+        return max(0, int(os.environ.get(WORKER_THREADS_ENV, "0")))
+    except ValueError:
+        return 0

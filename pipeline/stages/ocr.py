@@ -43,6 +43,7 @@ from pipeline.stages.base import (
     Stage,
     StageConfig,
     register,
+    worker_threads,
 )
 
 
@@ -70,7 +71,9 @@ class OcrConfig(StageConfig):
     noise_score: float = Field(0.9, ge=0.0, le=1.0)
     det_limit_side_len: int = Field(960, ge=32)  # detector input: longest side at most this
     lang: str = "ch"  # recognition language (rapidocr LangRec / paddleocr lang)
-    threads: int = Field(0, ge=0)  # onnxruntime intra-op threads; 0 = its default
+    # onnxruntime intra-op threads; 0 = the worker's thread budget when the runner set one
+    # (several workers sharing the cores), else onnxruntime's default (every core)
+    threads: int = Field(0, ge=0)
 
     @field_validator("band")
     @classmethod
@@ -608,8 +611,9 @@ class RapidOcr(SubtitleOcr):
             "Rec.model_type": rec_type,
             "Rec.lang_type": _rec_lang(self.cfg.lang),
         }
-        if self.cfg.threads:
-            params["EngineConfig.onnxruntime.intra_op_num_threads"] = self.cfg.threads
+        threads = self.cfg.threads or worker_threads()  # 0: onnxruntime's default, every core
+        if threads:
+            params["EngineConfig.onnxruntime.intra_op_num_threads"] = threads
         return params
 
     def load(self) -> None:

@@ -373,3 +373,30 @@ def test_bilingual_keeps_both_lines(stage):
     assert not any("公众号" in c.text for c in ctx.cues)  # the corner account logo
     _check_times(ctx.cues, media.duration)
     _srt_round_trip(ctx)
+
+
+def test_onnxruntime_threads_follow_the_workers_budget(monkeypatch) -> None:
+    """ocr.threads = 0 takes the thread budget the runner gives each worker process (2 workers
+    on 2 cores: 1 each) instead of onnxruntime's every-core default in every worker, which made
+    OCR twice as slow with 2 workers (BENCHMARKS.md); an explicit ocr.threads wins."""
+    key = "EngineConfig.onnxruntime.intra_op_num_threads"
+    monkeypatch.delenv("MMEMO_WORKER_THREADS", raising=False)
+    assert key not in RapidOcr()._params()  # one worker, no budget: onnxruntime's default
+    monkeypatch.setenv("MMEMO_WORKER_THREADS", "1")
+    assert RapidOcr()._params()[key] == 1
+    assert RapidOcr(OcrConfig(threads=3))._params()[key] == 3
+    from pipeline.runner import _limit_threads
+
+    monkeypatch.delenv("MMEMO_WORKER_THREADS")
+    before = torch_threads()
+    try:
+        _limit_threads(2)
+        assert RapidOcr()._params()[key] == 2
+    finally:
+        _limit_threads(before)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
