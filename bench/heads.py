@@ -36,21 +36,13 @@ def shared() -> Path:
 
 
 def extract_ravdess(work: Path, held_out: int) -> str:
-    from pipeline.manifest import load_dataset, write_manifest
     from pipeline.recipes import RECIPES
     from pipeline.runner import plan_extract, run_extract
 
     man, name = work / "manifests", f"ravdess{held_out:02d}"
+    # validation carved within the training actor: its strong-intensity takes
     RECIPES["ravdess"](root=shared() / "ravdess-speech", out=man, name=name,
-                       test_actors=[held_out])
-    clips = load_dataset(name, man)
-    for c in clips:  # validation carved within the training actor (see tests/test_e2e.py)
-        if c.split == "train" and c.metadata["intensity"] == "strong":
-            c.split = "valid"
-    for f in (man / name).glob("*.jsonl"):
-        f.unlink()
-    for sp in ("train", "valid", "test"):
-        write_manifest([c for c in clips if c.split == sp], man / name / f"{sp}.jsonl")
+                       test_actors=[held_out], valid_intensity="strong")
     run_extract(plan_extract(name, preset="offline", manifests=man), cache=work / "cache")
     return name
 

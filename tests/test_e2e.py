@@ -174,10 +174,10 @@ def test_ravdess_speech_actor_disjoint_beats_majority(tmp_path) -> None:
     """The 30 real clips (2 actors) through the ravdess recipe; each actor is held out in turn
     (the two folds of an actor-grouped 2-fold). Grouped k-fold itself cannot run here: the
     training fold holds one actor, and the trainer carves validation from whole groups only,
-    so validation is carved within the training actor through the manifest (strong-intensity
-    clips) and the held-out actor is the official test split."""
+    so validation is carved within the training actor by the recipe (`valid_intensity`:
+    its strong-intensity clips) and the held-out actor is the official test split."""
     from fusion.train import fit
-    from pipeline.manifest import load_dataset, write_manifest
+    from pipeline.manifest import load_dataset
     from pipeline.recipes import RECIPES
     from pipeline.runner import plan_extract, run_extract
 
@@ -186,16 +186,12 @@ def test_ravdess_speech_actor_disjoint_beats_majority(tmp_path) -> None:
     accs = []
     for held_out in (2, 1):
         name = f"ravdess_test{held_out}"
-        RECIPES["ravdess"](root=root, out=man, name=name, test_actors=[held_out])
+        RECIPES["ravdess"](root=root, out=man, name=name, test_actors=[held_out],
+                           valid_intensity="strong")
         clips = load_dataset(name, man)
         assert len(clips) == 30 and {c.speaker for c in clips} == {"Actor_01", "Actor_02"}
-        for c in clips:
-            if c.split == "train" and c.metadata["intensity"] == "strong":
-                c.split = "valid"
-        for f in (man / name).glob("*.jsonl"):
-            f.unlink()
-        for sp in ("train", "valid", "test"):
-            write_manifest([c for c in clips if c.split == sp], man / name / f"{sp}.jsonl")
+        assert {c.metadata["intensity"] for c in clips if c.split == "valid"} == {"strong"}
+        assert {c.speaker for c in clips if c.split != "test"} == {f"Actor_{3 - held_out:02d}"}
         plan = plan_extract(name, preset="offline", manifests=man)
         s = run_extract(plan, cache=cache)
         assert s.done == plan.layout.n_units and not s.failures, s.failures[:3]

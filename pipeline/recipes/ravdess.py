@@ -28,6 +28,10 @@ Decisions:
   ``metadata.modalities`` lists the files paired (``audio-video+audio-only``).
 * ``metadata.intensity`` is listed in ``label_derived``: it annotates the emotion (neutral
   has no strong intensity), so using it as an input would leak the label.
+* ``valid_intensity="strong"`` carves validation *within* the training actors: their
+  strong-intensity takes go to ``valid``. For a set of too few actors to hold one out for
+  validation (the shared 2-actor excerpt: one actor trains, the other is the test), since the
+  trainer carves validation from whole groups only.
 * The transcript is the statement (what the actor says); it carries no emotion by design.
 * File names that do not follow the pattern are reported in ``missing`` and skipped.
 """
@@ -131,12 +135,16 @@ def prepare(
     valid_actors: list[int] | tuple[int, ...] = (),
     test_actors: list[int] | tuple[int, ...] = (),
     folds: int | None = None,
+    valid_intensity: str | None = None,
 ) -> PrepareResult:
     """Write RAVDESS manifests (one clip per recording, labels from the file names)."""
     root = Path(root)
     dataset = dataset_name(name, "ravdess")
     if not root.is_dir():
         raise FileNotFoundError(f"ravdess: dataset root {root} is not a folder")
+    if valid_intensity not in (None, *INTENSITY.values()):
+        raise ValueError(f"ravdess: valid_intensity must be one of {sorted(INTENSITY.values())}, "
+                         f"not {valid_intensity!r}")
     if folds not in (None, 5, 6):
         raise ValueError(f"ravdess: folds must be 5 or 6 (the actor-fold protocols), not {folds}")
     both = set(valid_actors) & set(test_actors)
@@ -153,6 +161,8 @@ def prepare(
     for key in sorted(recs, key=lambda k: (k[-2:], k)):  # actor first
         files = recs[key]
         clip = _clip(files, root, dataset, split_of, fold_of)
+        if valid_intensity and clip.split == "train" and clip.metadata["intensity"] == valid_intensity:
+            clip.split = "valid"
         splits.setdefault(clip.split, []).append(clip)
     if not splits:
         raise FileNotFoundError(f"ravdess: expected Actor_XX/MM-VC-EE-II-SS-RR-AA.wav or .mp4 "

@@ -464,6 +464,17 @@ def _ravdess_av_fixture(root: Path, actors: range) -> Path:
     return root
 
 
+def test_ravdess_valid_intensity_carves_validation_within_training_actors(tmp_path: Path) -> None:
+    root = _ravdess_av_fixture(tmp_path / "r", range(1, 3))
+    res = ravdess.prepare(root, out=tmp_path / "m", test_actors=[2], valid_intensity="strong")
+    split = {c.id: c.split for c in _all(res)}
+    # actor 1: its strong take (02-01-05-02-...) validates, the normal ones train; actor 2: test
+    assert split["02-01-05-02-02-01-01"] == "valid" and split["03-01-03-01-01-01-01"] == "train"
+    assert {s for i, s in split.items() if i.endswith("-02")} == {"test"}
+    with pytest.raises(ValueError, match="valid_intensity"):
+        ravdess.prepare(root, out=tmp_path / "m2", valid_intensity="loud")
+
+
 def test_ravdess_av_pairs_and_fold_protocols(tmp_path: Path) -> None:
     root = _ravdess_av_fixture(tmp_path / "r", range(1, 25))
     res = ravdess.prepare(root, out=tmp_path / "m")
