@@ -367,19 +367,20 @@ class _Trainer:
             return self._run(data, f, task, seed, fold, logs, fresh, start)
 
     def _epoch_zero(self, model: FusionHead, data: Batch, f: Fold, loss_fn: nn.Module,
-                    yt: Tensor, yv: Tensor, y_va: np.ndarray, seed: int, fold: int) -> dict:
-        """The log entry of a warm-started head before any step (train loss in eval mode)."""
+                    yt: Tensor, yv: Tensor, y_va: np.ndarray, seed: int, fold: int
+                    ) -> tuple[dict, float, float]:
+        """(log entry, selection score, validation loss) of a warm-started head before any
+        step (train loss in eval mode)."""
         t0 = time.perf_counter()
-        with torch.no_grad():
-            pt, _ = self.predict(model, data, f.train)
-            pv, _ = self.predict(model, data, f.val)
-            train_loss, val_loss = float(loss_fn(pt, yt)), float(loss_fn(pv, yv))
+        pt, _ = self.predict(model, data, f.train)  # predict runs without gradients
+        pv, _ = self.predict(model, data, f.val)
+        train_loss, val_loss = float(loss_fn(pt, yt)), float(loss_fn(pv, yv))
         score = self._val_score(pv, y_va)
-        return {"seed": seed, "fold": fold, "epoch": 0, "train_loss": round(train_loss, 6),
-                "val_loss": round(val_loss, 6),
-                "val_metric": round(selection_score(self.select, score), 6),
-                "epoch_s": round(time.perf_counter() - t0, 4), "_score": score,
-                "_loss": val_loss}
+        entry = {"seed": seed, "fold": fold, "epoch": 0, "train_loss": round(train_loss, 6),
+                 "val_loss": round(val_loss, 6),
+                 "val_metric": round(selection_score(self.select, score), 6),
+                 "epoch_s": round(time.perf_counter() - t0, 4)}
+        return entry, score, val_loss
 
     def _run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict],
              fresh: tuple[FusionHead, Tensor] | None = None,
@@ -406,8 +407,8 @@ class _Trainer:
         best_score, best_loss = -math.inf, math.inf
         warm = start is not None and hasattr(model, "start_from") and model.start_from(*start)
         if warm:  # the probe's state is a candidate like any epoch's
-            entry = self._epoch_zero(model, data, f, loss_fn, yt, yv, y_va, seed, fold)
-            best_score, best_loss = entry.pop("_score"), entry.pop("_loss")
+            entry, best_score, best_loss = self._epoch_zero(model, data, f, loss_fn, yt, yv,
+                                                            y_va, seed, fold)
             logs.append(entry)
         best_state, best_epoch, bad = _state(model), 0, 0
         n, bs = len(f.train), self.batch_size
