@@ -70,25 +70,28 @@ class Plutchik:
                 return LEVELS[words.index(name)]
         return None
 
-    def soft_targets(self, dataset: str, class_names: list[str]) -> dict[str, list[float] | None]:
-        """Class name -> soft target in `classes` order, None for a label with no place.
-
-        A name neither mapped nor listed as unmapped for the dataset is an error: the mapping
-        file must say what happens to every label.
-        """
+    def target_of(self, dataset: str, label: str) -> object | None:
+        """The mapping target of one of `dataset`'s labels (case-insensitive): a class name, an
+        intensity word, a dyad or a weight table; None when plutchik.toml lists it as unmapped.
+        A dataset without a table, or a label the table says nothing about, is a KeyError: the
+        mapping file must say what happens to every label."""
         if dataset not in self.maps:
             raise KeyError(f"plutchik.toml has no [map.{dataset}] (known: {sorted(self.maps)})")
-        table = {k.lower(): v for k, v in self.maps[dataset].items()}
-        skip = {u.lower() for u in self.unmapped.get(dataset, [])}
+        key = str(label).lower()
+        for k, v in self.maps[dataset].items():
+            if k.lower() == key:
+                return v
+        if key in {u.lower() for u in self.unmapped.get(dataset, [])}:
+            return None
+        raise KeyError(f"plutchik.toml [map.{dataset}] does not say where {label!r} goes")
+
+    def soft_targets(self, dataset: str, class_names: list[str]) -> dict[str, list[float] | None]:
+        """Class name -> soft target in `classes` order, None for a label with no place
+        (errors as `target_of`)."""
         out: dict[str, list[float] | None] = {}
         for c in class_names:
-            key = c.lower()
-            if key in table:
-                out[c] = self.vector(table[key])
-            elif key in skip:
-                out[c] = None
-            else:
-                raise KeyError(f"plutchik.toml [map.{dataset}] does not say where {c!r} goes")
+            t = self.target_of(dataset, c)
+            out[c] = None if t is None else self.vector(t)
         return out
 
 
