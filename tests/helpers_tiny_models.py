@@ -48,7 +48,7 @@ class TinyModels:
 
 def save_wav2vec2(path: Path, sample_rate: int = 16000) -> Path:
     import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     cfg = Wav2Vec2Config(
         hidden_size=AUDIO_DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -57,6 +57,13 @@ def save_wav2vec2(path: Path, sample_rate: int = 16000) -> Path:
     )  # fmt: skip
     torch.manual_seed(0)
     Wav2Vec2Model(cfg).eval().save_pretrained(path)
+    return _save_audio_extractor(path, sample_rate)
+
+
+def _save_audio_extractor(path: Path, sample_rate: int) -> Path:
+    """The wav2vec2-family feature extractor beside a tiny audio model (normalised, masked)."""
+    from transformers import Wav2Vec2FeatureExtractor
+
     Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=sample_rate, padding_value=0.0, do_normalize=True,
         return_attention_mask=True,
@@ -67,7 +74,7 @@ def save_wav2vec2(path: Path, sample_rate: int = 16000) -> Path:
 def save_wavlm(path: Path, sample_rate: int = 16000) -> Path:
     """A WavLM (the full preset's default audio architecture), 2 layers of width AUDIO_DIM."""
     import torch
-    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
+    from transformers import WavLMConfig, WavLMModel
 
     cfg = WavLMConfig(
         hidden_size=AUDIO_DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -76,11 +83,7 @@ def save_wavlm(path: Path, sample_rate: int = 16000) -> Path:
     )  # fmt: skip
     torch.manual_seed(0)
     WavLMModel(cfg).eval().save_pretrained(path)
-    Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=sample_rate, padding_value=0.0, do_normalize=True,
-        return_attention_mask=True,
-    ).save_pretrained(path)  # fmt: skip
-    return path
+    return _save_audio_extractor(path, sample_rate)
 
 
 def save_roberta(path: Path) -> Path:

@@ -247,6 +247,16 @@ def _missing_model(model: str, revision: str | None, err: BaseException) -> Mode
     )
 
 
+def hf_model_config(model: str, revision: str | None) -> Any:
+    """The checkpoint's transformers config (no weights), or the one-line missing-model error."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as e:
+        raise _missing_model(model, revision, e) from None
+
+
 def frames_for(n_samples: int, kernels: list[int], strides: list[int]) -> int:
     """Number of frames the convolutional feature encoder makes from n samples."""
     n = n_samples
@@ -276,13 +286,7 @@ class HfAudio(Stage):
 
     def _hf_config(self) -> Any:
         if self._model_config is None:
-            from transformers import AutoConfig
-
-            c = self.config
-            try:
-                self._model_config = AutoConfig.from_pretrained(c.model, revision=c.revision)
-            except (OSError, ValueError) as e:
-                raise _missing_model(c.model, c.revision, e) from None
+            self._model_config = hf_model_config(self.config.model, self.config.revision)
         return self._model_config
 
     def load(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from pipeline.stages.audio import _missing_model, embed_windows, window_feature
+from pipeline.stages.audio import _missing_model, embed_windows, hf_model_config, window_feature
 from pipeline.stages.base import ClipContext, Stage, StageConfig, register
 
 WINDOW_SECONDS = 30.0  # Whisper's encoder only accepts 30 s of log-mel frames
@@ -46,13 +46,8 @@ class WhisperEncoderAudio(Stage):
 
     def _hf_config(self) -> Any:
         if self._model_config is None:
-            from transformers import AutoConfig
-
             c = self.config
-            try:
-                cfg = AutoConfig.from_pretrained(c.model, revision=c.revision)
-            except (OSError, ValueError) as e:
-                raise _missing_model(c.model, c.revision, e) from None
+            cfg = hf_model_config(c.model, c.revision)
             if cfg.model_type != "whisper":
                 raise ValueError(f"audio.model '{c.model}' is a {cfg.model_type!r} model; the "
                                  "whisper-encoder backend needs a Whisper checkpoint")
