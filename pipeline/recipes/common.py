@@ -94,6 +94,25 @@ def relative_to_root(path: Path, root: Path) -> str:
         return path.resolve().relative_to(root.resolve()).as_posix()
 
 
+def walk_files(root: Path) -> list[Path]:
+    """Every file under root, sorted, following symlinked folders as well as symlinked files.
+
+    A root assembled from links (Actor_05 -> /nfs/ravdess/Actor_05) is how teams lay out
+    shared corpora; Path.rglob does not descend into linked folders before Python 3.13. A
+    folder reached twice (a link cycle, or two links to one place) is walked once.
+    """
+    out: list[Path] = []
+    seen: set[str] = set()
+    for d, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out.extend(Path(d) / f for f in files)
+    return sorted(out)
+
+
 def index_media(dirs: Iterable[Path], exts: tuple[str, ...]) -> dict[str, Path]:
     """File name -> path for every media file under `dirs` (recursive; first one wins).
 
@@ -103,7 +122,7 @@ def index_media(dirs: Iterable[Path], exts: tuple[str, ...]) -> dict[str, Path]:
     for d in dirs:
         if not d.is_dir():
             continue
-        for p in sorted(d.rglob("*")):
+        for p in walk_files(d):
             if p.name.startswith(".") or p.suffix.lower() not in exts or not p.is_file():
                 continue
             found.setdefault(p.name, p)

@@ -45,6 +45,7 @@ from pipeline.recipes.common import (
     PrepareResult,
     dataset_name,
     grouped_split,
+    walk_files,
     write_result,
 )
 
@@ -227,15 +228,15 @@ def clips_from_csv(
 def _from_scan(root: Path, dataset: str, fractions: dict[str, float] | None) -> list[Clip]:
     """Every media file under root; video + audio with the same relative stem pair up."""
     pairs: dict[str, dict[str, str]] = {}
-    for p in sorted(root.rglob("*")):
+    for p in walk_files(root):
         ext = p.suffix.lower()
         if any(part.startswith(".") for part in p.relative_to(root).parts) or not p.is_file():
             continue
         kind = "video" if ext in VIDEO_EXTS else "audio" if ext in AUDIO_EXTS else None
         if kind is None:
             continue
-        # the path as found under the root (symlinks inside it are followed: media on
-        # another disk); rglob never yields a path outside it
+        # the path as found under the root (symlinked files and folders inside it are
+        # followed: media on another disk); walk_files never yields a path outside it
         rel = p.relative_to(root).as_posix()
         pairs.setdefault(Path(rel).with_suffix("").as_posix(), {}).setdefault(kind, rel)
     clips: list[Clip] = []

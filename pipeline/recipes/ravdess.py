@@ -49,6 +49,7 @@ from pipeline.recipes.common import (
     block_folds,
     dataset_name,
     relative_to_root,
+    walk_files,
     write_result,
 )
 
@@ -81,7 +82,7 @@ def parse_name(stem: str) -> dict[str, int]:
 def _recording_files(root: Path, missing: list[tuple[str, str]]) -> dict[str, dict[int, Path]]:
     """Recording key -> {modality code: file}."""
     recs: dict[str, dict[int, Path]] = {}
-    for p in sorted(root.rglob("*")):
+    for p in walk_files(root):
         ext = p.suffix.lower()
         if p.name.startswith(".") or not p.is_file() or ext not in VIDEO_EXTS + AUDIO_EXTS:
             continue

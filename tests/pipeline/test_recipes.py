@@ -296,6 +296,23 @@ def test_ravdess_pairs_and_bad_names(tmp_path: Path) -> None:
     assert "modality code 03" in reasons["03-01-03-01-01-01-01"]
 
 
+def test_ravdess_root_of_linked_folders(tmp_path: Path) -> None:
+    """A root assembled from links to actor folders elsewhere (how teams lay out a shared
+    corpus) is walked through the links; a link cycle is walked once."""
+    elsewhere = tmp_path / "nfs" / "speech_05"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "03-01-05-02-01-01-05.wav").write_bytes(b"x")
+    root = tmp_path / "root"
+    (root / "Actor_01").mkdir(parents=True)
+    (root / "Actor_01" / "03-01-03-01-01-01-01.wav").write_bytes(b"x")
+    os.symlink(elsewhere, root / "Actor_05")
+    os.symlink(root, root / "Actor_01" / "loop")
+    res = ravdess.prepare(root, out=tmp_path / "m", test_actors=[5])
+    assert [c.id for c in res.splits["test"]] == ["03-01-05-02-01-01-05"]
+    assert res.splits["test"][0].audio == "Actor_05/03-01-05-02-01-01-05.wav"
+    assert [c.id for c in res.splits["train"]] == ["03-01-03-01-01-01-01"]
+
+
 # --- folder ----------------------------------------------------------------------------------
 def _folder(root: Path, rows: list[str], header: str = "id,video,audio,text,title,label,speaker,split,mood") -> None:
     root.mkdir(parents=True, exist_ok=True)
