@@ -304,6 +304,9 @@ LabelsOpt = typer.Option(None, "--labels", help="Fit-time label set: iemocap4 | 
 WarmOpt = typer.Option(True, "--warm-start/--no-warm-start", help="Start each head's linear path "
                        "from the fold's fitted linear probe, kept unless training beats it on "
                        "validation (docs/ARCHITECTURE.md).")
+NormOpt = typer.Option("global", "--normalise", help="global | speaker: with speaker, each "
+                       "speaker's features are first standardised by that speaker's own clips "
+                       "(no labels; a held-out speaker by its own; the set must be grouped by speaker).")
 ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: the cores, at most 4).")
 SeedsOpt = typer.Option(3, "--seeds", help="How many seeds (0..N-1) to train; scores are mean ± std over them.")
 SplitOpt = typer.Option("official", "--split", help="official (the set's train/val/test) | kfold (grouped k-fold).")
@@ -338,6 +341,7 @@ def fit(
     patience: int = PatienceOpt,
     modality_dropout: float = ModDropOpt,
     warm_start: bool = WarmOpt,
+    normalise: str = NormOpt,
     threads: int = ThreadsOpt,
     protocol: str = ProtocolOpt,
     labels: str = LabelsOpt,
@@ -357,7 +361,8 @@ def fit(
         cfg = FitConfig(seeds=seeds, split=split, folds=folds, group_by=group_by, epochs=epochs,
                         device=device, target=target, head_options=head_opts or {}, lr=lr,
                         batch_size=batch_size, patience=patience, warm_start=warm_start,
-                        modality_dropout=modality_dropout, threads=threads, labels=labels)
+                        modality_dropout=modality_dropout, threads=threads, labels=labels,
+                        normalise=normalise)
         progress = FitProgress(console)
         try:
             res = do_fit(_cache(cache), dataset, fusion, mods, cfg, name=name, runs_dir=runs,
@@ -401,6 +406,7 @@ def ablate(
     patience: int = PatienceOpt,
     modality_dropout: float = ModDropOpt,
     warm_start: bool = WarmOpt,
+    normalise: str = NormOpt,
     threads: int = typer.Option(None, "--threads", help="Torch threads per cell (default: the "
                                 "cores shared among --workers)."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard this grid's earlier cells instead of resuming them."),
@@ -431,7 +437,7 @@ def ablate(
         cfg = FitConfig(seeds=seeds, split=split, folds=folds, epochs=epochs,
                         head_options=_head_opts(opt, heads), lr=lr, batch_size=batch_size,
                         patience=patience, modality_dropout=modality_dropout, threads=threads,
-                        labels=labels, warm_start=warm_start)
+                        labels=labels, warm_start=warm_start, normalise=normalise)
         if protocol:
             from fusion.protocols import get_protocol
 

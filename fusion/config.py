@@ -25,6 +25,9 @@ RECORD_ORDER = ("dataset", "fusion", "modalities", "seeds", "split", "folds", "g
                 "aux_weight", "head_options", "feature_set", "cache_root")
 
 
+NORMALISE = ("global", "speaker")
+
+
 @dataclass(eq=False)
 class FitConfig:
     """The settings of a fit. `seeds` is a count (seeds 0..n-1) or a list of seeds."""
@@ -46,6 +49,9 @@ class FitConfig:
     # start a registered head's linear path from the fold's fitted linear probe, scored on
     # validation as epoch 0 (fusion/heads/linear.py); False: from zero
     warm_start: bool = True
+    # "speaker": each speaker's rows first standardised by that speaker's own statistics
+    # (fusion.normalise.per_speaker; the set must be grouped by speaker); "global": not
+    normalise: str = "global"
     labels: str | None = None  # fit-time label set: iemocap4 | iemocap6 | plutchik
     select_metric: str | None = None  # early stopping / selection (None: macro F1, or MAE)
     protocol: str | None = None  # the protocol (fusion/protocols.py) that set the above
@@ -61,6 +67,8 @@ class FitConfig:
         if not self.seeds:
             raise ValueError("seeds must be a positive count or a non-empty list")
         self.head_options = dict(self.head_options or {})
+        if self.normalise not in NORMALISE:
+            raise ValueError(f"normalise must be one of {', '.join(NORMALISE)}, not {self.normalise!r}")
 
     def settings(self) -> dict[str, Any]:
         """The settings that decide a fit's result, as config.toml records them."""

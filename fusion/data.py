@@ -139,6 +139,17 @@ class FeatureSet:
     def label(self) -> np.ndarray:
         return np.asarray(self._group[cf.LABEL][:], dtype=np.int64)
 
+    @property
+    def speakers(self) -> np.ndarray:
+        """The speaker of every row: the stored group of a set grouped by speaker (an empty
+        group is a clip without a speaker: it stands alone). DataError for other groupings."""
+        if self.group_by != "speaker":
+            raise DataError(f"feature set {self.name} is grouped by {self.group_by!r}, not by "
+                            "speaker, so it does not record who speaks (per-speaker "
+                            "standardisation needs it; prepare the set grouped by speaker)")
+        g = self.group
+        return np.where(g == "", np.array([f"\x00row{i}" for i in range(len(g))]), g)
+
     @cached_property
     def targets(self) -> dict[str, np.ndarray]:
         """Regression targets by name, float32 with NaN where the target is not present."""

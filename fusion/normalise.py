@@ -2,7 +2,8 @@
 
 `fit_stats` measures per-feature mean/std on the present training rows (real time steps only
 for sequences); `apply_stats` scales every row with them, absent rows and padding staying
-exactly zero. `take` / `Rows` select a mini-batch without copying what a head does not read;
+exactly zero. `per_speaker` (fit option `normalise="speaker"`) first standardises each
+speaker's rows by that speaker's own statistics. `take` / `Rows` select a mini-batch without copying what a head does not read;
 `drop_modalities` is modality dropout on such a batch.
 """
 
@@ -110,6 +111,60 @@ def apply_stats(data: Batch, stats: dict[str, Tensor], inplace: bool = False) ->
             o[key] = x.sub_(mean).mul_(1.0 / stats[f"{m}.{part}.std"]).mul_(valid.unsqueeze(-1))
         out[m] = o
     return out
+
+
+SPEAKER_MIN_ROWS = 3  # a speaker with fewer present rows is scaled by the set-wide statistics
+
+
+def _moments_np(x: np.ndarray, valid: np.ndarray, present: np.ndarray, idx: np.ndarray,
+                min_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """float32 mean / std over the valid entries of rows idx (None: fewer than min_rows present)."""
+    v = valid[idx]
+    if int(present[idx].sum()) < min_rows or not v.any():
+        return None
+    sel = x[idx][v].astype(np.float64)  # [n, D] or [n, L, D]
+    std = sel.std(0)
+    return sel.mean(0).astype(np.float32), np.where(std < 1e-6, 1.0, std).astype(np.float32)
+
+
+def per_speaker(raw: dict, speakers: np.ndarray, skip: tuple[str, ...] = (),
+                min_rows: int = SPEAKER_MIN_ROWS) -> dict:
+    """Standardise each speaker's rows by that speaker's own per-feature mean / std, in place.
+
+    Speaker normalisation (as in cross-speaker speech emotion work): what stays is how a clip
+    differs from the same person's other clips, not the voice, face or loudness that tells
+    people apart. No labels are read, and every row of the speaker counts, test rows included
+    (a held-out speaker is scaled by its own unlabelled clips: transductive, as in that
+    literature). `raw` is fs.load's numpy dict, rows aligned with `speakers`; statistics come
+    from present rows (real time steps for sequences, per hidden state for `layers`); absent
+    rows and padding stay zero; a speaker with fewer than `min_rows` present rows in a modality
+    is scaled by the statistics of all rows. Modalities in `skip` (the conditioning vector) are
+    left as they are. The global training-set scaling (fit_stats) still follows.
+    """
+    speakers = np.asarray(speakers)
+    by_speaker = [np.flatnonzero(speakers == s) for s in np.unique(speakers)]
+    for m, d in raw.items():
+        if m in skip:
+            continue
+        present = np.asarray(d["present"], dtype=bool)
+        for key in ("pooled", "seq", "layers"):
+            if key not in d:
+                continue
+            x = d[key] if d[key].flags.writeable else d[key].copy()
+            d[key] = x
+            if key == "seq":
+                valid = present[:, None] & (np.arange(x.shape[1])[None, :] < d["len"][:, None])
+            else:
+                valid = present
+            overall = _moments_np(x, valid, present, np.arange(len(x)), 1)
+            if overall is None:  # no present row at all: nothing to scale
+                continue
+            for idx in by_speaker:
+                mean, std = _moments_np(x, valid, present, idx, min_rows) or overall
+                z = (x[idx].astype(np.float32) - mean) / std
+                z *= valid[idx].reshape(valid[idx].shape + (1,) * (z.ndim - valid.ndim))
+                x[idx] = z.astype(x.dtype)
+    return raw
 
 
 def to_tensors(data: dict, device: torch.device | str = "cpu") -> Batch:

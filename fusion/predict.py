@@ -17,9 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fusion.data import open_set
+from fusion.data import COND, open_set
 from fusion.heads import build_saved_head
-from fusion.normalise import apply_stats
+from fusion.normalise import apply_stats, per_speaker
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
@@ -51,6 +51,8 @@ def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | No
     head = build_saved_head(cfg["fusion"], spec, n_out, cfg.get("head_options") or {}, state)
     head.eval()
     data = fs.load(mods, rows)
+    if cfg.get("normalise", "global") == "speaker":  # as at fit time: each speaker's own scale
+        per_speaker(data, fs.speakers[rows], skip=(COND,))
     batch = {m: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()} for m, d in data.items()}
     batch = apply_stats(batch, stats)  # absent rows and padding stay exactly zero
 

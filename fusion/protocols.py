@@ -151,7 +151,8 @@ def paper_line(m: dict, protocol: Protocol | None = None) -> str:
     name = protocol.name if protocol else (m.get("protocol") or m.get("dataset") or "")
     if m.get("test_dataset"):
         name = f"{m.get('dataset')} → {m['test_dataset']} ({m.get('labels') or 'same classes'})"
-    return f"{name} · {'+'.join(m.get('modalities', []))} · {head}   ({'; '.join(tail)})"
+    norm = " · per-speaker standardised" if m.get("normalise") == "speaker" else ""
+    return f"{name} · {'+'.join(m.get('modalities', []))}{norm} · {head}   ({'; '.join(tail)})"
 
 
 # --- fit-time label sets ------------------------------------------------------------------

@@ -25,10 +25,18 @@ from torch import Tensor, nn
 
 from fusion import metrics as M
 from fusion.config import FitConfig
-from fusion.data import FeatureSet, open_set
+from fusion.data import COND, FeatureSet, open_set
 from fusion.heads.base import FusionHead
 from fusion.layers import LayerMixedHead, build_with_layers, summarise_weights, weights_from_state
-from fusion.normalise import Batch, apply_stats, drop_modalities, fit_stats, take, to_tensors
+from fusion.normalise import (
+    Batch,
+    apply_stats,
+    drop_modalities,
+    fit_stats,
+    per_speaker,
+    take,
+    to_tensors,
+)
 from fusion.probe import ProbeFit, below_baselines, linear_probe, pooled_blocks, pooled_matrix
 from fusion.protocols import (
     default_headline,
@@ -145,6 +153,12 @@ def fit(
     raw = load_inputs(fs, mods, rows, probe.seq_inputs, getattr(probe, "layer_inputs", ()))
     if cross is not None:
         raw, rows = cross.extend(raw, rows, probe.seq_inputs, getattr(probe, "layer_inputs", ()))
+    if cfg.normalise == "speaker":  # label-free, before any statistic or probe sees the rows
+        own = rows[rows < fs.n]
+        spk = fs.speakers[own]
+        if cross is not None:
+            spk = np.concatenate([spk, np.char.add("test:", cross.fs.speakers[cross.rows].astype(str))])
+        per_speaker(raw, spk, skip=(COND,))
     n_train = int(round(np.mean([len(f.train) for f in plan])))
     bs, lr_used = (cfg.batch_size, cfg.lr) if cfg.batch_size else auto_batch(n_train, cfg.lr)
     trainer = _Trainer(fusion, spec, task, cfg, bs, lr_used, torch.device(cfg.device))
@@ -186,7 +200,8 @@ def fit(
     per_seed = [_seed_metrics(s, outs[s], task) for s in seed_list]
     metrics = _summarise(per_seed, task, fs, mods, fusion_name, plan, cfg.split, warnings)
     metrics |= {"protocol": proto.name if proto else None, "labels": cfg.labels,
-                "left_out": left_out, "headline": select, "linear_probe": lin}
+                "left_out": left_out, "headline": select, "linear_probe": lin,
+                "normalise": cfg.normalise}
     if cross is not None:
         metrics |= {"test_dataset": cross.fs.meta.dataset, "test_feature_set": cross.fs.key,
                     "n_test_left_out": cross.left_out}

@@ -88,6 +88,11 @@ def predict_file(video: Path, run: Path, text: str | None = None, title: str | N
         run_cfg = tomllib.loads(cfg_path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path}: not a readable run config ({e})") from None
+    if run_cfg.get("normalise", "global") == "speaker":
+        raise PredictError(f"{run}: this run standardises each speaker's features by that "
+                           "speaker's own clips (normalise = speaker); a single file has no such "
+                           "statistics. Predict with a run fit with --normalise global, or extract "
+                           "the speaker's clips as a set and use fusion.predict.predict_set")
     if preset is None:
         preset_cfg, attrs = _training_preset(run_cfg)
     else:

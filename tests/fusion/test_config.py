@@ -15,7 +15,7 @@ from fusion.config import FitConfig
 RECORDED = {"dataset", "fusion", "modalities", "seeds", "split", "folds", "epochs", "batch_size",
             "lr", "batch_size_asked", "lr_base", "patience", "modality_dropout", "class_weight",
             "device", "target", "preset", "weight_decay", "val_fraction", "aux_weight",
-            "head_options", "feature_set", "cache_root", "warm_start"}
+            "head_options", "feature_set", "cache_root", "warm_start", "normalise"}
 
 
 def test_round_trip_through_config_toml(tmp_path: Path) -> None:
