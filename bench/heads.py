@@ -7,6 +7,12 @@ baseline and the linear probe, mean ± std of 3 seeds on the same split (issue 1
 Extracts (once, resumable) into <work>/cache with the offline preset:
   ravdess01 / ravdess02  ../shared/data/ravdess-speech, actor 01 (02) held out as test, the
                          other actor's strong-intensity takes as validation; audio
+  rav3-01 / -02 / -05    three actors: ravdess-speech's Actor_01 and Actor_02 (15 clips each) and
+                         the 60 actor-05 takes' audio (ravdess-av-actor05/facecrops/audio),
+                         linked into <work>/ravdess3-root as Actor_XX (read in place); the
+                         actor named held out as test, the others' strong takes as validation;
+                         audio. With --normalise speaker each actor is standardised by its own
+                         clips (fusion.normalise.per_speaker)
   av05                   ../shared/data/ravdess-av-actor05/original via the folder recipe and
                          its labels.csv (14 takes, one actor): row-level 5-fold; all modalities
   meld                   ../shared/data/meld dev_sent_emo.csv, text-only, dialogue context (the 5
@@ -47,6 +53,24 @@ def extract_ravdess(work: Path, held_out: int) -> str:
     return name
 
 
+def extract_ravdess3(work: Path, held_out: int) -> str:
+    from pipeline.recipes import RECIPES
+    from pipeline.runner import plan_extract, run_extract
+
+    root = work / "ravdess3-root"  # links, not copies: the data stays in ../shared
+    root.mkdir(parents=True, exist_ok=True)
+    links = {"Actor_01": shared() / "ravdess-speech" / "Actor_01",
+             "Actor_02": shared() / "ravdess-speech" / "Actor_02",
+             "Actor_05": shared() / "ravdess-av-actor05" / "facecrops" / "audio"}
+    for name, target in links.items():
+        if not (root / name).exists():
+            (root / name).symlink_to(target.resolve(), target_is_directory=True)
+    man, name = work / "manifests", f"rav3-{held_out:02d}"
+    RECIPES["ravdess"](root=root, out=man, name=name, test_actors=[held_out], valid_intensity="strong")
+    run_extract(plan_extract(name, preset="offline", manifests=man), cache=work / "cache")
+    return name
+
+
 def extract_av05(work: Path) -> str:
     from pipeline.recipes import RECIPES
     from pipeline.runner import plan_extract, run_extract
@@ -73,6 +97,8 @@ def extract_meld(work: Path) -> str:
 SETS = {
     "ravdess01": (lambda w: extract_ravdess(w, 1), dict(split="official", mods=["audio"])),
     "ravdess02": (lambda w: extract_ravdess(w, 2), dict(split="official", mods=["audio"])),
+    **{f"rav3-{a:02d}": (lambda w, a=a: extract_ravdess3(w, a), dict(split="official", mods=["audio"]))
+       for a in (1, 2, 5)},
     "av05": (extract_av05, dict(split="kfold", group_by="none", mods="all")),
     "meld": (extract_meld, dict(split="kfold", mods=["text"])),
     "demo": (None, dict(split="kfold", mods="all")),
@@ -89,7 +115,7 @@ def table(cache: Path, dataset: str, heads, seeds: int, settings: dict, runs: Pa
     cfg = FitConfig(seeds=seeds, **s, **cfg_kw)
     rows = []
     for i, head in enumerate(heads, 1):
-        r = fit(cache, dataset, head, mods, cfg, runs_dir=runs, name=f"{dataset}-{head}")
+        r = fit(cache, dataset, head, mods, cfg, runs_dir=runs, name=f"{dataset}-{head}-{cfg.normalise}")
         m = r.metrics
         print(f"{dataset}: {head} done ({i}/{len(heads)}, {m['elapsed_s']:.0f} s)",
               file=sys.stderr, flush=True)  # a fit of a slow head takes minutes on 2 cores
@@ -97,7 +123,8 @@ def table(cache: Path, dataset: str, heads, seeds: int, settings: dict, runs: Pa
                      m["std"]["macro_f1"], m["majority_baseline"], m["linear_probe"],
                      probe_kept(m) or "—", m["elapsed_s"]))
     maj, probe = rows[0][5], rows[0][6]
-    print(f"\n## {dataset} ({mods}, {s['split']}, {seeds} seeds, n_test={m['n_test']})")
+    print(f"\n## {dataset} ({mods}, {s['split']}, {seeds} seeds, n_test={m['n_test']}, "
+          f"{cfg.normalise} standardisation)")
     print("| head | accuracy | macro F1 | runs that kept the probe | fit s |\n|---|---|---|---|---|")
     print(f"| majority | {maj['accuracy']:.3f} | {maj['macro_f1']:.3f} | | |")
     print(f"| linear probe | {probe['accuracy']:.3f} | {probe['macro_f1']:.3f} | | |")
@@ -114,6 +141,7 @@ def main() -> None:
     ap.add_argument("--demo-root", type=Path, default=None)
     ap.add_argument("--heads", default=",".join(HEADS))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--normalise", default="global", help="global | speaker (FitConfig.normalise)")
     ap.add_argument("--extract-only", action="store_true")
     a = ap.parse_args()
     heads = [h for h in a.heads.split(",") if h]
@@ -129,7 +157,7 @@ def main() -> None:
         else:
             cache, dataset = a.work / "cache", extract(a.work)
         if not a.extract_only:
-            table(cache, dataset, heads, a.seeds, settings, a.work / "runs")
+            table(cache, dataset, heads, a.seeds, settings, a.work / "runs", normalise=a.normalise)
 
 
 if __name__ == "__main__":
