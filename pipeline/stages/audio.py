@@ -99,6 +99,58 @@ def voice_signal(ctx: ClipContext) -> tuple[np.ndarray, int] | None:
     return x, int(media.sample_rate)
 
 
+def egemaps_lld_and_functionals(smile: Any, x: np.ndarray, sr: int
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """eGeMAPSv02 LLDs [T, 25], their start times [T] (s) and the 88 functionals of one signal
+    from a single openSMILE run.
+
+    `smile` is an `opensmile.Smile` of the eGeMAPSv02 functionals (its config file and config
+    root). The functionals are computed from the same LLDs, so one run with openSMILE's own
+    two-level external output (the `standard_external_data_output_multi` config the package
+    ships) gives both; `Smile.process_signal` per level would compute the LLDs twice. The
+    values are bit-identical to the two `process_signal` calls (a test checks it on real
+    speech), at half the cost. An empty level (a signal shorter than openSMILE's windows)
+    comes back as NaN, as `process_signal` returns it.
+    """
+    import os
+
+    from opensmile.core.config import config as smile_config
+    from opensmile.core.lib import OpenSMILE
+
+    root = smile.default_config_root
+    options = {
+        **smile.options,
+        "source": os.path.join(root, smile_config.EXTERNAL_INPUT_CONFIG),
+        "sink": os.path.join(root, smile_config.EXTERNAL_OUTPUT_MULTI_CONFIG),
+        "sinkLevelLLD": "lld", "sinkLevelFunc": "func",
+        "bufferModeRbConf": os.path.join(root, "shared/BufferModeRb.conf.inc"),
+        "frameModeFunctionalsConf": os.path.join(root, "shared/FrameModeFunctionals.conf.inc"),
+        "sampleRate": sr, "nBits": 16,
+    }
+    lld: list[np.ndarray] = []
+    starts: list[float] = []
+    fun: list[np.ndarray] = []
+    engine = OpenSMILE()
+    engine.initialize(config_file=smile.config_path, options=options, loglevel=0, log_file="", debug=False)
+    try:
+        engine.external_sink_set_callback_ex(
+            "extsinklld", lambda data, meta: (lld.append(data.copy()), starts.append(meta.time)))
+        engine.external_sink_set_callback_ex("extsinkfunc", lambda data, meta: fun.append(data.copy()))
+        engine.external_audio_source_write_data(
+            "extsource", bytes((np.asarray(x, np.float32) * 32768).astype(np.int16)))
+        engine.external_audio_source_set_eoi("extsource")
+        engine.run()
+    finally:
+        engine.free()
+    lld_arr = np.vstack(lld).astype(np.float32) if lld else np.full((1, N_LLD), np.nan, np.float32)
+    import pandas as pd  # start times as process_signal gives them (whole nanoseconds)
+
+    start_arr = pd.to_timedelta(np.asarray(starts if lld else [0.0], np.float64), "s").total_seconds().to_numpy()
+    fun_arr = (np.vstack(fun).astype(np.float32).reshape(-1) if fun
+               else np.full(N_FUNCTIONALS, np.nan, np.float32))
+    return lld_arr, start_arr, fun_arr
+
+
 def to_rate(x: np.ndarray, sr: int, target: int) -> np.ndarray:
     if sr == target:
         return x
@@ -181,14 +233,17 @@ class EgemapsAudio(Stage):
         if len(x) < need:
             x = np.resize(x, need)  # tiles the clip
             notes.append(f"{duration:.3f} s clip tiled to {self.config.min_seconds} s for openSMILE")
-        lld = self._lld.process_signal(x, sr)
-        starts = lld.index.get_level_values("start").total_seconds().to_numpy()
-        keep = max(1, int(np.sum(starts < duration)))  # frames of the real (untiled) clip
-        seq = lld.to_numpy(dtype=np.float32)[:keep]
-        times = (starts[:keep] + LLD_FRAME / 2).astype(np.float32)  # frame centres
         funs = []
         if self.config.feature_set != "compare":
-            funs.append(self._fun.process_signal(x, sr).to_numpy(dtype=np.float32).reshape(-1))
+            lld_all, starts, fun = egemaps_lld_and_functionals(self._fun, x, sr)
+            funs.append(fun)
+        else:
+            lld = self._lld.process_signal(x, sr)
+            starts = lld.index.get_level_values("start").total_seconds().to_numpy()
+            lld_all = lld.to_numpy(dtype=np.float32)
+        keep = max(1, int(np.sum(starts < duration)))  # frames of the real (untiled) clip
+        seq = lld_all[:keep]
+        times = (starts[:keep] + LLD_FRAME / 2).astype(np.float32)  # frame centres
         if self._compare is not None:
             funs.append(self._compare.process_signal(x, sr).to_numpy(dtype=np.float32).reshape(-1))
         pooled = np.concatenate([*funs, logmel_stats(x, sr, self.config.n_mels)])

@@ -17,6 +17,7 @@ from pipeline.stages.audio import (
     N_LLD,
     EgemapsAudio,
     HfAudio,
+    egemaps_lld_and_functionals,
     frames_for,
 )
 from pipeline.stages.base import ClipContext, ClipError, Media, ModelMissingError
@@ -73,6 +74,30 @@ def test_output_dims_follow_config() -> None:
     assert EgemapsAudio({"n_mels": 8, "feature_set": "both"}).output_dims() == {"audio": (25, 88 + 6373 + 16)}
     with pytest.raises(ValueError, match="feature_set"):
         EgemapsAudio({"feature_set": "mfcc"})
+
+
+@pytest.mark.parametrize("name, seconds", [("03-01-05-02-01-01-01.wav", None),
+                                           ("03-01-02-01-01-01-01.wav", None),
+                                           ("03-01-05-02-01-01-01.wav", 0.5),
+                                           ("03-01-05-02-01-01-01.wav", 0.03)])
+def test_one_opensmile_run_equals_the_two_level_calls(egemaps: EgemapsAudio, name: str, seconds) -> None:
+    """LLDs, their start times and functionals from one openSMILE run are exactly what
+    Smile.process_signal returns per level (NaN for a signal too short for openSMILE)."""
+    x = ravdess(name)[: int(seconds * SR) if seconds else None]
+    lld, starts, fun = egemaps_lld_and_functionals(egemaps._fun, x, SR)
+    with pytest.warns(UserWarning, match="too short") if seconds == 0.03 else _no_warning():
+        want_lld = egemaps._lld.process_signal(x, SR)
+        want_fun = egemaps._fun.process_signal(x, SR).to_numpy(np.float32).reshape(-1)
+    np.testing.assert_array_equal(lld, want_lld.to_numpy(np.float32))
+    np.testing.assert_array_equal(starts, want_lld.index.get_level_values("start").total_seconds().to_numpy())
+    np.testing.assert_array_equal(fun, want_fun)
+    assert lld.shape[1] == N_LLD and fun.shape == (N_FUNCTIONALS,)
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def test_feature_set_compare_and_both_on_real_speech(egemaps: EgemapsAudio) -> None:
