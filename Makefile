@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MMEMO_CACHE ?= cache
 
-.PHONY: venv demo test lint bench bench-quick clean-demo
+.PHONY: venv demo test lint bench bench-quick bench-long clean-demo
 
 venv: $(STAMP)
 
@@ -55,6 +55,10 @@ bench-quick: $(STAMP)
 	$(BIN)/python bench/cache_read.py --n 1000 --codecs zstd --repeats 1
 	MMEMO_THREADS=1 $(BIN)/python bench/text.py --limit 150 --repeats 1
 	bench/gpu.sh --quick --only text,visual
+
+# one worker on a 10-minute 1080p video: peak memory and stage times (about 7 min; not in bench)
+bench-long: $(STAMP)
+	$(BIN)/python bench/long_video.py
 
 clean-demo:
 	rm -rf $(DEMO) runs/demo*
