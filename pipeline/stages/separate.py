@@ -12,6 +12,8 @@ Backends:
               mask: a longer window, a vocal band, a mask floor and a *gate* that passes clips
               with (almost) no repeating background through unchanged, so speech-only clips are
               never degraded. Parameters were chosen by measurement (bench/separation.py).
+              The k nearest frames are found exactly (one similarity matrix per row block),
+              within 30-s blocks of a longer clip, so memory and time stay bounded.
   ``hpss``    offline alternative after two-stage HPSS (Tachibana et al. 2014): long-window
               HPSS removes sustained instruments, the short-window harmonic mask of the rest
               keeps the voice. Gains on the songs (+1.5 dB) but cuts speech-only clips to
