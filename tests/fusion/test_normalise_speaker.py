@@ -99,3 +99,34 @@ def test_predict_set_applies_the_runs_speaker_normalisation(tmp_path):
     # the whole set (training rows included), scaled per speaker as at fit time: well above
     # chance (1/3); without the per-speaker step the offsets would swamp the signal
     assert (pred == fs_label).mean() > 0.6
+
+
+def test_cli_normalise_speaker_reaches_fit_and_ablate_and_predict_refuses_one_file(tmp_path):
+    import json
+    import tomllib
+
+    from typer.testing import CliRunner
+
+    from cli import app
+    from pipeline.predict import PredictError, predict_file
+
+    write_feature_set(tmp_path / "cache", n=120, n_groups=12)
+    base = ["--dataset", "synth", "--cache", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"),
+            "--epochs", "2", "--patience", "1", "--seeds", "1", "--threads", "1"]
+    r = CliRunner().invoke(app, ["fit", *base, "--fusion", "early", "--name", "s", "--normalise", "speaker"])
+    assert r.exit_code == 0, r.output
+    assert "per-speaker standardised" in r.output
+    run = tmp_path / "runs" / "s"
+    assert tomllib.loads((run / "config.toml").read_text())["normalise"] == "speaker"
+    assert json.loads((run / "metrics.json").read_text())["normalise"] == "speaker"
+    r = CliRunner().invoke(app, ["ablate", *base, "--fusion", "early", "--modalities", "audio",
+                                 "--name", "g", "--normalise", "speaker"])
+    assert r.exit_code == 0, r.output
+    cells = list((tmp_path / "runs" / "g").rglob("config.toml"))
+    assert cells and all(tomllib.loads(c.read_text())["normalise"] == "speaker" for c in cells)
+    r = CliRunner().invoke(app, ["fit", *base, "--fusion", "early", "--normalise", "per-actor"])
+    assert r.exit_code != 0 and "normalise must be one of" in r.output
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(b"RIFF")
+    with pytest.raises(PredictError, match="normalise = speaker"):
+        predict_file(clip, run)
