@@ -302,6 +302,7 @@ def run_unit(task: UnitTask) -> UnitResult:
     u = task.unit
     fs = store.open(task.key)
     if fs.is_done(u) and not task.force:
+        store.clear_stale_claim(task.key, u, task.lease)  # left by a writer stopped after commit
         return UnitResult(u, "skipped")
     claim = store.claim(task.key, u, lease_s=task.lease)
     if claim is None:
@@ -499,6 +500,8 @@ def run_extract(
     pending = list(all_units) if force else [u for u in all_units if not fs.is_done(u)]
     summary = Summary(plan.key, plan.dataset, len(plan.clips), plan.layout.n_units)
     summary.skipped = len(all_units) - len(pending)
+    for u in sorted(set(all_units) - set(pending)):  # a writer stopped after commit left these
+        store.clear_stale_claim(plan.key, u, lease)
     if executor == "auto":
         executor = "dask" if scheduler else ("inline" if workers <= 1 else "process")
     # torch threads per worker: results are bitwise reproducible only at a fixed thread count,
@@ -525,8 +528,14 @@ def run_extract(
             pq = queue.Queue()
         else:
             import multiprocessing as mp
+            import signal
+            from multiprocessing.managers import SyncManager
 
-            manager = mp.get_context("spawn").Manager()
+            # the queue's server process ignores Ctrl-C: the terminal sends SIGINT to the whole
+            # process group, and a manager that died of it made the interrupted run end with
+            # "error: [Errno 9] Bad file descriptor" (exit 1) instead of the resume line
+            manager = SyncManager(ctx=mp.get_context("spawn"))
+            manager.start(signal.signal, (signal.SIGINT, signal.SIG_IGN))
             pq = manager.Queue()
 
         def drain_queue() -> None:
@@ -613,7 +622,10 @@ def run_extract(
         if drain is not None:
             drain.join(timeout=2)
         if manager is not None:
-            manager.shutdown()
+            try:
+                manager.shutdown()
+            except (OSError, EOFError):  # already gone: nothing to shut down
+                pass
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -580,6 +580,25 @@ class Store:
         if self.owns(claim):
             claim.path.unlink(missing_ok=True)
 
+    def clear_stale_claim(self, key: str, unit: int, lease_s: float = DEFAULT_LEASE_S) -> bool:
+        """Remove a finished unit's leftover claim when its holder is gone or its lease ran out.
+
+        A writer stopped between committing a unit and releasing its claim (Ctrl-C, a kill at
+        that instant) leaves the claim of a done unit; a rerun skips done units, so nothing
+        else would ever remove it and `mmemo cache claims` would list it forever. A live claim
+        is left alone (a `--force` rerun may hold it). True when one was removed.
+        """
+        path = self.claim_path(key, unit)
+        if claim_state(path, lease_s)[0] not in ("dead", "expired"):
+            return False
+        stale = path.with_name(f"{path.name}.stale.{uuid.uuid4().hex}")
+        try:
+            os.rename(path, stale)  # as in claim(): only one remover wins
+        except FileNotFoundError:
+            return False
+        stale.unlink(missing_ok=True)
+        return True
+
     # subtitles ---------------------------------------------------------------------------
     def srt_path(self, key: str, clip_id: str, kind: str = "ocr") -> Path:
         return cf.srt_file(self.root, safe_name(key, "feature set key"),

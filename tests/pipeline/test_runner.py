@@ -162,6 +162,25 @@ def test_kill_and_rerun_resumes_without_redoing_units(tmp_path):
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
+def test_rerun_clears_the_claim_a_stopped_writer_left_on_a_done_unit(tmp_path):
+    """Ctrl-C between a unit's commit and its claim's release left a claim that no rerun
+    removed (done units are skipped): the skip now clears it when its holder is gone."""
+    man, preset = _ravdess_dataset(tmp_path, n=4)
+    plan = plan_extract("rav", None, str(preset), manifests=man)
+    cache = tmp_path / "cache"
+    run_extract(plan, cache=cache)
+    store = Store(cache)
+    left = store.claim_path(plan.key, 0)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left.write_text(json.dumps({"token": "x", "host": __import__("socket").gethostname(),
+                                "pid": gone.pid, "expires": time.time() + 3600}))
+    assert [c["state"] for c in store.claims()] == ["dead"]
+    summary = run_extract(plan_extract("rav", None, str(preset), manifests=man), cache=cache)
+    assert summary.done == 0 and summary.skipped == plan.layout.n_units
+    assert not left.exists() and store.claims() == []
+
+
 @pytest.mark.slow
 def test_external_dask_cluster_gives_same_arrays(tmp_path):
     man, preset = _ravdess_dataset(tmp_path, n=6)

@@ -161,6 +161,23 @@ def test_claim_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     assert store.claim(fs.key, 0, lease_s=3600) is None
 
 
+def test_a_done_units_leftover_claim_is_cleared_only_when_its_holder_is_gone(tmp_path):
+    """A writer stopped between commit and release leaves a done unit's claim behind; it is
+    removed once its holder is dead (or its lease ran out), never while it is live."""
+    store, fs = make_set(tmp_path / "c", commit=False)
+    held = store.claim(fs.key, 0, lease_s=3600)
+    fs.commit_unit(0, unit_data(fs.layout, 0), claim=held)  # committed, not released
+    assert fs.is_done(0) and held.path.exists()
+    assert store.clear_stale_claim(fs.key, 0, 3600) is False  # our process is alive: live
+    assert held.path.exists()
+    body = json.loads(held.path.read_text())
+    body["pid"], body["pid_start"] = _dead_pid(), None
+    held.path.write_text(json.dumps(body))
+    assert store.clear_stale_claim(fs.key, 0, 3600) is True
+    assert not held.path.exists() and store.claims() == []
+    assert store.clear_stale_claim(fs.key, 0, 3600) is False  # nothing left to clear
+
+
 def test_heartbeat_renews_the_lease_while_the_unit_is_worked_on(tmp_path):
     from pipeline.store import Heartbeat
 
