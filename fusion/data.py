@@ -26,7 +26,12 @@ from pipeline.cacheformat import COND, FormatError, read_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COND", "DataError", "FeatureSet", "open_set"]
+__all__ = ["COND", "DataError", "FeatureSet", "open_set", "row_groups"]
+
+
+def row_groups(n: int) -> np.ndarray:
+    """One group per row: ids no stored group can take (ungrouped splits, rows without one)."""
+    return np.array([f"\x00row{i}" for i in range(n)])
 
 
 class DataError(FormatError):
@@ -139,16 +144,21 @@ class FeatureSet:
     def label(self) -> np.ndarray:
         return np.asarray(self._group[cf.LABEL][:], dtype=np.int64)
 
+    @cached_property
+    def group_ids(self) -> np.ndarray:
+        """The stored group of every row, a row without one standing alone (its own id)."""
+        g = self.group
+        return np.where(g == "", row_groups(len(g)), g)
+
     @property
     def speakers(self) -> np.ndarray:
-        """The speaker of every row: the stored group of a set grouped by speaker (an empty
-        group is a clip without a speaker: it stands alone). DataError for other groupings."""
+        """The speaker of every row: `group_ids` of a set grouped by speaker. DataError for
+        other groupings."""
         if self.group_by != "speaker":
             raise DataError(f"feature set {self.name} is grouped by {self.group_by!r}, not by "
                             "speaker, so it does not record who speaks (per-speaker "
                             "standardisation needs it; prepare the set grouped by speaker)")
-        g = self.group
-        return np.where(g == "", np.array([f"\x00row{i}" for i in range(len(g))]), g)
+        return self.group_ids
 
     @cached_property
     def targets(self) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from fusion.data import DataError, FeatureSet
+from fusion.data import DataError, FeatureSet, row_groups
 
 TRAIN, TEST = "train", "test"
 VALID_NAMES = ("valid", "validation", "val", "dev")
@@ -65,16 +65,13 @@ def _groups(fs: FeatureSet, group_by: str | None) -> np.ndarray:
 
     Rows with an empty group string stand alone (they cannot leak across a split).
     """
-    own = np.array([f"\x00row{i}" for i in range(fs.n)])
+    own = row_groups(fs.n)
     if group_by is not None and group_by.lower() in UNGROUPED:
         return own
     if group_by is not None and group_by != fs.group_by:
         raise DataError(f"feature set {fs.name} is grouped by {fs.group_by!r} only; "
                         f"group_by={group_by!r} is not stored (use None or 'none')")
-    if not fs.group_by:
-        return own
-    g = fs.group
-    return np.where(g == "", own, g)
+    return fs.group_ids if fs.group_by else own
 
 
 def _carve_val(train: np.ndarray, groups: np.ndarray, frac: float, seed: int = 0
