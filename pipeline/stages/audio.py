@@ -20,6 +20,7 @@ Backends:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -112,8 +113,7 @@ def egemaps_lld_and_functionals(smile: Any, x: np.ndarray, sr: int
     speech), at half the cost. An empty level (a signal shorter than openSMILE's windows)
     comes back as NaN, as `process_signal` returns it.
     """
-    import os
-
+    import pandas as pd
     from opensmile.core.config import config as smile_config
     from opensmile.core.lib import OpenSMILE
 
@@ -143,8 +143,7 @@ def egemaps_lld_and_functionals(smile: Any, x: np.ndarray, sr: int
     finally:
         engine.free()
     lld_arr = np.vstack(lld).astype(np.float32) if lld else np.full((1, N_LLD), np.nan, np.float32)
-    import pandas as pd  # start times as process_signal gives them (whole nanoseconds)
-
+    # start times as process_signal gives them (whole nanoseconds)
     start_arr = pd.to_timedelta(np.asarray(starts if lld else [0.0], np.float64), "s").total_seconds().to_numpy()
     fun_arr = (np.vstack(fun).astype(np.float32).reshape(-1) if fun
                else np.full(N_FUNCTIONALS, np.nan, np.float32))

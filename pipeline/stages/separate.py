@@ -105,19 +105,19 @@ def repeating_background(mag: np.ndarray, width_frames: int, chunk: int = 256) -
 
     k = 2 * ceil(sqrt(t - 2 * width + 1)) as in librosa's recurrence matrix. Computed with one
     similarity matrix and a partition per row block instead of librosa's per-frame loop over a
-    sparse matrix (which also keeps k of its nearest frames in index order, not the k nearest):
-    about 20x faster on a 3-s clip. A frame with no eligible neighbour keeps its own column.
+    sparse matrix (which also keeps k of its nearest frames in index order, not the k nearest);
+    the whole REPET stage went from 110 to 35 ms per 3-s clip with it. A frame with no eligible
+    neighbour keeps its own column; one with fewer than k takes the median of those it has.
     """
-    f, t = mag.shape
+    t = mag.shape[1]
     x = mag.T.astype(np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     k = int(2 * np.ceil(np.sqrt(max(1, t - 2 * width_frames + 1))))
     out = mag.copy()
-    lag = np.abs(np.arange(t)[:, None] - np.arange(t)[None, :])
     for a in range(0, t, chunk):
         b = min(t, a + chunk)
         sim = x[a:b] @ x.T  # [c, t]
-        sim[lag[a:b] < width_frames] = -np.inf
+        sim[np.abs(np.arange(a, b)[:, None] - np.arange(t)[None, :]) < width_frames] = -np.inf
         eligible = np.isfinite(sim).sum(1)
         kk = min(k, int(eligible.max(initial=0)))
         if kk < 1:
@@ -161,8 +161,7 @@ def repet_separate(audio: np.ndarray, sr: int, cfg: RepetConfig | None = None) -
     edges = np.linspace(0, n_frames, n_blocks + 1).round().astype(int)
     mask = np.empty_like(mag)
     for a, b in zip(edges[:-1], edges[1:]):
-        w = width if n_blocks == 1 else min(width, (b - a - 1) // 2 - 1)
-        mask[:, a:b] = repet_mask(mag[:, a:b], max(1, w), cfg.margin, cfg.power)
+        mask[:, a:b] = repet_mask(mag[:, a:b], width, cfg.margin, cfg.power)
     repeating = float(np.sum((1.0 - mask) * mag**2)) / energy
     if repeating < cfg.gate:
         return _passthrough(x, f"passthrough: repeating background {repeating:.1%} < gate")
