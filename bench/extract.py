@@ -44,6 +44,11 @@ def build_dataset(tmp: Path, n: int, real: bool) -> tuple[str, Path, Path]:
     return "benchsample", root, man
 
 
+def say(line: str) -> None:
+    """A progress line on stderr (the figures go to stdout): a 2,000-clip run takes minutes."""
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=40)
@@ -57,6 +62,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        say("real videos" if args.real else f"writing {args.n} synthetic clips ...")
         name, root, man = build_dataset(tmp, args.n, args.real)
         clips = load_dataset(name, man)
         plan = plan_extract(name, root, args.preset, overrides=args.overrides, manifests=man,
@@ -65,6 +71,7 @@ def main() -> None:
         # decode-only floor (same decode config as the preset)
         dcfg = plan.preset.stages["decode"].config
         assert isinstance(dcfg, DecodeConfig)
+        say(f"decode floor over {len(clips)} clips ...")
         t0 = time.perf_counter()
         media_s = 0.0
         for c in clips:
@@ -78,8 +85,17 @@ def main() -> None:
         _stages_for(plan.preset, args.device)
         t_load = time.perf_counter() - t0
 
+        say(f"full extract, {plan.layout.n_units} units, {args.workers} worker(s) ...")
         t0 = time.perf_counter()
-        summary = run_extract(plan, cache=tmp / "cache", workers=args.workers)
+        units = [0, 0]  # units back, clips in them
+
+        def unit_back(res, n_clips: int) -> None:
+            units[0] += 1
+            units[1] += n_clips
+            say(f"  unit {units[0]}/{plan.layout.n_units} back ({res.status}), {units[1]}/{len(clips)} "
+                f"clips, {time.perf_counter() - t0:.0f} s")
+
+        summary = run_extract(plan, cache=tmp / "cache", workers=args.workers, progress=unit_back)
         t_full = time.perf_counter() - t0
 
     n = len(clips)

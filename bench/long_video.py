@@ -102,18 +102,23 @@ def main() -> None:
         peak = [rss_mib()]
         stop = threading.Event()
 
-        def watch() -> None:
+        def watch() -> None:  # samples memory; a plain line every 30 s (the run takes minutes)
+            t_line = time.perf_counter()
             while not stop.is_set():
                 peak[0] = max(peak[0], rss_mib())
+                if time.perf_counter() - t_line >= 30:
+                    t_line = time.perf_counter()
+                    print(f"{time.strftime('%H:%M:%S')} extracting: {t_line - t:.0f} s, resident "
+                          f"{rss_mib():.0f} MiB, peak {peak[0]:.0f} MiB", flush=True)
                 time.sleep(0.05)
 
-        threading.Thread(target=watch, daemon=True).start()
         before = rss_mib()
         t = time.perf_counter()
+        threading.Thread(target=watch, daemon=True).start()
         summary = run_extract(plan, cache=work / "cache", workers=1)
         wall = time.perf_counter() - t
         stop.set()
-        secs = dict(getattr(summary, "stage_seconds", None) or {})
+        secs = dict(summary.stage_seconds)
         print(f"one worker, offline preset: {wall:.1f} s wall for {a.minutes:g} min of media "
               f"({a.minutes * 60 / wall:.2f}x real time); failures: {len(summary.failures)}")
         for name, s in sorted(secs.items(), key=lambda kv: -kv[1]):
