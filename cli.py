@@ -304,6 +304,9 @@ LabelsOpt = typer.Option(None, "--labels", help="Fit-time label set: iemocap4 | 
 WarmOpt = typer.Option(True, "--warm-start/--no-warm-start", help="Start each head's linear path "
                        "from the fold's fitted linear probe, kept unless training beats it on "
                        "validation (docs/ARCHITECTURE.md).")
+DepartOpt = typer.Option(0.05, "--depart-p", help="A warm-started head leaves its probe only for a "
+                         "validation gain whose paired permutation p-value is at most this "
+                         "(1: any gain).")
 NormOpt = typer.Option("global", "--normalise", help="global | speaker: with speaker, each "
                        "speaker's features are first standardised by that speaker's own clips "
                        "(no labels; a held-out speaker by its own; the set must be grouped by speaker).")
@@ -341,6 +344,7 @@ def fit(
     patience: int = PatienceOpt,
     modality_dropout: float = ModDropOpt,
     warm_start: bool = WarmOpt,
+    depart_p: float = DepartOpt,
     normalise: str = NormOpt,
     threads: int = ThreadsOpt,
     protocol: str = ProtocolOpt,
@@ -362,7 +366,7 @@ def fit(
                         device=device, target=target, head_options=head_opts or {}, lr=lr,
                         batch_size=batch_size, patience=patience, warm_start=warm_start,
                         modality_dropout=modality_dropout, threads=threads, labels=labels,
-                        normalise=normalise)
+                        normalise=normalise, depart_p=depart_p)
         progress = FitProgress(console)
         try:
             res = do_fit(_cache(cache), dataset, fusion, mods, cfg, name=name, runs_dir=runs,
@@ -406,6 +410,7 @@ def ablate(
     patience: int = PatienceOpt,
     modality_dropout: float = ModDropOpt,
     warm_start: bool = WarmOpt,
+    depart_p: float = DepartOpt,
     normalise: str = NormOpt,
     threads: int = typer.Option(None, "--threads", help="Torch threads per cell (default: the "
                                 "cores shared among --workers)."),
@@ -437,7 +442,8 @@ def ablate(
         cfg = FitConfig(seeds=seeds, split=split, folds=folds, epochs=epochs,
                         head_options=_head_opts(opt, heads), lr=lr, batch_size=batch_size,
                         patience=patience, modality_dropout=modality_dropout, threads=threads,
-                        labels=labels, warm_start=warm_start, normalise=normalise)
+                        labels=labels, warm_start=warm_start, normalise=normalise,
+                        depart_p=depart_p)
         if protocol:
             from fusion.protocols import get_protocol
 

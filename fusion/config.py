@@ -49,6 +49,10 @@ class FitConfig:
     # start a registered head's linear path from the fold's fitted linear probe, scored on
     # validation as epoch 0 (fusion/heads/linear.py); False: from zero
     warm_start: bool = True
+    # a warm-started head leaves its probe (epoch 0) only for an epoch whose validation gain
+    # on the selection metric has a paired permutation p-value at most this (train.departs);
+    # 1.0: any gain, as before this setting existed
+    depart_p: float = 0.05
     # "speaker": each speaker's rows first standardised by that speaker's own statistics
     # (fusion.normalise.per_speaker; the set must be grouped by speaker); "global": not
     normalise: str = "global"
@@ -67,6 +71,8 @@ class FitConfig:
         if not self.seeds:
             raise ValueError("seeds must be a positive count or a non-empty list")
         self.head_options = dict(self.head_options or {})
+        if not 0.0 < self.depart_p <= 1.0:
+            raise ValueError(f"depart_p must be in (0, 1], not {self.depart_p!r}")
         if self.normalise not in NORMALISE:
             raise ValueError(f"normalise must be one of {', '.join(NORMALISE)}, not {self.normalise!r}")
 
@@ -108,7 +114,8 @@ class FitConfig:
         """A config from a recorded dict; keys that are not settings are ignored.
 
         A setting missing from `d` is None when its field may be None (config.toml leaves None
-        out), `warm_start` False (runs from before it existed), else its default. Runs written before lr_base / batch_size_asked were recorded
+        out), `warm_start` False and `depart_p` 1.0 (runs from before they existed), else its
+        default. Runs written before lr_base / batch_size_asked were recorded
         take those two from `unrecorded_from` when given (an ablation compares them only where
         recorded), else from the recorded lr / batch size used.
         """
@@ -121,6 +128,8 @@ class FitConfig:
         # runs written before the linear path's warm start trained without it: an ablation
         # must not take them for cells of today's default
         kw.setdefault("warm_start", False)
+        # runs from before the departure test left the probe on any validation gain
+        kw.setdefault("depart_p", 1.0)
         if LR_KEY in d:
             kw["lr"] = d[LR_KEY]
         elif unrecorded_from is not None:

@@ -18,7 +18,8 @@ trainer, on the same folds, reached 0.642.
 The trainer goes one step further (FitConfig.warm_start, on by default): before training, the
 path is set to the fold's fitted linear probe (fusion/probe.py; the same rows, standardisation
 mapped onto the head's), and that starting state is scored on validation as "epoch 0" — so early
-stopping keeps the probe unless training improves on it. This is linear-probing-then-fine-tuning
+stopping keeps the probe unless training improves on it by more than chance (train.departure_p,
+FitConfig.depart_p). This is linear-probing-then-fine-tuning
 (Kumar et al., ICLR 2022): the head's own path is trained against a good linear model instead of
 beside a random one.
 

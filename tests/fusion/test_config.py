@@ -15,7 +15,7 @@ from fusion.config import FitConfig
 RECORDED = {"dataset", "fusion", "modalities", "seeds", "split", "folds", "epochs", "batch_size",
             "lr", "batch_size_asked", "lr_base", "patience", "modality_dropout", "class_weight",
             "device", "target", "preset", "weight_decay", "val_fraction", "aux_weight",
-            "head_options", "feature_set", "cache_root", "warm_start", "normalise"}
+            "head_options", "feature_set", "cache_root", "warm_start", "normalise", "depart_p"}
 
 
 def test_round_trip_through_config_toml(tmp_path: Path) -> None:
@@ -54,7 +54,8 @@ def test_old_and_foreign_config_toml_are_read(tmp_path: Path) -> None:
     assert old.epochs == 3 and old.lr == 0.004 and old.batch_size == 256 and old.seeds == [0]
     want = FitConfig(seeds=1, epochs=3)
     # ... except the linear path's warm start, which no run before it had: not today's cell
-    assert FitConfig.from_toml(path, unrecorded_from=want) == replace(want, warm_start=False)
+    assert FitConfig.from_toml(path, unrecorded_from=want) == replace(want, warm_start=False,
+                                                                      depart_p=1.0)
     assert FitConfig.from_toml(path, unrecorded_from=want) != want
 
 
