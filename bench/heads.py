@@ -115,7 +115,8 @@ def table(cache: Path, dataset: str, heads, seeds: int, settings: dict, runs: Pa
     cfg = FitConfig(seeds=seeds, **s, **cfg_kw)
     rows = []
     for i, head in enumerate(heads, 1):
-        r = fit(cache, dataset, head, mods, cfg, runs_dir=runs, name=f"{dataset}-{head}-{cfg.normalise}")
+        r = fit(cache, dataset, head, mods, cfg, runs_dir=runs,
+                name=f"{dataset}-{head}-{cfg.normalise}-p{cfg.depart_p:g}")
         m = r.metrics
         print(f"{dataset}: {head} done ({i}/{len(heads)}, {m['elapsed_s']:.0f} s)",
               file=sys.stderr, flush=True)  # a fit of a slow head takes minutes on 2 cores
@@ -124,7 +125,7 @@ def table(cache: Path, dataset: str, heads, seeds: int, settings: dict, runs: Pa
                      probe_kept(m) or "—", m["elapsed_s"]))
     maj, probe = rows[0][5], rows[0][6]
     print(f"\n## {dataset} ({mods}, {s['split']}, {seeds} seeds, n_test={m['n_test']}, "
-          f"{cfg.normalise} standardisation)")
+          f"{cfg.normalise} standardisation, depart_p {cfg.depart_p:g})")
     print("| head | accuracy | macro F1 | runs that kept the probe | fit s |\n|---|---|---|---|---|")
     print(f"| majority | {maj['accuracy']:.3f} | {maj['macro_f1']:.3f} | | |")
     print(f"| linear probe | {probe['accuracy']:.3f} | {probe['macro_f1']:.3f} | | |")
@@ -142,6 +143,8 @@ def main() -> None:
     ap.add_argument("--heads", default=",".join(HEADS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--normalise", default="global", help="global | speaker (FitConfig.normalise)")
+    ap.add_argument("--depart-p", type=float, default=0.05,
+                    help="FitConfig.depart_p (1: a head leaves its probe on any validation gain)")
     ap.add_argument("--extract-only", action="store_true")
     a = ap.parse_args()
     heads = [h for h in a.heads.split(",") if h]
@@ -157,7 +160,8 @@ def main() -> None:
         else:
             cache, dataset = a.work / "cache", extract(a.work)
         if not a.extract_only:
-            table(cache, dataset, heads, a.seeds, settings, a.work / "runs", normalise=a.normalise)
+            table(cache, dataset, heads, a.seeds, settings, a.work / "runs", normalise=a.normalise,
+                  depart_p=a.depart_p)
 
 
 if __name__ == "__main__":
