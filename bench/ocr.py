@@ -1,6 +1,6 @@
 """Bench the OCR stage on the real clips: seconds per sampled frame, skip rate, cues.
 
-    .venv/bin/python bench/ocr.py [--fps 2] [--threads 0] [clip.mp4 ...]
+    .venv/bin/python bench/ocr.py [--fps 2] [--threads 0] [--probe-scale S] [clip.mp4 ...]
 
 Each clip is decoded once (frames only) and read twice: with change detection (the stage's
 defaults) and without it (`change_threshold=0`, every frame OCR'd), so the table shows what
@@ -53,12 +53,12 @@ def _call_seconds(stage: RapidOcr, image, repeats: int = 3) -> tuple[float, floa
     return (time.perf_counter() - t0) / repeats, (time.process_time() - c0) / repeats
 
 
-def bench_clip(name: str, fps: float, base: RapidOcr, threads: int) -> None:
+def bench_clip(name: str, fps: float, base: RapidOcr, threads: int, **opts) -> None:
     media = decode_media(VIDEO / name, DecodeConfig(fps=fps), audio=False)
     eff = media.info.get("effective_fps")
     rows = []
     for label, cfg in (("skip", {}), ("all", {"change_threshold": 0.0})):
-        stage = _stage(base, threads=threads, **cfg)
+        stage = _stage(base, threads=threads, **opts, **cfg)
         cpu0 = time.process_time()
         r = stage.read_subtitles(media.frames, media.frame_times, media.duration, eff)
         cpu = (time.process_time() - cpu0) / max(1, r.n_frames)
@@ -88,7 +88,10 @@ def main() -> None:
     ap.add_argument("clips", nargs="*", default=CLIPS)
     ap.add_argument("--fps", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--probe-scale", type=float, default=None,
+                    help="ocr.probe_scale (default: the stage's; 1 = probes detected at full width)")
     args = ap.parse_args()
+    opts = {} if args.probe_scale is None else {"probe_scale": args.probe_scale}
     t0 = time.perf_counter()
     base = _stage(None, threads=args.threads)
     print(f"load: {time.perf_counter() - t0:.2f}s  models: {base.models()}")
@@ -96,7 +99,7 @@ def main() -> None:
         if not (VIDEO / name).exists():
             print(f"{name}: absent under {VIDEO}, skipped")
             continue
-        bench_clip(name, args.fps, base, args.threads)
+        bench_clip(name, args.fps, base, args.threads, **opts)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ import pytest
 
 # plan_extract("pin", preset="offline", PIN_OVERRIDES) on the media below. Was
 # pin-153c00377c0f9629 until the separate stage's repet backend went to version 2 (exact
-# k-nearest frames, long clips in blocks; 2026-11-30): every offline set is re-extracted once.
-KEY = "pin-4d151744796bd538"
+# k-nearest frames, long clips in blocks; 2026-11-30), then pin-4d151744796bd538 until the OCR
+# stage's config gained probe_scale (band probes detected at half width, 2026-11-30 later): a
+# stage version or a stage config default that changes moves the key, and every offline set
+# is re-extracted once.
+KEY = "pin-d96bb65c9a60543b"
 # The offline preset as it was when the pin was taken: features added since (the asr stage,
 # the `fer` visual backend) change the offline default's key on purpose, not this fixed config's.
 PIN_OVERRIDES = ["asr.backend=none", "visual.backend=face-geometry"]

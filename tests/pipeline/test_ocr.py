@@ -277,6 +277,38 @@ def test_synthetic_subtitles_logo_band_and_skipping(stage):
     _srt_round_trip(ctx)
 
 
+def test_probes_detect_at_half_width_find_the_same_lines_and_restore_the_detector(stage):
+    """probe_scale: the band probes' text detection runs at half width (a third of the cost)
+    and finds the same subtitle and logo lines; the detector's limit is back afterwards, also
+    when a read fails."""
+    media = _synthetic_media(["HELLO THERE"] * 3 + [None] + ["GOOD NIGHT"] * 3)
+    det = stage.engine._load_det_model()
+    full_limit = det.limit_side_len
+    lines = {}
+    for scale in (1.0, 0.5):
+        probe = RapidOcr({"probe_scale": scale})
+        probe.engine, probe._loaded = stage.engine, True
+        found = probe._probe(media.frames, 960)
+        lines[scale] = [[ln.text.upper() for ln in p] for p in found.values()]
+        assert det.limit_side_len == full_limit
+    assert lines[0.5] == lines[1.0], lines
+    assert any("HELLO THERE" in p for p in lines[0.5]) and any("NEWS CHANNEL" in p for p in lines[0.5])
+    seen = []
+    real_read = stage._read
+
+    def failing_read(image):
+        seen.append(det.limit_side_len)
+        raise RuntimeError("engine failed")
+
+    stage._read = failing_read
+    try:
+        with pytest.raises(RuntimeError):
+            stage._read_coarse(media.frames[0][200:], 0.5)
+    finally:
+        stage._read = real_read
+    assert seen == [480] and det.limit_side_len == full_limit
+
+
 def test_fixed_band_reads_only_that_band(stage):
     script = ["HELLO THERE"] * 3
     media = _synthetic_media(script)
