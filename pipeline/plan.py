@@ -106,18 +106,24 @@ class Plan:
         return self.preset.name
 
 
+MIN_UNITS = 8  # "auto" unit size: a small set is cut into at least this many units
+
+
 def resolve_unit_size(value: Any, n: int) -> int:
     """`store.unit_size`: clips per work unit (= per chunk file), or "auto".
 
-    "auto" is 32 clips for sets of up to 2,048 clips, 64 up to 4,096, and 128 beyond (the
-    size doubles while the set would still have more than 64 units). Small units keep a small set
-    spread over many workers and make resumption fine-grained; on a large set they make
-    thousands of small chunk files per array, and reading those, not decoding, becomes most of
-    a fit's set-up (10k clips: 3.2 s at 32 clips per chunk, 0.8 s at 128; BENCHMARKS.md).
-    Depends on n only, so the set key never depends on the number of workers.
+    "auto" cuts a set of up to 256 clips into at least MIN_UNITS units (n / 8 clips each,
+    rounded up: 6 clips are 6 units, 160 clips 8 units of 20), and is 32 clips up to 2,048
+    clips, 64 up to 4,096, and 128 beyond (the size doubles while the set would still have more
+    than 64 units). Small units keep a small set spread over many workers (a 6-video set was
+    one unit, and one of two workers did all of it) and make resumption fine-grained; on a
+    large set they make thousands of small chunk files per array, and reading those, not
+    decoding, becomes most of a fit's set-up (10k clips: 3.2 s at 32 clips per chunk, 0.8 s at
+    128; BENCHMARKS.md). Depends on n only, so the set key never depends on the number of
+    workers; the resolved size is part of the key (plan_extract).
     """
     if value == "auto":
-        size = 32
+        size = min(32, max(1, -(-n // MIN_UNITS)))
         while size < 128 and n > size * 64:
             size *= 2
         return size
@@ -199,6 +205,9 @@ def plan_extract(
         "stages": [s.provenance() for s in stages],
         # the tables as written (not the filled-in defaults), so keys of existing sets stay
         "store": {k: v for k, v in pre.data.get("store", {}).items()},
+        # the clips per unit "auto" resolved to: a set's chunking is fixed at creation, so a
+        # change of the auto rule must make a new set, never resume an old one unit-misaligned
+        "unit_size": layout.unit_size,
         "decode_run": pre.data.get("run", {}).get("clip_timeout"),
         "classes": info.get("classes"),
         "clips": [c.model_dump(mode="json") for c in clips],

@@ -21,10 +21,11 @@ import pytest
 # plan_extract("pin", preset="offline", PIN_OVERRIDES) on the media below. Was
 # pin-153c00377c0f9629 until the separate stage's repet backend went to version 2 (exact
 # k-nearest frames, long clips in blocks; 2026-11-30), then pin-4d151744796bd538 until the OCR
-# stage's config gained probe_scale (band probes detected at half width, 2026-11-30 later): a
-# stage version or a stage config default that changes moves the key, and every offline set
-# is re-extracted once.
-KEY = "pin-d96bb65c9a60543b"
+# stage's config gained probe_scale (band probes detected at half width, 2026-11-30 later), then
+# pin-d96bb65c9a60543b until the key recorded the resolved unit size (auto units: at least 8
+# per small set). A stage version, a stage config default or the chunking that changes moves
+# the key, and every offline set is re-extracted once.
+KEY = "pin-354efb5ee02290da"
 # The offline preset as it was when the pin was taken: features added since (the asr stage,
 # the `fer` visual backend) change the offline default's key on purpose, not this fixed config's.
 PIN_OVERRIDES = ["asr.backend=none", "visual.backend=face-geometry"]
@@ -110,7 +111,8 @@ def test_set_key_is_pinned(pinned):
 def test_unit_array_paths_shapes_and_dtypes(pinned):
     plan, _, _ = pinned
     assert plan.layout.unit_arrays() == UNIT_ARRAYS
-    assert plan.layout.to_json() == {"n": 3, "unit_size": 32, "compression": "blosc-lz4", "level": 3,
+    # "auto" cuts a 3-clip set into 3 units of one clip (at least 8 units, at least a clip each)
+    assert plan.layout.to_json() == {"n": 3, "unit_size": 1, "compression": "blosc-lz4", "level": 3,
                                      "inner_chunk": 128}
 
 
@@ -138,14 +140,14 @@ def test_created_set_files_and_attrs(pinned):
 
 def test_committed_unit_marker_and_ledger(pinned):
     _, _, fs = pinned
-    data = {rel: np.zeros(shape, dtype) for rel, (shape, dtype) in UNIT_ARRAYS.items()}
+    data = {rel: np.zeros((1, *shape[1:]), dtype) for rel, (shape, dtype) in UNIT_ARRAYS.items()}
     fail = [{"id": "c1", "stage": "audio", "error": "test"}]
-    marker = fs.commit_unit(0, data, failures=fail)
+    marker = fs.commit_unit(1, data, failures=fail)  # unit 1 = clip c1
     assert sorted(marker) == ["at", "by", "checksums", "n_failures", "start", "stop", "unit"]
-    assert (marker["unit"], marker["start"], marker["stop"], marker["n_failures"]) == (0, 0, 3, 1)
-    assert json.loads((fs.path / "units" / "0.done").read_text()) == marker
-    assert (fs.path / "ledger" / "0.jsonl").read_text().strip() == json.dumps(fail[0])
+    assert (marker["unit"], marker["start"], marker["stop"], marker["n_failures"]) == (1, 1, 2, 1)
+    assert json.loads((fs.path / "units" / "1.done").read_text()) == marker
+    assert (fs.path / "ledger" / "1.jsonl").read_text().strip() == json.dumps(fail[0])
     chunk_files = sorted(marker["checksums"])
-    assert chunk_files == sorted(f"{rel}/c/0" + "/0" * (len(shape) - 1) for rel, (shape, _) in UNIT_ARRAYS.items())
-    assert fs.done_units() == {0}
+    assert chunk_files == sorted(f"{rel}/c/1" + "/0" * (len(shape) - 1) for rel, (shape, _) in UNIT_ARRAYS.items())
+    assert fs.done_units() == {1}
     assert fs.failures() == fail

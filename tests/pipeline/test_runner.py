@@ -265,7 +265,9 @@ def test_presets_ship_with_the_package():
 def test_auto_unit_size_grows_with_the_set_and_never_with_the_workers() -> None:
     from pipeline.runner import resolve_unit_size
 
-    assert [resolve_unit_size("auto", n) for n in (1, 160, 1320, 2048)] == [32] * 4
+    # small sets: at least 8 units, so that every worker of a small run has work
+    assert [resolve_unit_size("auto", n) for n in (1, 6, 64, 160, 255, 256)] == [1, 1, 8, 20, 32, 32]
+    assert [resolve_unit_size("auto", n) for n in (257, 1320, 2048)] == [32] * 3
     assert [resolve_unit_size("auto", n) for n in (2049, 4096, 4097, 10_000, 150_000)] == [
         64, 64, 128, 128, 128]
     assert resolve_unit_size(7, 10_000) == 7  # an explicit size is kept
