@@ -371,9 +371,26 @@ def run_unit(task: UnitTask) -> UnitResult:
         store.release(claim)
 
 
+_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _limit_threads(n: int) -> None:
-    """torch's intra-op threads, and the budget other thread pools read (stages.base.worker_threads)."""
+    """The worker's thread budget for every pool in the process: torch's intra-op threads, the
+    BLAS / OpenMP pools already loaded (threadpoolctl: numpy's OpenBLAS, which librosa's
+    log-mel uses in the audio stage), their environment variables for libraries loaded later,
+    and the budget other pools read (stages.base.worker_threads: onnxruntime in OCR).
+
+    Without the BLAS limit, 2 workers on 2 cores each ran a 2-thread OpenBLAS pool: the audio
+    stage took 128 ms per clip instead of 65 (BENCHMARKS.md "scaling")."""
     os.environ[WORKER_THREADS_ENV] = str(n)
+    for var in _BLAS_ENV:
+        os.environ[var] = str(n)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=n)  # stays in force for the life of the worker process
+    except Exception:  # noqa: BLE001 - a missing or odd pool only costs speed
+        pass
     try:
         import torch
 

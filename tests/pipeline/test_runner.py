@@ -279,3 +279,26 @@ def test_auto_unit_size_grows_with_the_set_and_never_with_the_workers() -> None:
     for preset in ("offline", "full"):  # the shipped presets use it, unsharded up to 128
         st = tomllib.loads((REPO / "pipeline" / "presets" / f"{preset}.toml").read_text())["store"]
         assert st["unit_size"] == "auto" and st["inner_chunk"] >= 128
+
+
+def test_a_workers_thread_budget_reaches_the_blas_pools() -> None:
+    """_limit_threads(1) in a worker limits torch, numpy's OpenBLAS (already loaded) and the
+    variables read by pools loaded later: with 2 workers on 2 cores, each worker's 2-thread
+    OpenBLAS doubled the audio stage's time (BENCHMARKS.md, scaling)."""
+    code = (
+        "import numpy, json, os, torch\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from pipeline.runner import _limit_threads\n"
+        "_limit_threads(1)\n"
+        "print(json.dumps({'blas': [p['num_threads'] for p in threadpool_info()\n"
+        "                            if p['user_api'] == 'blas'],\n"
+        "                  'torch': torch.get_num_threads(),\n"
+        "                  'env': [os.environ[v] for v in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS')]}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["blas"] and set(got["blas"]) == {1}, got
+    assert got["torch"] == 1 and got["env"] == ["1", "1"], got
