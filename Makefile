@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MMEMO_CACHE ?= cache
 
-.PHONY: venv demo test lint bench bench-quick bench-long clean-demo
+.PHONY: venv demo test lint bench bench-quick bench-long bench-scaling clean-demo
 
 venv: $(STAMP)
 
@@ -59,6 +59,10 @@ bench-quick: $(STAMP)
 # one worker on a 10-minute 1080p video: peak memory and stage times (about 7 min; not in bench)
 bench-long: $(STAMP)
 	$(BIN)/python bench/long_video.py
+
+# 1 pinned worker vs 2 workers on 256 synthetic clips, the issue-16 scaling figure (about 3.5 min; not in bench)
+bench-scaling: $(STAMP)
+	MMEMO_THREADS=1 $(BIN)/python bench/scaling.py --n 256
 
 clean-demo:
 	rm -rf $(DEMO) runs/demo*
