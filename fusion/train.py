@@ -380,9 +380,9 @@ class _Trainer:
         state that followed; training it is the same as building one here. `start` (the fold's
         fitted probe and feature statistics) sets a head's linear path before training
         (fusion/heads/linear.py); that state is then scored as epoch 0 and kept unless a later
-        epoch beats it on validation with a permutation p-value ≤ cfg.depart_p (departure_p). Gradients are switched on explicitly: a library that
-        turned them off globally in this process (an encoder loaded by `mmemo predict`, say)
-        must not break training.
+        epoch beats it on validation with a permutation p-value ≤ cfg.depart_p (departure_p).
+        Gradients are switched on explicitly: a library that turned them off globally in this
+        process (an encoder loaded by `mmemo predict`, say) must not break training.
         """
         with torch.enable_grad():
             return self._run(data, f, task, seed, fold, logs, fresh, start)
