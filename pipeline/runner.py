@@ -602,6 +602,7 @@ def run_extract(
 
     said: dict[int, tuple[str, float]] = {}
     rounds = 0
+    results: Any = None
     try:
         while pending:
             tasks = unit_tasks(plan, store.root, pending, batch_size, lease, threads, force=force,
@@ -632,9 +633,16 @@ def run_extract(
             rounds += 1
             time.sleep(min(5.0, 0.2 * rounds))  # another worker holds them: wait for it or its lease
     except KeyboardInterrupt:
+        # a Ctrl-C that lands outside the executor's generator (progress, settle, _flush) must
+        # stop the workers now too: left to garbage collection, the pool ran on until exit and
+        # the interrupted run took 10 s to stop (seen in a CI run)
+        if results is not None:
+            results.close()
         summary.seconds = time.perf_counter() - t0
         raise Interrupted(summary, len(fs.done_units())) from None
     finally:
+        if results is not None:
+            results.close()  # a generator that finished or was closed: nothing to do
         stop_drain.set()
         if drain is not None:
             drain.join(timeout=2)
@@ -662,13 +670,16 @@ def _flush(pq: Any, drain: threading.Thread) -> None:
 def _stop_pool(ex: cf.ProcessPoolExecutor) -> None:
     """Ctrl-C: cancel queued units and stop the running ones now. A killed worker's claim
     names a pid that is gone, so the next run on this host takes its unit over at once."""
+    # the worker processes, taken before shutdown: shutdown() drops the executor's reference to
+    # them, and the loops below then terminated nothing (the pool ran its queue to the end)
+    procs = list((getattr(ex, "_processes", None) or {}).values())
     ex.shutdown(wait=False, cancel_futures=True)
-    for proc in list((getattr(ex, "_processes", None) or {}).values()):
+    for proc in procs:
         try:
             proc.terminate()
         except Exception:  # noqa: BLE001
             pass
-    for proc in list((getattr(ex, "_processes", None) or {}).values()):
+    for proc in procs:
         try:
             proc.join(timeout=3)
         except Exception:  # noqa: BLE001

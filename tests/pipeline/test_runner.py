@@ -302,3 +302,34 @@ def test_a_workers_thread_budget_reaches_the_blas_pools() -> None:
     got = json.loads(out.stdout.splitlines()[-1])
     assert got["blas"] and set(got["blas"]) == {1}, got
     assert got["torch"] == 1 and got["env"] == ["1", "1"], got
+
+
+def test_ctrl_c_outside_the_worker_pool_still_stops_the_workers_at_once(tmp_path) -> None:
+    """A Ctrl-C that lands while the main process updates progress (outside the executor's
+    generator) stops the worker processes there and then: before, the pool ran on until the
+    interpreter exited, and an interrupted `mmemo extract` took 10 s to stop."""
+    import psutil
+
+    from pipeline.runner import Interrupted
+    from tests.pipeline.test_cache_concurrency import Toy
+
+    toy = Toy(tmp_path, n=40)  # the cheap preset: 40 one-clip units
+    plan = toy.plan()
+    cache = tmp_path / "cache"
+
+    def progress(res, n_clips: int) -> None:
+        raise KeyboardInterrupt  # as if the signal arrived while the progress line was drawn
+
+    with pytest.raises(Interrupted) as caught:  # keeps the traceback (and run_extract's frame)
+        run_extract(plan, cache=cache, workers=2, executor="process", progress=progress)
+    kept = caught.value.units_kept
+    assert 1 <= kept < plan.layout.n_units
+
+    def workers() -> list:  # multiprocessing's resource tracker lives as long as this process
+        return [p for p in psutil.Process().children(recursive=True)
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                and "resource_tracker" not in " ".join(p.cmdline())]
+
+    assert not workers()
+    time.sleep(3)
+    assert len(Store(cache).open(plan.key).done_units()) == kept  # nothing committed since
