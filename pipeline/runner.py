@@ -634,8 +634,7 @@ def run_extract(
             time.sleep(min(5.0, 0.2 * rounds))  # another worker holds them: wait for it or its lease
     except KeyboardInterrupt:
         # a Ctrl-C that lands outside the executor's generator (progress, settle, _flush) must
-        # stop the workers now too: left to garbage collection, the pool ran on until exit and
-        # the interrupted run took 10 s to stop (seen in a CI run)
+        # stop the workers now too: left to garbage collection, the pool ran on until exit
         if results is not None:
             results.close()
         summary.seconds = time.perf_counter() - t0

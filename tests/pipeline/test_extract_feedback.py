@@ -110,13 +110,15 @@ def test_progress_every_must_be_a_positive_number(toy, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_keeps_finished_units_and_says_how_to_resume(tmp_path):
     (tmp_path / "big").mkdir()
-    # 96 one-clip units: after the workers' start-up the toy clips take a few seconds in all, and
-    # with 48 a busy machine once let the whole run finish between "2 units done" and the SIGINT
-    big = Toy(tmp_path / "big", n=96)
+    big = Toy(tmp_path / "big", n=48)
     cache = tmp_path / "cache"
+    # SIGINT back to its default in the child, as in a terminal: a test suite started as a
+    # background job (`make test &`, nohup) runs with SIGINT ignored, the child inherits that,
+    # and the run then finished untouched (rc 0), which looked like a lost Ctrl-C
     proc = subprocess.Popen([MMEMO, *_extract_args(big, cache)], cwd=big.base,
                             env={**_env(), "MMEMO_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     units = lambda: [p for p in cache.glob("sets/*/units/*.done") if p.name != "header.done"]  # noqa: E731
     t0 = time.time()
     while len(units()) < 2 and time.time() - t0 < 300 and proc.poll() is None:
@@ -124,27 +126,18 @@ def test_ctrl_c_stops_keeps_finished_units_and_says_how_to_resume(tmp_path):
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     t_int = time.time()
-    # Ctrl-C again after 4 s if it still runs, as a person would (a stop takes 1.5-3 s): in 2 of
-    # about 10 full-suite runs the first SIGINT had no effect at all (the run finished, exit 0),
-    # which neither a run alone nor one under CPU load reproduced (an open question, not a fix)
-    out = None
-    while out is None:
-        try:
-            out = proc.communicate(timeout=4)[0]
-        except subprocess.TimeoutExpired:
-            assert time.time() - t_int < 60, "Ctrl-C did not stop the run"
-            proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
     assert time.time() - t_int < 10, f"took {time.time() - t_int:.1f} s to stop"
     assert proc.returncode == 130, out
     kept = {p.name: p.stat().st_mtime_ns for p in units()}
-    assert 2 <= len(kept) < 96
+    assert 2 <= len(kept) < 48
     said = [ln for ln in out.splitlines() if ln.startswith("interrupted:")]
     assert len(said) == 1 and "run the same `mmemo extract --dataset toy" in said[0] and "resume" in said[0], out
-    assert f"{len(kept)} of 96 units finished and kept" in said[0]
+    assert f"{len(kept)} of 48 units finished and kept" in said[0]
     assert "Traceback" not in out
     # the rerun resumes: finished units are kept as they are, the rest is done
     again = _mmemo(_extract_args(big, cache), big.base)
-    assert again.returncode == 0 and _units_done_now(again.stdout) == 96 - len(kept), again.stdout
+    assert again.returncode == 0 and _units_done_now(again.stdout) == 48 - len(kept), again.stdout
     assert all(p.stat().st_mtime_ns == kept[p.name] for p in units() if p.name in kept)
     assert cachetools.verify(cache)[0].clean
     assert not list(cache.glob("claims/*/*.claim"))

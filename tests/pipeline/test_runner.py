@@ -307,7 +307,7 @@ def test_a_workers_thread_budget_reaches_the_blas_pools() -> None:
 def test_ctrl_c_outside_the_worker_pool_still_stops_the_workers_at_once(tmp_path) -> None:
     """A Ctrl-C that lands while the main process updates progress (outside the executor's
     generator) stops the worker processes there and then: before, the pool ran on until the
-    interpreter exited, and an interrupted `mmemo extract` took 10 s to stop."""
+    interpreter exited (and _stop_pool, reading the processes after shutdown, stopped none)."""
     import psutil
 
     from pipeline.runner import Interrupted
