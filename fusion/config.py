@@ -50,7 +50,7 @@ class FitConfig:
     # validation as epoch 0 (fusion/heads/linear.py); False: from zero
     warm_start: bool = True
     # a warm-started head leaves its probe (epoch 0) only for an epoch whose validation gain
-    # on the selection metric has a paired permutation p-value at most this (train.departs);
+    # on the selection metric has a paired permutation p-value at most this (train.departure_p);
     # 1.0: any gain, as before this setting existed
     depart_p: float = 0.05
     # "speaker": each speaker's rows first standardised by that speaker's own statistics

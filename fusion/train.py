@@ -352,16 +352,14 @@ class _Trainer:
                 terms.append(loss_fn(self._out(v)[p], y[p]))
         return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
 
-    def _val_score(self, pred: Tensor, y: np.ndarray) -> float:
-        """Early-stopping score, higher is better: the selection metric (the protocol's
-        headline; macro F1 / MAE by default), negated when lower is better."""
-        return self._score(self._decided(pred), y)
-
     def _decided(self, pred: Tensor) -> np.ndarray:
         """Per-row predictions the metrics read: class ids, or the regression values."""
         return (pred.argmax(-1) if self.task.kind == "classification" else pred).cpu().numpy()
 
     def _score(self, p: np.ndarray, y: np.ndarray) -> float:
+        """Early-stopping score of per-row predictions (_decided), higher is better: the
+        selection metric (the protocol's headline; macro F1 / MAE by default), negated when
+        lower is better."""
         if self.task.kind == "classification":
             m = M.classification_metrics(y, p, self.task.n_out)
         else:
@@ -396,12 +394,13 @@ class _Trainer:
         pt, _ = self.predict(model, data, f.train)  # predict runs without gradients
         pv, _ = self.predict(model, data, f.val)
         train_loss, val_loss = float(loss_fn(pt, yt)), float(loss_fn(pv, yv))
-        score = self._val_score(pv, y_va)
+        decided = self._decided(pv)
+        score = self._score(decided, y_va)
         entry = {"seed": seed, "fold": fold, "epoch": 0, "train_loss": round(train_loss, 6),
                  "val_loss": round(val_loss, 6),
                  "val_metric": round(selection_score(self.select, score), 6),
                  "epoch_s": round(time.perf_counter() - t0, 4)}
-        return entry, score, val_loss, self._decided(pv)
+        return entry, score, val_loss, decided
 
     def _run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict],
              fresh: tuple[FusionHead, Tensor] | None = None,
@@ -454,7 +453,8 @@ class _Trainer:
                 total += float(loss.detach()) * len(sel)
             pv, _ = self.predict(model, data, f.val)
             val_loss = float(loss_fn(pv, yv))
-            score = self._val_score(pv, y_va)
+            decided = self._decided(pv)
+            score = self._score(decided, y_va)
             logs.append({"seed": seed, "fold": fold, "epoch": epoch,
                          "train_loss": round(total / n, 6), "val_loss": round(val_loss, 6),
                          "val_metric": round(selection_score(self.select, score), 6),
@@ -470,7 +470,7 @@ class _Trainer:
                 # leaving the probe needs a gain that random row swaps rarely give: on a
                 # 20-row validation fold one or two rows are noise (the demo's heads left
                 # the probe on such gains in 7 of 15 runs and lost 0.013-0.015 on test)
-                better = departure_p(self._decided(pv), probe_val,
+                better = departure_p(decided, probe_val,
                                      lambda p: self._score(p, y_va), seed) <= self.cfg.depart_p
             if better or (not at_probe and abs(score - best_score) <= 1e-4
                           and val_loss < best_loss - loss_min_delta(best_loss)):

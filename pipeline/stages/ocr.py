@@ -54,8 +54,8 @@ class OcrConfig(StageConfig):
     band: Literal["auto"] | tuple[float, float] = "auto"
     search_from: float = Field(0.5, ge=0.0, lt=1.0)  # auto: look for the band below this
     probe_frames: int = Field(6, ge=1)  # auto: at most this many frames OCR'd to find the band
-    # auto: the text detector sees the probe frames at this fraction of their width (the band is
-    # then read at full detector resolution). Probes only place the band and spot logos; at 0.5
+    # auto: the text detector sees the probe crops at this fraction of their longest side (the
+    # band is then read at full detector resolution). Probes only place the band and spot logos; at 0.5
     # they found the same lines on the real and synthetic clips at a third of the cost (BENCHMARKS)
     probe_scale: float = Field(0.5, gt=0.0, le=1.0)
     # a box centred in the outer `edge_margin` of the width is a corner logo or watermark
@@ -440,8 +440,9 @@ class SubtitleOcr(Stage):
         raise NotImplementedError
 
     def _read_coarse(self, image: np.ndarray, scale: float) -> list[TextBox]:
-        """Like _read, with text detection at `scale` of the image's width where the backend
-        can (recognition still reads the full-resolution boxes); by default a plain _read."""
+        """Like _read, with text detection at `scale` of the image's longest side where the
+        backend can (recognition still reads the full-resolution boxes); by default a plain
+        _read."""
         return self._read(image)
 
     @property
