@@ -397,13 +397,28 @@ def _f32(x: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).numpy()
 
 
+_FINITE_STEP = 1 << 20  # float16 values per block of the exponent test
+
+
 def _all_finite(x: np.ndarray) -> bool:
     """True when every value is finite: float16 by its exponent bits, wider floats by one
-    reduction (NaN/Inf propagate through a sum; float16-range values cannot overflow it)."""
+    reduction (NaN/Inf propagate through a sum; float16-range values cannot overflow it).
+
+    The float16 test runs block by block through one small scratch buffer: a whole-array
+    temporary (2 bytes per value) is fresh memory, and a fresh process pays its page faults at
+    about 0.3 GB/s here: 2.3 s of a 10k-clip fit's set-up, against 0.06 s in blocks."""
     if not x.size:
         return True
     if x.dtype == np.float16:  # exponent bits all ones <=> inf / nan; no float conversion
-        return not bool(((np.ascontiguousarray(x).view(np.uint16) & 0x7C00) == 0x7C00).any())
+        flat = np.ascontiguousarray(x).reshape(-1).view(np.uint16)
+        tmp = np.empty(min(_FINITE_STEP, flat.size), dtype=np.uint16)
+        for s in range(0, flat.size, _FINITE_STEP):
+            block = flat[s:s + _FINITE_STEP]
+            part = tmp[:len(block)]
+            np.bitwise_and(block, np.uint16(0x7C00), out=part)
+            if part.max() == 0x7C00:
+                return False
+        return True
     return bool(torch.isfinite(torch.from_numpy(x).sum(dtype=torch.float32)))
 
 

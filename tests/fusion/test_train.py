@@ -351,6 +351,12 @@ def test_finite_check_does_not_overflow_on_large_float16_sums() -> None:
     assert not _all_finite(big)
     big[3, 5, 7] = np.inf
     assert not _all_finite(big) and not _all_finite(-big)
+    # the float16 test reads in blocks: a bad value in the last, partial block counts too
+    odd = np.zeros(3 * (1 << 20) + 5, dtype=np.float16)
+    assert _all_finite(odd)
+    odd[-1] = -np.inf
+    assert not _all_finite(odd)
+    assert _all_finite(odd[:-1]) and not _all_finite(odd[::-1][::2])  # views, strided
 
 
 def test_token_head_fit_prepares_once_and_learns(signal_cache: Path, tmp_path: Path) -> None:
