@@ -9,6 +9,7 @@ extraction: audio resampled to 16 kHz, silero-vad speech segments, one utterance
     python bench/asr.py                       # the offline preset's settings
     python bench/asr.py --set decode=whole    # any asr config key (TOML literal values)
     python bench/asr.py --set vad_pad_ms=400 --set beam=1e-60
+    python bench/asr.py --data ../shared/data/ravdess-av-actor05/original/audio  # held out
 
 Prints per-clip hypotheses (with -v), the mean WER beside the goal (<= 0.4) and seconds.
 """
@@ -53,7 +54,9 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], help="asr config key=value")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
-    files = sorted(args.data.glob("Actor_*/*.wav"))
+    # the speech set's Actor_NN folders, or a folder of RAVDESS wavs (the held-out actor-05
+    # takes: --data ../shared/data/ravdess-av-actor05/original/audio)
+    files = sorted(args.data.glob("Actor_*/*.wav")) or sorted(args.data.glob("03-*.wav"))
     if not files:
         print(f"error: no RAVDESS clips under {args.data}", file=sys.stderr)
         return 2
