@@ -7,6 +7,16 @@ Builds the synthetic sample (or, with --real, a folder dataset over ../shared/da
 times a full `run_extract` into a fresh cache, then times decode alone over the same clips
 (the floor: no stage can make extraction faster than reading the media). Prints per-stage
 seconds too, so the slow stage is obvious.
+
+Then checks the quality of what the timed run wrote, so a speed lever that costs quality
+shows in the same output:
+- real videos: the OCR reference cues (film_zh_subs against its .reference.srt, anime's
+  "I've decided, Rem." without its watermark, the bilingual cue's "grocery ... milk") and the
+  face coverage of the two clips whose coverage the tests pin (tests/pipeline/test_ocr.py and
+  test_faces.py hold the same floors);
+- synthetic clips: each clip's OCR text against the subtitle it was rendered with, face
+  coverage, and an `early` fit of all modalities (5-fold, 3 seeds) beside the majority class and
+  the linear probe on the same rows.
 """
 
 from __future__ import annotations
@@ -25,8 +35,13 @@ from pipeline.manifest import load_dataset  # noqa: E402
 from pipeline.recipes import RECIPES  # noqa: E402
 from pipeline.runner import plan_extract, run_extract  # noqa: E402
 from pipeline.stages.decode import DecodeConfig, decode_media  # noqa: E402
+from pipeline.stages.ocr import similarity  # noqa: E402
+from pipeline.stages.visual import POOL_EXTRA  # noqa: E402
 
 GOAL_RT = 6.0  # issue 16: media-seconds per wall-second with 2 workers on the 2-core machine
+OCR_FLOOR = 0.8  # cue similarity floor of the OCR reference tests
+# face coverage the face tests pin for two real clips (share of sampled frames with the main face)
+FACE_RANGES = {"ugc_face_zh_subs": (0.4, 0.7), "portrait_laugh_ru_caption": (0.2, 1.0)}
 REAL = Path(os.environ.get("MMEMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "video"
 
 
@@ -104,6 +119,8 @@ def main() -> None:
         summary = run_extract(plan, cache=tmp / "cache", workers=args.workers, progress=unit_back,
                               executor=args.executor)
         t_full = time.perf_counter() - t0
+        say("quality checks on what the run wrote ...")
+        checks = quality(tmp / "cache", name, root, args.real, tmp / "runs")
 
     n = len(clips)
     print(f"dataset: {name} ({n} clips, {media_s:.1f} s of media), preset {args.preset}, "
@@ -126,6 +143,95 @@ def main() -> None:
           f"({args.workers} worker(s)) -> {'HOLDS' if rt >= GOAL_RT and args.workers <= 2 else 'does NOT hold'}")
     print(f"goal no stage above 40 % of the time: largest {top} {top_s / total:.0%} -> "
           f"{'HOLDS' if top_s / total <= 0.40 else 'does NOT hold'}")
+    print("quality of the timed run's output (a lever must leave these unchanged):")
+    for line, ok in checks:
+        print(f"  {line}" + ("" if ok is None else f" -> {'ok' if ok else 'BELOW'}"))
+    if any(ok is False for _, ok in checks):
+        print("quality: does NOT hold (a check is below its floor)")
+    else:
+        print("quality: holds (every check at or above its floor)")
+
+
+def _cue_texts(cache: Path, key: str, clip_id: str) -> list[tuple[float, float, str]]:
+    """The OCR cues the run wrote for one clip: (start s, end s, text)."""
+    import srt
+
+    from pipeline import cacheformat as cf
+
+    path = cf.srt_file(cache, key, clip_id, "ocr")
+    if not path.is_file():
+        return []
+    return [(c.start.total_seconds(), c.end.total_seconds(), c.content)
+            for c in srt.parse(path.read_text(encoding="utf-8"))]
+
+
+def _reference_srt(path: Path) -> list[str]:
+    """The reference cue texts (the file writes the hour as `0:`; srt wants two digits)."""
+    import re
+
+    import srt
+
+    text = re.sub(r"(?m)(^|--> )(\d):", r"\g<1>0\2:", path.read_text(encoding="utf-8-sig"))
+    return [c.content.strip() for c in srt.parse(text)]
+
+
+def quality(cache: Path, name: str, root: Path, real: bool, runs: Path) -> list[tuple[str, bool | None]]:
+    """(line, ok) per check; ok None for a figure printed without a floor."""
+    import numpy as np
+
+    from pipeline import cacheformat as cf
+
+    fs = cf.open_set(cache, name)
+    ids = [str(i) for i in fs.ids]
+    coverage = dict(zip(ids, fs.pooled("visual")[:, -POOL_EXTRA].tolist(), strict=True))
+    out: list[tuple[str, bool | None]] = []
+    if real:
+        cues = {i: _cue_texts(cache, fs.key, i) for i in ids}
+        ref = _reference_srt(REAL / "film_zh_subs.reference.srt")
+        got = [t for *_, t in cues.get("film_zh_subs", [])]
+        per_cue = float(np.mean([max((similarity(g, r) for g in got), default=0.0) for r in ref]))
+        out.append((f"OCR film_zh_subs: {len(got)} cues for {len(ref)} reference cues, best-match "
+                    f"similarity {per_cue:.2f} (floor {OCR_FLOOR})",
+                    len(got) == len(ref) and per_cue >= OCR_FLOOR))
+        flat = ["".join(t.split()).lower() for *_, t in cues.get("anime_en_subs", [])]
+        found = any("decided" in t and "rem" in t for t in flat)
+        mark = any("yami" in t or "sukehiro" in t for t in flat)
+        out.append((f"OCR anime_en_subs: \"I've decided, Rem.\" {'found' if found else 'MISSING'}, "
+                    f"watermark {'read as a cue' if mark else 'left out'}", found and not mark))
+        text = "\n".join(t for *_, t in cues.get("film_bilingual_subs", [])).lower()
+        both = "grocery" in text and "milk" in text
+        out.append((f"OCR film_bilingual_subs: English line {'found' if both else 'MISSING'}", both))
+        for clip, (lo, hi) in FACE_RANGES.items():
+            c = coverage.get(clip, float("nan"))
+            out.append((f"face coverage {clip}: {c:.2f} (range {lo}-{hi})", lo <= c <= hi))
+        rest = ", ".join(f"{i} {c:.2f}" for i, c in sorted(coverage.items()) if i not in FACE_RANGES)
+        out.append((f"face coverage, other clips (no floor): {rest}", None))
+        return out
+
+    import csv
+
+    with open(root / "labels.csv", encoding="utf-8") as f:
+        said = {r["id"]: r["text"] for r in csv.DictReader(f)}
+    sims = [similarity(" ".join(t for *_, t in _cue_texts(cache, fs.key, i)), said[i]) for i in ids]
+    out.append((f"OCR: each clip's cues against the subtitle it was rendered with: mean similarity "
+                f"{np.mean(sims):.3f}, {sum(s >= OCR_FLOOR for s in sims)}/{len(sims)} clips at or "
+                f"above {OCR_FLOOR}", float(np.mean(sims)) >= OCR_FLOOR))
+    cov = np.array(list(coverage.values()))
+    out.append((f"face coverage: mean {cov.mean():.2f}, lowest {cov.min():.2f} (every clip shows a "
+                "face throughout; floor 0.9 on the mean)", float(cov.mean()) >= 0.9))
+    if len(ids) < 20:
+        out.append((f"fit check not run: {len(ids)} clips (it needs 20 for a 5-fold split)", None))
+        return out
+    from fusion.train import fit
+
+    m = fit(cache, name, "early", ["audio", "text", "visual"], split="kfold", folds=5, seeds=3,
+            runs_dir=runs, name="quality").metrics
+    maj, probe = m["majority_baseline"]["accuracy"], m["linear_probe"]["accuracy"]
+    out.append((f"fit early, all modalities, 5-fold, 3 seeds, n_test {m['n_test']}: accuracy "
+                f"{m['accuracy']:.3f} (majority {maj:.3f}, linear probe {probe:.3f}; floor: above "
+                "the majority class and at least the probe - 0.02)",
+                m["accuracy"] > maj and m["accuracy"] >= probe - 0.02))
+    return out
 
 
 if __name__ == "__main__":
