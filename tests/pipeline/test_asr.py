@@ -64,6 +64,15 @@ def test_pocketsphinx_recognises_real_ravdess_speech(sphinx: PocketSphinxAsr) ->
     assert hits >= 6, "fewer than 6 of the 18 reference words recognised over three clips"
 
 
+def test_pocketsphinx_search_knobs_reach_the_decoder(sphinx: PocketSphinxAsr) -> None:
+    # the measured default (BENCHMARKS "A cap on active HMMs per frame"), and an override
+    assert sphinx._decoder.config["maxhmmpf"] == 3000
+    wide = PocketSphinxAsr({"maxhmmpf": 30000, "beam": 1e-60})
+    wide.ensure_loaded()
+    assert wide._decoder.config["maxhmmpf"] == 30000
+    assert wide._decoder.config["beam"] == pytest.approx(1e-60)
+
+
 def test_vocals_are_preferred_and_resampled(sphinx: PocketSphinxAsr) -> None:
     audio, sr = _wav(shared_path("ravdess-speech", "Actor_01", "03-01-01-01-01-01-01.wav"))
     silent_mix = np.zeros_like(audio)
