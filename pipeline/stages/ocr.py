@@ -638,6 +638,13 @@ class RapidOcr(SubtitleOcr):
                     "or use ocr.lang 'ch' (Chinese/English/Japanese/Latin, shipped in the wheel)"
                 )
         self.engine = RapidOCR(params=self._params())
+        # one detection and one recognition on blank images: onnxruntime's first run of a
+        # session sets up its buffers (about 0.2 s here), which start-up pays instead of the
+        # first clip's OCR time. rapidocr keeps use_det / use_rec from call to call, so the
+        # detection call comes last and sets both back, and _read names them on every call.
+        blank = np.zeros((64, 320, 3), dtype=np.uint8)
+        self.engine(blank[:48], use_det=False, use_cls=False, use_rec=True)
+        self.engine(blank, use_det=True, use_cls=False, use_rec=True)
 
     def models(self) -> list[dict[str, str]]:
         files = self._model_files()
@@ -662,7 +669,8 @@ class RapidOcr(SubtitleOcr):
 
     def _read(self, image: np.ndarray) -> list[TextBox]:
         # rapidocr treats ndarrays as BGR (OpenCV order); our frames are RGB
-        out = self.engine(np.ascontiguousarray(image[:, :, ::-1]), use_cls=False, text_score=0.0)
+        out = self.engine(np.ascontiguousarray(image[:, :, ::-1]), use_det=True, use_cls=False,
+                          use_rec=True, text_score=0.0)
         if getattr(out, "txts", None) is None or getattr(out, "boxes", None) is None:
             return []
         return _boxes_from(out.boxes, out.txts, out.scores)

@@ -230,6 +230,13 @@ class _MaskSeparation(Stage):
     version: ClassVar[str] = "1"
     separate: ClassVar[Any]
 
+    def load(self) -> None:
+        # librosa imports its submodules on first use (scipy.signal and more: 0.9-2.9 s here);
+        # touch them now, so that start-up pays this once instead of the first clip's
+        # separation time
+        _ = (librosa.stft, librosa.istft, librosa.fft_frequencies, librosa.util.softmask,
+             librosa.decompose.hpss)
+
     def process_one(self, ctx: ClipContext) -> None:
         got = _clip_audio(ctx)
         if got is None:
