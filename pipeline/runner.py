@@ -634,7 +634,9 @@ def run_extract(
             time.sleep(min(5.0, 0.2 * rounds))  # another worker holds them: wait for it or its lease
     except KeyboardInterrupt:
         # a Ctrl-C that lands outside the executor's generator (progress, settle, _flush) must
-        # stop the workers now too: left to garbage collection, the pool ran on until exit
+        # stop the workers now too: left to garbage collection, the pool ran on until exit.
+        # Closed here, not only in `finally`: the units kept are counted below, and a worker
+        # still running could commit one more after the count
         if results is not None:
             results.close()
         summary.seconds = time.perf_counter() - t0
