@@ -152,8 +152,8 @@ def main() -> None:
         print("quality: holds (every check at or above its floor)")
 
 
-def _cue_texts(cache: Path, key: str, clip_id: str) -> list[tuple[float, float, str]]:
-    """The OCR cues the run wrote for one clip: (start s, end s, text)."""
+def _cue_texts(cache: Path, key: str, clip_id: str) -> list[str]:
+    """The texts of the OCR cues the run wrote for one clip, in time order."""
     import srt
 
     from pipeline import cacheformat as cf
@@ -161,8 +161,7 @@ def _cue_texts(cache: Path, key: str, clip_id: str) -> list[tuple[float, float, 
     path = cf.srt_file(cache, key, clip_id, "ocr")
     if not path.is_file():
         return []
-    return [(c.start.total_seconds(), c.end.total_seconds(), c.content)
-            for c in srt.parse(path.read_text(encoding="utf-8"))]
+    return [c.content for c in srt.parse(path.read_text(encoding="utf-8"))]
 
 
 def _reference_srt(path: Path) -> list[str]:
@@ -188,17 +187,17 @@ def quality(cache: Path, name: str, root: Path, real: bool, runs: Path) -> list[
     if real:
         cues = {i: _cue_texts(cache, fs.key, i) for i in ids}
         ref = _reference_srt(REAL / "film_zh_subs.reference.srt")
-        got = [t for *_, t in cues.get("film_zh_subs", [])]
+        got = cues.get("film_zh_subs", [])
         per_cue = float(np.mean([max((similarity(g, r) for g in got), default=0.0) for r in ref]))
         out.append((f"OCR film_zh_subs: {len(got)} cues for {len(ref)} reference cues, best-match "
                     f"similarity {per_cue:.2f} (floor {OCR_FLOOR})",
                     len(got) == len(ref) and per_cue >= OCR_FLOOR))
-        flat = ["".join(t.split()).lower() for *_, t in cues.get("anime_en_subs", [])]
+        flat = ["".join(t.split()).lower() for t in cues.get("anime_en_subs", [])]
         found = any("decided" in t and "rem" in t for t in flat)
         mark = any("yami" in t or "sukehiro" in t for t in flat)
         out.append((f"OCR anime_en_subs: \"I've decided, Rem.\" {'found' if found else 'MISSING'}, "
                     f"watermark {'read as a cue' if mark else 'left out'}", found and not mark))
-        text = "\n".join(t for *_, t in cues.get("film_bilingual_subs", [])).lower()
+        text = "\n".join(cues.get("film_bilingual_subs", [])).lower()
         both = "grocery" in text and "milk" in text
         out.append((f"OCR film_bilingual_subs: English line {'found' if both else 'MISSING'}", both))
         for clip, (lo, hi) in FACE_RANGES.items():
@@ -212,7 +211,7 @@ def quality(cache: Path, name: str, root: Path, real: bool, runs: Path) -> list[
 
     with open(root / "labels.csv", encoding="utf-8") as f:
         said = {r["id"]: r["text"] for r in csv.DictReader(f)}
-    sims = [similarity(" ".join(t for *_, t in _cue_texts(cache, fs.key, i)), said[i]) for i in ids]
+    sims = [similarity(" ".join(_cue_texts(cache, fs.key, i)), said[i]) for i in ids]
     out.append((f"OCR: each clip's cues against the subtitle it was rendered with: mean similarity "
                 f"{np.mean(sims):.3f}, {sum(s >= OCR_FLOOR for s in sims)}/{len(sims)} clips at or "
                 f"above {OCR_FLOOR}", float(np.mean(sims)) >= OCR_FLOOR))
