@@ -57,7 +57,7 @@ def bench_clip(name: str, fps: float, base: RapidOcr, threads: int, **opts) -> N
     media = decode_media(VIDEO / name, DecodeConfig(fps=fps), audio=False)
     eff = media.info.get("effective_fps")
     rows = []
-    for label, cfg in (("skip", {}), ("all", {"change_threshold": 0.0})):
+    for label, cfg in (("skip", {}), ("all", {"change_threshold": 0.0, "blank_cover": 0.0})):
         stage = _stage(base, threads=threads, **opts, **cfg)
         cpu0 = time.process_time()
         r = stage.read_subtitles(media.frames, media.frame_times, media.duration, eff)
@@ -65,7 +65,7 @@ def bench_clip(name: str, fps: float, base: RapidOcr, threads: int, **opts) -> N
         rows.append((label, r))
         print(
             f"{name:32s} {label:4s} frames={r.n_frames:3d} probes={r.n_probe_ocr} "
-            f"band_ocr={r.n_band_ocr:3d} skip={r.skip_rate:5.2f} wall_s/frame={r.seconds_per_frame:6.3f} "
+            f"band_ocr={r.n_band_ocr:3d} blank={r.n_blank:3d} skip={r.skip_rate:5.2f} wall_s/frame={r.seconds_per_frame:6.3f} "
             f"cpu_s/frame={cpu:6.3f} total={r.seconds:6.2f}s band={r.band} cues={len(r.cues)}"
         )
     same = [c.text for c in rows[0][1].cues] == [c.text for c in rows[1][1].cues]

@@ -36,6 +36,7 @@ from pipeline.stages.ocr import (
     similarity,
     static_lines,
     subtitle_lines,
+    text_cover,
 )
 from tests.conftest import shared_path
 
@@ -277,6 +278,27 @@ def test_synthetic_subtitles_logo_band_and_skipping(stage):
     assert result.skip_rate >= 0.5 and result.n_band_ocr <= 5
     assert ctx.status["ocr"] == "2 cues"
     _srt_round_trip(ctx)
+
+
+def test_blank_bands_read_as_no_text_without_ocr(stage):
+    """blank_cover: a changed band without text-like pixels is not sent to the engine, and the
+    cues are those of a run that OCRs every changed band."""
+    script = [None, "HELLO THERE", "HELLO THERE", "HELLO THERE", None, "GOOD NIGHT", "GOOD NIGHT"]
+    media = _synthetic_media(script, logos=False)
+    results = {}
+    for cover in (0.0, OcrConfig().blank_cover):
+        s = RapidOcr({"blank_cover": cover})
+        s.engine, s._loaded = stage.engine, True
+        results[cover] = s.read_subtitles(media.frames, media.frame_times, media.duration, 2.0)
+    every, default = results[0.0], results[OcrConfig().blank_cover]
+    assert [c.text.upper() for c in default.cues] == ["HELLO THERE", "GOOD NIGHT"]
+    assert [(c.start, c.end, c.text) for c in default.cues] == [(c.start, c.end, c.text) for c in every.cues]
+    assert every.n_blank == 0 and every.n_band_ocr == 4  # frames 0, 1, 4, 5
+    assert default.n_blank == 2 and default.n_band_ocr == 2  # frames 0 and 4 were blank
+    assert [r.blank for r in default.readings] == [True, False, False, False, True, False, False]
+    band = _frame("HELLO THERE", 1, logos=False)[330:400]
+    assert text_cover(band_signature(band)) > 0.1
+    assert text_cover(band_signature(_frame(None, 1, logos=False)[330:400])) < OcrConfig().blank_cover
 
 
 def test_probes_detect_at_half_width_find_the_same_lines_and_restore_the_detector(stage):
