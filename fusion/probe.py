@@ -13,13 +13,23 @@ flagged by the report: it learned less from the features than a linear model doe
 
 Each fold's fitted probe is also kept (`ProbeFit`, when `fits` is given): the trainer starts
 a head's linear path from it (fusion/heads/linear.py), as in linear-probing-then-fine-tuning.
+
+`cached_probe` keeps each result under the runs folder, named by a hash of everything the probe
+reads (design matrix, labels, folds, task, selection metric, weighting, grids, scikit-learn's
+version): an ablation fits one probe per modality subset, not one per head, and a stale entry
+cannot be hit.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import warnings
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -161,6 +171,66 @@ def linear_probe(x: np.ndarray, y: np.ndarray, folds: list[Fold], task: Task, se
     out["strength"] = chosen
     out["class_weight"] = bool(class_weight and kind == "classification")
     return out
+
+
+PROBE_CACHE_VERSION = 1  # raise when linear_probe's result changes for the same inputs
+
+
+def probe_key(x: np.ndarray, y: np.ndarray, folds: list[Fold], task: Task, select: str,
+              class_weight: bool) -> str:
+    """Hash of everything linear_probe's result depends on."""
+    import sklearn
+
+    h = hashlib.blake2b(digest_size=20)
+    for part in (PROBE_CACHE_VERSION, sklearn.__version__, task.kind, task.n_out,
+                 list(task.classes), select, bool(class_weight), C_GRID, ALPHA_GRID):
+        h.update(repr(part).encode() + b"\0")
+    arrays = [x, y] + [a for f in folds for a in (f.train, f.val, f.test)]
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.view(np.uint8).reshape(-1))
+    return h.hexdigest()
+
+
+def cached_probe(cache_dir: Path | None, x: np.ndarray, y: np.ndarray, folds: list[Fold],
+                 task: Task, select: str, class_weight: bool, fits: list[ProbeFit],
+                 blocks: list[tuple[str, int, bool]]) -> tuple[dict, bool]:
+    """linear_probe(...) with `fits` filled, read from `cache_dir` when the same inputs were
+    probed before (then the second value is True), else computed and stored there (an
+    unreadable entry is recomputed; None: no cache)."""
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{probe_key(x, y, folds, task, select, class_weight)}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                lin = json.loads(str(z["result"]))
+                got = [ProbeFit(z[f"coef{i}"], z[f"intercept{i}"], z[f"mean{i}"], z[f"std{i}"],
+                                list(blocks)) for i in range(len(folds))]
+            fits.extend(got)
+            return lin, True
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+            pass  # absent, or unreadable (written by another version, cut short): recompute
+    new: list[ProbeFit] = []
+    lin = linear_probe(x, y, folds, task, select, class_weight, fits=new, blocks=blocks)
+    fits.extend(new)
+    if path is not None:
+        arrays = {"result": np.array(json.dumps(lin, default=_plain))}
+        for i, f in enumerate(new):
+            arrays |= {f"coef{i}": f.coef, f"intercept{i}": f.intercept, f"mean{i}": f.mean,
+                       f"std{i}": f.std}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)  # whole or absent: a concurrent reader never sees half a file
+    return lin, False
+
+
+def _plain(o: object) -> object:
+    """A numpy scalar as its Python value, for json.dumps."""
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"cannot store {type(o).__name__} in a probe cache entry")
 
 
 def below_baselines(m: dict, headline: str) -> dict[str, bool]:

@@ -37,7 +37,7 @@ from fusion.normalise import (
     take,
     to_tensors,
 )
-from fusion.probe import ProbeFit, below_baselines, linear_probe, pooled_blocks, pooled_matrix
+from fusion.probe import ProbeFit, below_baselines, cached_probe, pooled_blocks, pooled_matrix
 from fusion.protocols import (
     default_headline,
     get_protocol,
@@ -170,8 +170,12 @@ def fit(
                          f"(one of {', '.join(_scalar_keys(task))})")
     pos_plan = [_positions(rows, f) for f in plan]
     probe_fits: list[ProbeFit] = []  # each fold's probe: where a head's linear path starts
-    lin = linear_probe(pooled_matrix(raw, mods), task.y[rows], pos_plan, task, select,
-                       cfg.class_weight, fits=probe_fits, blocks=pooled_blocks(raw, mods))
+    # the probe of these inputs is fitted once per runs folder (an ablation's heads share it)
+    t_probe, probe_dir = time.perf_counter(), Path(runs_dir) / ".probes"
+    lin, reused = cached_probe(probe_dir, pooled_matrix(raw, mods), task.y[rows], pos_plan, task,
+                               select, cfg.class_weight, probe_fits, pooled_blocks(raw, mods))
+    log.info("linear probe %s in %.2f s", f"reused from {probe_dir}" if reused else "fitted",
+             time.perf_counter() - t_probe)
     trainer.progress, trainer.n_runs = progress, len(plan) * len(seed_list)
     raw_t = to_tensors(raw)
     # parameter-free work (window averages) done once on the raw features, for every fold and

@@ -1,0 +1,75 @@
+"""The linear probe is fitted once per set of inputs and runs folder (fusion.probe.cached_probe)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fusion.ablate import ablate
+from fusion.probe import cached_probe, linear_probe, probe_key
+from fusion.splits import Fold, Task
+from tests.fusion.conftest import write_feature_set
+
+FAST = {"epochs": 2, "patience": 1, "threads": 1, "head_options": {"hidden": 16}}
+
+
+def _problem(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), 40)
+    x = rng.normal(size=(120, 6)) + np.eye(3, 6)[y] * 1.5
+    order = rng.permutation(120)
+    fold = Fold(train=np.sort(order[:70]), val=np.sort(order[70:95]), test=np.sort(order[95:]))
+    task = Task(target="label", kind="classification", y=y, classes=["a", "b", "c"])
+    return x, y, [fold], task
+
+
+def test_a_probe_is_read_back_for_the_same_inputs_and_refitted_for_others(tmp_path: Path):
+    x, y, folds, task = _problem()
+    blocks = [("audio", 6, False)]
+    fresh_fits: list = []
+    fresh = linear_probe(x, y, folds, task, "macro_f1", False, fits=fresh_fits, blocks=blocks)
+
+    fits: list = []
+    first, reused = cached_probe(tmp_path, x, y, folds, task, "macro_f1", False, fits, blocks)
+    assert not reused and len(list(tmp_path.glob("*.npz"))) == 1
+    again: list = []
+    second, reused = cached_probe(tmp_path, x, y, folds, task, "macro_f1", False, again, blocks)
+    assert reused
+    assert first == second == json.loads(json.dumps(fresh))
+    for a, b in zip(fresh_fits, again):
+        for name in ("coef", "intercept", "mean", "std"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        assert b.blocks == blocks
+
+    # anything the probe reads is part of the name: one changed label, another selection
+    # metric or class weighting is a new fit, never the stored one
+    y2 = y.copy()
+    y2[folds[0].train[0]] = (y2[folds[0].train[0]] + 1) % 3
+    t2 = Task(target="label", kind="classification", y=y2, classes=task.classes)
+    for args in ((x, y2, folds, t2, "macro_f1", False), (x, y, folds, task, "accuracy", False),
+                 (x, y, folds, task, "macro_f1", True)):
+        _, reused = cached_probe(tmp_path, *args, [], blocks)
+        assert not reused
+    assert len(list(tmp_path.glob("*.npz"))) == 4
+
+    # an entry cut short (a full disk, a killed writer) is refitted and rewritten
+    path = tmp_path / f"{probe_key(x, y, folds, task, 'macro_f1', False)}.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    third, reused = cached_probe(tmp_path, x, y, folds, task, "macro_f1", False, [], blocks)
+    assert not reused and third == first
+    assert cached_probe(tmp_path, x, y, folds, task, "macro_f1", False, [], blocks)[1]
+
+
+def test_an_ablation_fits_one_probe_per_modality_subset(tmp_path: Path):
+    write_feature_set(tmp_path, n=160, n_groups=16)
+    runs = tmp_path / "runs"
+    df = ablate(tmp_path, "synth", ["early", "late"], "all,singles", seeds=1, name="g",
+                runs_dir=runs, **FAST)
+    assert (df["error"] == "").all()
+    assert len(list((runs / "g" / ".probes").glob("*.npz"))) == 4  # 4 subsets, 2 heads each
+    for mods in ("audio+text+visual", "audio", "text", "visual"):
+        probes = [json.loads((runs / "g" / f"{h}__{mods}" / "metrics.json").read_text())
+                  ["linear_probe"] for h in ("early", "late")]
+        assert probes[0] == probes[1]
