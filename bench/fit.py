@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -70,7 +71,9 @@ def make_set(root: Path, n: int, t: int, signal: float) -> tuple[str, float]:
 
 def time_fit(root: Path, runs: Path, head: str, mods: list[str], seed: int, threads: int
              ) -> tuple[float, dict]:
-    """Wall seconds of one `fit` (one seed) with the trainer's defaults, and its metrics."""
+    """Wall seconds of one `fit` (one seed) with the trainer's defaults, and its metrics. The
+    fit pays for its linear probe: the probes an earlier fit left in `runs` are removed first."""
+    shutil.rmtree(runs / ".probes", ignore_errors=True)
     t0 = time.perf_counter()
     r = fit(root, "bench", head, mods, seeds=[seed], runs_dir=runs, threads=threads,
             name=f"{head}-{'+'.join(mods)}-seed{seed}")
@@ -149,7 +152,7 @@ def main() -> None:
     grid_threads = args.grid_threads or max(1, (os.cpu_count() or 1) // args.workers)
     print(f"\ngrid: {len(grid_heads)} heads ({','.join(grid_heads)}) × {len(subsets)} subsets × "
           f"3 seeds = {n_fits} fits, {args.workers} worker(s) × {grid_threads} thread(s) "
-          f"(goal ≤ {GOAL_GRID_S:.0f} s)")
+          f"(goal ≤ {GOAL_GRID_S:.0f} s; the heads of a subset share its linear probe)")
     if args.grid == "run":
         from fusion.ablate import ablate
 
