@@ -22,10 +22,13 @@ cannot be hit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
+import uuid
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -39,6 +42,8 @@ from fusion.protocols import selection_score
 
 if TYPE_CHECKING:
     from fusion.splits import Fold, Task
+
+log = logging.getLogger(__name__)
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -219,10 +224,15 @@ def cached_probe(cache_dir: Path | None, x: np.ndarray, y: np.ndarray, folds: li
         for i, f in enumerate(new):
             arrays |= {f"coef{i}": f.coef, f"intercept{i}": f.intercept, f"mean{i}": f.mean,
                        f"std{i}": f.std}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)  # whole or absent: a concurrent reader never sees half a file
+        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npz")  # per writer
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)  # whole or absent: a concurrent reader never sees half a file
+        except OSError as e:  # a full or read-only disk costs the reuse, never the fit
+            log.warning("linear probe not kept in %s: %s", path.parent, e)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     return lin, False
 
 

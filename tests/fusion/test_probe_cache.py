@@ -61,6 +61,13 @@ def test_a_probe_is_read_back_for_the_same_inputs_and_refitted_for_others(tmp_pa
     assert not reused and third == first
     assert cached_probe(tmp_path, x, y, folds, task, "macro_f1", False, [], blocks)[1]
 
+    # a folder that cannot be written costs the reuse, not the fit
+    (tmp_path / "a-file").write_text("not a folder")
+    fits = []
+    lin, reused = cached_probe(tmp_path / "a-file" / "probes", x, y, folds, task, "macro_f1",
+                               False, fits, blocks)
+    assert not reused and lin == first and len(fits) == 1
+
 
 def test_an_ablation_fits_one_probe_per_modality_subset(tmp_path: Path):
     write_feature_set(tmp_path, n=160, n_groups=16)
