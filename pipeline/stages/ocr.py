@@ -10,7 +10,8 @@ Why it is built this way:
 * Subtitles change far less often than frames are sampled, so a frame whose band looks like
   the band of the last OCR'd frame reuses that frame's text. The comparison is made on
   "text-like" pixels (strong local contrast: white and black top-hat), which ignores most
-  background motion but sees a glyph appear, change or vanish.
+  background motion but sees a glyph appear, change or vanish. A changed band with almost no
+  text-like pixels (between two cues) reads as no text without OCR.
 * OCR flickers (a dropped character, a missing "?"); consecutive readings are merged when
   their normalized edit-distance similarity is high, and the cue keeps the most frequent
   variant (ties: the highest score).
