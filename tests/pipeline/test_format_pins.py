@@ -24,9 +24,10 @@ import pytest
 # stage's config gained probe_scale (band probes detected at half width, 2026-11-30 later), then
 # pin-d96bb65c9a60543b until the key recorded the resolved unit size (auto units: at least 8
 # per small set), then pin-354efb5ee02290da until the OCR stage's config gained blank_cover (a
-# blank band reads as no text without OCR, 2026-11-30, fourth session). A stage version, a stage config default or the chunking that changes moves
+# blank band reads as no text without OCR) and det_engine (the text detector on OpenVINO; both
+# 2026-11-30, fourth session). A stage version, a stage config default or the chunking that changes moves
 # the key, and every offline set is re-extracted once.
-KEY = "pin-4baf08e2e27b8d5f"
+KEY = "pin-635c1556fbbc6d4a"
 # The offline preset as it was when the pin was taken: features added since (the asr stage,
 # the `fer` visual backend) change the offline default's key on purpose, not this fixed config's.
 PIN_OVERRIDES = ["asr.backend=none", "visual.backend=face-geometry"]

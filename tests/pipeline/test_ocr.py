@@ -353,9 +353,37 @@ def test_provenance_names_rapidocr_and_its_models():
     assert models[0]["id"] == "rapidocr" and re.match(r"\d+\.\d+", models[0]["revision"])
     assert any(i.startswith("rapidocr/det/") and i.endswith(".onnx") for i in ids)
     assert any(i.startswith("rapidocr/rec/") and i.endswith(".onnx") for i in ids)
-    assert all(m["revision"].startswith("sha256:") for m in models[1:])
+    assert all(m["revision"].startswith("sha256:") for m in models[1:-1])
+    # the detector's runtime and its version: openvino by default, onnxruntime on request
+    assert models[-1]["id"] == "rapidocr/det-runtime/openvino"
+    assert re.match(r"\d+\.\d+", models[-1]["revision"])
+    assert RapidOcr({"det_engine": "onnxruntime"}).models()[-1]["id"] == "rapidocr/det-runtime/onnxruntime"
     assert RapidOcr().fingerprint() == RapidOcr().fingerprint()
     assert RapidOcr().fingerprint() != RapidOcr({"min_score": 0.9}).fingerprint()
+
+
+def test_the_detector_runs_on_openvino_with_the_same_cues_as_onnxruntime(stage):
+    """det_engine: the default runs rapidocr's text detector on OpenVINO (the same ONNX file of
+    the wheel, several times faster here); onnxruntime on request. Both read the same cues."""
+    from rapidocr.inference_engine.onnxruntime.main import OrtInferSession
+    from rapidocr.inference_engine.openvino.main import OpenVINOInferSession
+
+    media = _synthetic_media([None, "HELLO THERE", "HELLO THERE", None, "GOOD NIGHT", "GOOD NIGHT"])
+    cues, band = {}, {}
+    for engine, session in (("openvino", OpenVINOInferSession), ("onnxruntime", OrtInferSession)):
+        s = stage if engine == "openvino" else RapidOcr({"det_engine": engine})
+        s.ensure_loaded()
+        assert isinstance(s.engine._load_det_model().session, session)
+        r = s.read_subtitles(media.frames, media.frame_times, media.duration, 2.0)
+        cues[engine], band[engine] = [(c.start, c.end, c.text) for c in r.cues], r.band
+    assert cues["openvino"] == cues["onnxruntime"] and band["openvino"] == band["onnxruntime"]
+    assert [t.upper() for _, _, t in cues["openvino"]] == ["HELLO THERE", "GOOD NIGHT"]
+
+
+def test_openvino_missing_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    with pytest.raises(ModelMissingError, match="det_engine 'openvino' needs the openvino package"):
+        RapidOcr().load()
 
 
 def test_unknown_rec_language_is_a_clear_error():
@@ -441,6 +469,8 @@ def test_onnxruntime_threads_follow_the_workers_budget(monkeypatch) -> None:
     monkeypatch.setenv("MMEMO_WORKER_THREADS", "1")
     assert RapidOcr()._params()[key] == 1
     assert RapidOcr(OcrConfig(threads=3))._params()[key] == 3
+    ov_key = "EngineConfig.openvino.inference_num_threads"  # the detector's runtime too
+    assert RapidOcr()._params()[ov_key] == 1 and RapidOcr(OcrConfig(threads=3))._params()[ov_key] == 3
     # the runner's budget, set in a worker process (here a child: it also limits the BLAS
     # pools and their variables for the rest of the process)
     code = ("from pipeline.runner import _limit_threads; _limit_threads(2); "
