@@ -666,6 +666,9 @@ class RapidOcr(SubtitleOcr):
                 "Det.model_path": self._model_files()["det"]["path"],
                 "EngineConfig.openvino.performance_hint": "LATENCY",  # one request at a time
                 "EngineConfig.openvino.num_streams": 1,
+                # OpenVINO pins its threads to cores by default: two worker processes would each
+                # pin theirs to the same core and take turns on it
+                "EngineConfig.openvino.enable_cpu_pinning": False,
             }
             if threads:
                 params["EngineConfig.openvino.inference_num_threads"] = threads

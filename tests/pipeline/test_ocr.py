@@ -471,6 +471,8 @@ def test_onnxruntime_threads_follow_the_workers_budget(monkeypatch) -> None:
     assert RapidOcr(OcrConfig(threads=3))._params()[key] == 3
     ov_key = "EngineConfig.openvino.inference_num_threads"  # the detector's runtime too
     assert RapidOcr()._params()[ov_key] == 1 and RapidOcr(OcrConfig(threads=3))._params()[ov_key] == 3
+    # unpinned: two workers' detectors pinned to the same core took turns on it (BENCHMARKS)
+    assert RapidOcr()._params()["EngineConfig.openvino.enable_cpu_pinning"] is False
     # the runner's budget, set in a worker process (here a child: it also limits the BLAS
     # pools and their variables for the rest of the process)
     code = ("from pipeline.runner import _limit_threads; _limit_threads(2); "
