@@ -17,7 +17,8 @@ Why it is built this way:
   variant (ties: the highest score).
 
 The recognition engine is a backend detail (`_read`): `rapidocr` (ONNX models in the wheel,
-offline) or `paddleocr` (optional, large, downloads models).
+offline; the text detector run by OpenVINO, recognition by onnxruntime: `det_engine`) or
+`paddleocr` (optional, large, downloads models).
 """
 
 from __future__ import annotations
