@@ -59,6 +59,11 @@ from pipeline.store import Heartbeat, LostClaim, Store
 
 # --- the unit task ---------------------------------------------------------------------------
 _STAGE_CACHE: dict[str, list[Stage]] = {}
+# The units of one process share its loaded stages, and several of their models serve one call
+# at a time (an OpenVINO infer request, a PocketSphinx decoder, rapidocr's detector size limit).
+# A Dask worker started with several threads runs units side by side: their model work takes
+# turns (decode threads still run ahead), instead of two threads driving one decoder.
+_MODELS_LOCK = threading.Lock()
 
 
 def _stages_for(preset: Preset | dict[str, Any], device: str, info: dict[str, Any] | None = None,
@@ -315,7 +320,6 @@ def run_unit(task: UnitTask) -> UnitResult:
             _limit_threads(task.threads)
         preset = load_preset(task.preset.data)
         timings: dict[str, float] = {}
-        stages = _stages_for(preset, task.device, task.info, timings)
         root = Path(task.root)
         ctxs = [ClipContext(clip=Clip.model_validate(c), root=root) for c in task.clips]
         run = preset.run
@@ -330,7 +334,9 @@ def run_unit(task: UnitTask) -> UnitResult:
                 except Exception:  # noqa: BLE001 - progress is never worth failing a unit
                     pass
 
-        failures = process_clips(stages, ctxs, run, timings=timings, on_clips=on_clips)
+        with _MODELS_LOCK:
+            stages = _stages_for(preset, task.device, task.info, timings)
+            failures = process_clips(stages, ctxs, run, timings=timings, on_clips=on_clips)
         data = _assemble(fs.layout, ctxs, failures)
         from pipeline.stages.asr import compose_srt, dumps_record
         from pipeline.store import atomic_write

@@ -333,3 +333,48 @@ def test_ctrl_c_outside_the_worker_pool_still_stops_the_workers_at_once(tmp_path
     assert not workers()
     time.sleep(3)
     assert len(Store(cache).open(plan.key).done_units()) == kept  # nothing committed since
+
+
+def test_units_in_one_process_take_turns_on_the_models(tmp_path: Path, monkeypatch) -> None:
+    """A Dask worker started with several threads runs units side by side in one process. They
+    share its loaded stages (one PocketSphinx decoder, one OpenVINO infer request...), so their
+    model work must not overlap (runner._MODELS_LOCK); both units still finish."""
+    import threading
+
+    from pipeline import runner
+    from pipeline.runner import create_set, run_unit, unit_tasks
+    from tests.robustness.corpus import CHEAP as CORPUS_CHEAP
+    from tests.robustness.corpus import good_clips
+    from tests.robustness.corpus import write_dataset as write_corpus
+
+    root, man = tmp_path / "data", tmp_path / "manifests"
+    write_corpus(man, "turns", root, good_clips(root, "turns", n=4, with_faces=False))
+    preset = tmp_path / "p.toml"
+    preset.write_text(CORPUS_CHEAP.replace("minilm", "skip").replace("unit_size = 8", "unit_size = 2"))
+    cache = tmp_path / "cache"
+    plan = plan_extract("turns", None, str(preset), manifests=man)
+    create_set(plan, Store(cache))
+    tasks = unit_tasks(plan, cache, [0, 1], None, 60.0, None)
+    active, peak, guard = [0], [0], threading.Lock()
+    real = runner.process_clips
+
+    def watched(*args, **kwargs):
+        with guard:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.3)  # long enough for the other thread to arrive
+            return real(*args, **kwargs)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    monkeypatch.setattr(runner, "process_clips", watched)
+    results: list = []
+    threads = [threading.Thread(target=lambda t=t: results.append(run_unit(t))) for t in tasks]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
+    assert sorted(r.status for r in results) == ["done", "done"]
+    assert peak[0] == 1
