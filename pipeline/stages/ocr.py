@@ -23,6 +23,7 @@ offline; the text detector run by OpenVINO, recognition by onnxruntime: `det_eng
 
 from __future__ import annotations
 
+import sys
 import time
 import unicodedata
 from collections import Counter
@@ -681,7 +682,7 @@ class RapidOcr(SubtitleOcr):
 
         if self.cfg.det_engine == "openvino":
             try:
-                import openvino  # noqa: F401
+                _import_openvino()
             except ImportError:
                 raise ModelMissingError(
                     "ocr.det_engine 'openvino' needs the openvino package (pip install openvino), "
@@ -732,6 +733,28 @@ class RapidOcr(SubtitleOcr):
         if getattr(out, "txts", None) is None or getattr(out, "boxes", None) is None:
             return []
         return _boxes_from(out.boxes, out.txts, out.scores)
+
+
+def _import_openvino() -> None:
+    """Import openvino without its usage telemetry.
+
+    `import openvino` also imports its model converter, which sends a usage event to Google
+    Analytics and writes a client id under $HOME unless the user opted out. It sends the event
+    from a freshly spawned Python process, about 1 s of CPU in every extract worker. A batch
+    job on a shared cluster should do none of that. While openvino is imported, its telemetry
+    module is made unimportable, and the converter falls back to openvino's own no-op stub (its
+    path for an install without the telemetry package). Afterwards the block is lifted.
+    """
+    if sys.modules.get("openvino") is not None:  # already imported (None: made unimportable)
+        return
+    blocked = "openvino_telemetry" not in sys.modules
+    if blocked:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+    try:
+        import openvino  # noqa: F401
+    finally:
+        if blocked and sys.modules.get("openvino_telemetry", 0) is None:
+            del sys.modules["openvino_telemetry"]
 
 
 def _rec_model(lang: str) -> tuple[Any, Any]:

@@ -380,6 +380,27 @@ def test_the_detector_runs_on_openvino_with_the_same_cues_as_onnxruntime(stage):
     assert [t.upper() for _, _, t in cues["openvino"]] == ["HELLO THERE", "GOOD NIGHT"]
 
 
+def test_loading_the_openvino_detector_sends_no_telemetry():
+    """`import openvino` alone would send a usage event from a spawned process and write a
+    client id under $HOME; the stage imports it with openvino's no-op telemetry stub instead.
+    A fresh interpreter, because this test session may have imported openvino already."""
+    code = (
+        "import multiprocessing.process as mpp, sys, time\n"
+        "started = []\n"
+        "orig = mpp.BaseProcess.start\n"
+        "mpp.BaseProcess.start = lambda self: (started.append(self), orig(self))[1]\n"
+        "from pipeline.stages.ocr import RapidOcr\n"
+        "RapidOcr().ensure_loaded()\n"
+        "time.sleep(0.5)\n"
+        "from openvino.tools.ovc import telemetry_utils\n"
+        "print(len(started), telemetry_utils.tm.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "openvino.tools.ovc.telemetry_stub"], out.stdout
+
+
 def test_openvino_missing_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
     with pytest.raises(ModelMissingError, match="det_engine 'openvino' needs the openvino package"):
