@@ -220,16 +220,17 @@ def cached_probe(cache_dir: Path | None, x: np.ndarray, y: np.ndarray, folds: li
     lin = linear_probe(x, y, folds, task, select, class_weight, fits=new, blocks=blocks)
     fits.extend(new)
     if path is not None:
-        arrays = {"result": np.array(json.dumps(lin, default=_plain))}
-        for i, f in enumerate(new):
-            arrays |= {f"coef{i}": f.coef, f"intercept{i}": f.intercept, f"mean{i}": f.mean,
-                       f"std{i}": f.std}
         tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npz")  # per writer
         try:
+            arrays = {"result": np.array(json.dumps(lin, default=_plain))}
+            for i, f in enumerate(new):
+                arrays |= {f"coef{i}": f.coef, f"intercept{i}": f.intercept, f"mean{i}": f.mean,
+                           f"std{i}": f.std}
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(tmp, **arrays)
             os.replace(tmp, path)  # whole or absent: a concurrent reader never sees half a file
-        except OSError as e:  # a full or read-only disk costs the reuse, never the fit
+        except (OSError, TypeError, ValueError) as e:  # a full or read-only disk, a value JSON
+            # cannot hold: either costs the reuse, never the fit
             log.warning("linear probe not kept in %s: %s", path.parent, e)
             with contextlib.suppress(OSError):
                 tmp.unlink()

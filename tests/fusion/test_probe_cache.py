@@ -25,7 +25,8 @@ def _problem(seed: int = 0):
     return x, y, [fold], task
 
 
-def test_a_probe_is_read_back_for_the_same_inputs_and_refitted_for_others(tmp_path: Path):
+def test_a_probe_is_read_back_for_the_same_inputs_and_refitted_for_others(tmp_path: Path,
+                                                                         monkeypatch):
     x, y, folds, task = _problem()
     blocks = [("audio", 6, False)]
     fresh_fits: list = []
@@ -67,6 +68,13 @@ def test_a_probe_is_read_back_for_the_same_inputs_and_refitted_for_others(tmp_pa
     lin, reused = cached_probe(tmp_path / "a-file" / "probes", x, y, folds, task, "macro_f1",
                                False, fits, blocks)
     assert not reused and lin == first and len(fits) == 1
+
+    # a result JSON cannot hold (here: a set in it) is returned, only not kept
+    import fusion.probe as P
+
+    monkeypatch.setattr(P, "linear_probe", lambda *a, **k: linear_probe(*a, **k) | {"odd": {1, 2}})
+    lin, reused = cached_probe(tmp_path / "odd", x, y, folds, task, "macro_f1", False, [], blocks)
+    assert not reused and lin["odd"] == {1, 2} and not list((tmp_path / "odd").glob("*.npz"))
 
 
 def test_an_ablation_fits_one_probe_per_modality_subset(tmp_path: Path):
