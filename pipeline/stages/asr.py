@@ -235,8 +235,8 @@ class PocketSphinxConfig(AsrConfig):
     lw: float | None = None
     # at most this many active HMMs per 10-ms frame (PocketSphinx's default 30000). Measured
     # (BENCHMARKS "Speech recognition"): 3000 decodes 35 % faster at the same WER on the 30
-    # RAVDESS speech clips and the 14 held-out actor-05 takes; 1000 loses words; 30000 gives
-    # the old behaviour.
+    # RAVDESS speech clips and the 14 held-out actor-05 takes; 1000 loses words; None (or
+    # 30000) gives the old behaviour.
     maxhmmpf: int | None = Field(3000, ge=100)
 
 

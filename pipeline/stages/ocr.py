@@ -87,8 +87,8 @@ class OcrConfig(StageConfig):
     # ONNX model; OpenVINO ran it 3.7x faster than onnxruntime on this project's CPU with the same
     # probability maps to 1e-7 (BENCHMARKS "Fourth session")
     det_engine: Literal["openvino", "onnxruntime"] = "openvino"
-    # onnxruntime intra-op threads; 0 = the worker's thread budget when the runner set one
-    # (several workers sharing the cores), else onnxruntime's default (every core)
+    # threads of the onnxruntime and OpenVINO sessions; 0 = the worker's thread budget when the
+    # runner set one (several workers sharing the cores), else the runtimes' default (every core)
     threads: int = Field(0, ge=0)
 
     @field_validator("band")
@@ -696,9 +696,8 @@ class RapidOcr(SubtitleOcr):
                     "or use ocr.lang 'ch' (Chinese/English/Japanese/Latin, shipped in the wheel)"
                 )
         self.engine = RapidOCR(params=self._params())
-        # one detection and one recognition on blank images: onnxruntime's first run of a
-        # session sets up its buffers (about 0.2 s here), which start-up pays instead of the
-        # first clip's OCR time. rapidocr keeps use_det / use_rec from call to call, so the
+        # one detection and one recognition on blank images: a session's first run sets up its
+        # buffers (about 0.2 s here), which start-up pays instead of the first clip's OCR time. rapidocr keeps use_det / use_rec from call to call, so the
         # detection call comes last and sets both back, and _read names them on every call.
         blank = np.zeros((64, 320, 3), dtype=np.uint8)
         self.engine(blank[:48], use_det=False, use_cls=False, use_rec=True)
@@ -753,7 +752,7 @@ def _import_openvino() -> None:
     try:
         import openvino  # noqa: F401
     finally:
-        if blocked and sys.modules.get("openvino_telemetry", 0) is None:
+        if blocked:
             del sys.modules["openvino_telemetry"]
 
 
