@@ -291,6 +291,15 @@ class PocketSphinxAsr(_AsrStage):
         out.append({"id": "silero-vad", "revision": f"silero-vad=={_version('silero-vad')}"})
         return out
 
+    def _language(self) -> str | None:
+        """"en" with the wheel's en-us models; None (not known) once any of hmm / lm / dictionary
+        points elsewhere: those files do not say which language they are for."""
+        c = self.config
+        return "en" if c.hmm is None and c.lm is None and c.dictionary is None else None
+
+    def _model_name(self) -> str:
+        return "pocketsphinx/" + (Path(self.config.hmm).name if self.config.hmm else "en-us")
+
     def _decode(self, audio: np.ndarray, offset: float) -> AsrSegment | None:
         """One utterance; words with their posteriors (fillers and silences dropped)."""
         pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
@@ -322,8 +331,8 @@ class PocketSphinxAsr(_AsrStage):
             return
         audio, source = got
         spans = self._vad(audio)
-        res = AsrResult(text="", language="en", speech=bool(spans), source=source,
-                        backend=self.backend, model="pocketsphinx/en-us")
+        res = AsrResult(text="", language=self._language(), speech=bool(spans), source=source,
+                        backend=self.backend, model=self._model_name())
         if spans:
             if self.config.decode == "whole":
                 pieces = [(0, audio.size)]

@@ -73,6 +73,25 @@ def test_pocketsphinx_search_knobs_reach_the_decoder(sphinx: PocketSphinxAsr) ->
     assert wide._decoder.config["beam"] == pytest.approx(1e-60)
 
 
+def test_pocketsphinx_language_is_only_claimed_for_the_wheels_models(tmp_path: Path) -> None:
+    """The wheel's en-us models say "en"; models given by path do not say their language, so
+    the result leaves it unknown instead of claiming English (the model is named by its folder)."""
+    import shutil
+
+    import pocketsphinx
+
+    audio, sr = _wav(shared_path("ravdess-speech", "Actor_01", "03-01-01-01-01-01-01.wav"))
+    hmm = tmp_path / "xx-model"
+    shutil.copytree(Path(pocketsphinx.get_model_path()) / "en-us" / "en-us", hmm)
+    custom = PocketSphinxAsr({"hmm": str(hmm)})
+    custom.ensure_loaded()
+    ctx = _ctx(audio, sr)
+    custom.process_one(ctx)
+    assert ctx.asr.speech and ctx.asr.language is None and ctx.asr.model == "pocketsphinx/xx-model"
+    default = PocketSphinxAsr()
+    assert default._language() == "en" and default._model_name() == "pocketsphinx/en-us"
+
+
 def test_vocals_are_preferred_and_resampled(sphinx: PocketSphinxAsr) -> None:
     audio, sr = _wav(shared_path("ravdess-speech", "Actor_01", "03-01-01-01-01-01-01.wav"))
     silent_mix = np.zeros_like(audio)
