@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 import warnings
 import zipfile
@@ -179,6 +180,10 @@ def linear_probe(x: np.ndarray, y: np.ndarray, folds: list[Fold], task: Task, se
 
 
 PROBE_CACHE_VERSION = 1  # raise when linear_probe's result changes for the same inputs
+# the probe folder keeps its most recently used entries up to this many bytes (an entry is 50 KB
+# to a few MB: per fold the coefficients, means and stds); older ones are removed after a write
+PROBE_CACHE_BYTES = 512 * 2**20
+STALE_TMP_S = 3600.0  # a writer's temporary file this old was left by a killed process
 
 
 def probe_key(x: np.ndarray, y: np.ndarray, folds: list[Fold], task: Task, select: str,
@@ -213,6 +218,8 @@ def cached_probe(cache_dir: Path | None, x: np.ndarray, y: np.ndarray, folds: li
                 got = [ProbeFit(z[f"coef{i}"], z[f"intercept{i}"], z[f"mean{i}"], z[f"std{i}"],
                                 list(blocks)) for i in range(len(folds))]
             fits.extend(got)
+            with contextlib.suppress(OSError):
+                os.utime(path)  # last use: pruning removes the least recently used first
             return lin, True
         except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
             pass  # absent, or unreadable (written by another version, cut short): recompute
@@ -229,12 +236,45 @@ def cached_probe(cache_dir: Path | None, x: np.ndarray, y: np.ndarray, folds: li
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(tmp, **arrays)
             os.replace(tmp, path)  # whole or absent: a concurrent reader never sees half a file
+            prune_probes(path.parent, keep=path)
         except (OSError, TypeError, ValueError) as e:  # a full or read-only disk, a value JSON
             # cannot hold: either costs the reuse, never the fit
             log.warning("linear probe not kept in %s: %s", path.parent, e)
             with contextlib.suppress(OSError):
                 tmp.unlink()
     return lin, False
+
+
+def prune_probes(folder: Path, limit: int | None = None, keep: Path | None = None) -> int:
+    """Remove the least recently used entries of a probe folder until it holds at most `limit`
+    bytes (default PROBE_CACHE_BYTES), and temporary files of writers that died; `keep` (the
+    entry just written) stays. Returns the number of files removed. Entries another process
+    removes meanwhile are skipped; a removed entry is only fitted again when next needed."""
+    limit = PROBE_CACHE_BYTES if limit is None else limit
+    now, entries, removed = time.time(), [], 0
+    for p in Path(folder).glob("*.npz"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.name.startswith("."):  # a writer's temporary file
+            if now - st.st_mtime > STALE_TMP_S:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed += 1
+            continue
+        entries.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in entries)
+    for _, size, p in sorted(entries, key=lambda e: e[0]):  # oldest use first
+        if total <= limit:
+            break
+        if keep is not None and p == keep:
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed += 1
+        total -= size
+    return removed
 
 
 def _plain(o: object) -> object:

@@ -88,3 +88,48 @@ def test_an_ablation_fits_one_probe_per_modality_subset(tmp_path: Path):
         probes = [json.loads((runs / "g" / f"{h}__{mods}" / "metrics.json").read_text())
                   ["linear_probe"] for h in ("early", "late")]
         assert probes[0] == probes[1]
+
+
+def test_the_probe_folder_keeps_its_recently_used_entries_within_its_size(tmp_path: Path,
+                                                                          monkeypatch):
+    import os
+    import time
+
+    from fusion import probe as P
+
+    now = time.time()
+    for i in range(6):  # a.npz the least recently used ... f.npz the most
+        p = tmp_path / f"{'abcdef'[i]}.npz"
+        p.write_bytes(b"x" * 1000)
+        os.utime(p, (now - 600 + 100 * i, now - 600 + 100 * i))
+    stale, fresh = tmp_path / ".dead.1.tmp.npz", tmp_path / ".busy.2.tmp.npz"
+    for p, age in ((stale, P.STALE_TMP_S + 60), (fresh, 5)):
+        p.write_bytes(b"t")
+        os.utime(p, (now - age, now - age))
+
+    # 6,000 bytes over a 3,500-byte limit: the oldest go until the rest fit (b, c, d); a
+    # stays although it is the oldest, because it is the entry just written
+    assert P.prune_probes(tmp_path, limit=3500, keep=tmp_path / "a.npz") == 4
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == [".busy.2.tmp.npz", "a.npz",
+                                                               "e.npz", "f.npz"]
+    assert not stale.exists() and fresh.exists()
+
+    # a read marks an entry as used and a write prunes: of two older entries, the one read
+    # back last survives the write of a third when there is room for two
+    folder = tmp_path / "probes"
+    x, y, folds, task = _problem()
+    blocks = [("audio", 6, False)]
+    args = [(x, y, folds, task, sel, False) for sel in ("macro_f1", "accuracy", "weighted_f1")]
+    names = []
+    for a in args[:2]:
+        cached_probe(folder, *a, [], blocks)
+        names.append(f"{probe_key(*a)}.npz")
+    for k, name in enumerate(names):  # both used ten minutes ago, the macro-F1 one first
+        os.utime(folder / name, (now - 600 + k, now - 600 + k))
+    _, reused = cached_probe(folder, *args[0], [], blocks)  # read: now the most recent
+    assert reused
+    size = max((folder / n).stat().st_size for n in names)
+    monkeypatch.setattr(P, "PROBE_CACHE_BYTES", 2 * size + size // 2)
+    cached_probe(folder, *args[2], [], blocks)
+    assert sorted(p.name for p in folder.glob("*.npz")) == sorted(
+        [names[0], f"{probe_key(*args[2])}.npz"])
