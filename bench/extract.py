@@ -165,13 +165,10 @@ def _cue_texts(cache: Path, key: str, clip_id: str) -> list[str]:
 
 
 def _reference_srt(path: Path) -> list[str]:
-    """The reference cue texts (the file writes the hour as `0:`; srt wants two digits)."""
-    import re
+    """The reference cue texts, read as the OCR tests read them."""
+    from tests.pipeline.test_ocr import read_reference
 
-    import srt
-
-    text = re.sub(r"(?m)(^|--> )(\d):", r"\g<1>0\2:", path.read_text(encoding="utf-8-sig"))
-    return [c.content.strip() for c in srt.parse(text)]
+    return [c.content.strip() for c in read_reference(path)]
 
 
 def quality(cache: Path, name: str, root: Path, real: bool, runs: Path) -> list[tuple[str, bool | None]]:
