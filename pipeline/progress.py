@@ -190,6 +190,18 @@ def extract_with_progress(
     return summary
 
 
+def failure_line(f: dict[str, Any]) -> str:
+    """A ledger row as a person reads it: clip id, stage, the media file unless the message
+    already names it, and the reason."""
+    where = f"{f['id']} [{f['stage']}]"
+    file, msg = f.get("file"), str(f.get("message", ""))
+    if file and str(file) not in msg:
+        where += f" {file}"
+    if f.get("error") not in (None, "ClipError"):
+        msg = f"{f['error']}: {msg}"
+    return f"{where}: {msg}"
+
+
 def set_overview(store: Store, key: str) -> dict[str, Any]:
     """The whole set as it stands: clips in finished units, per-modality present counts over
     them, and the ledger's failed clips (every run, not just this one)."""
@@ -236,11 +248,14 @@ def print_summary(summary: Summary, store: Store, console: Console, rate: float 
     if summary.done and rate is not None:
         t.add_row("clips/s (this run; as the progress shows)", f"{rate:.2f}")
     console.print(t)
-    for f in summary.failures[:10]:
-        console.print("[yellow]ledger[/yellow] " + escape(f"{f['id']} [{f['stage']}] {f['error']}: {f['message']}"),
-                      soft_wrap=True)
-    if len(summary.failures) > 10:
-        console.print(f"[yellow]... {len(summary.failures) - 10} more in the ledger[/yellow]")
+    this_run = {f["id"] for f in summary.failures}
+    rows = [(f, "") for f in summary.failures] + [
+        (f, " (recorded by an earlier run; its unit is finished, `--force` retries it)")
+        for f in summary.set_failures if f["id"] not in this_run]
+    for f, note in rows[:10]:
+        console.print("[red]error:[/red] " + escape(failure_line(f) + note), soft_wrap=True)
+    if len(rows) > 10:
+        console.print(f"[red]error:[/red] ... {len(rows) - 10} more failures in the ledger", soft_wrap=True)
     path = Path(ov["path"])
     console.print(f"feature set: {path}", markup=False, soft_wrap=True)
     console.print(f"subtitles (.srt, .asr.srt, .text.json): {store.srt_dir / summary.key}",

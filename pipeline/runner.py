@@ -419,10 +419,16 @@ class Summary:
     statuses: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     stage_seconds: Counter = field(default_factory=Counter)
+    # the whole set's ledger at the end of the run (this run's failures and earlier runs')
+    set_failures: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def n_failed_clips(self) -> int:
         return len({f["id"] for f in self.failures})
+
+    @property
+    def n_failed_in_set(self) -> int:
+        return len({f["id"] for f in self.set_failures})
 
 
 class Interrupted(KeyboardInterrupt):
@@ -659,6 +665,7 @@ def run_extract(
             except (OSError, EOFError):  # already gone: nothing to shut down
                 pass
     summary.seconds = time.perf_counter() - t0
+    summary.set_failures = fs.failures()
     return summary
 
 

@@ -280,3 +280,47 @@ def test_predict_on_a_file_that_is_not_media_is_one_error_naming_it(toy, extract
     assert good.returncode == 0, good.stdout
     assert re.search(r"emotion\s+distribution", good.stdout) and "text source: transcript" in good.stdout
     assert re.search(r"^\s+transcript: a quiet word$", good.stdout, re.M), good.stdout
+
+
+def test_a_clip_that_fails_is_an_error_line_and_exit_1_until_allowed(toy, tmp_path):
+    """An unreadable clip: one `error:` line naming it, the file and the reason; the batch goes
+    on; exit 1. A rerun (its unit is finished, so not retried) names it again, as an earlier
+    run's failure, and exits 1; `--allow-failures` exits 0 with the same lines."""
+    import shutil
+
+    from pipeline.manifest import Clip, write_dataset_info, write_manifest
+
+    media = tmp_path / "media"
+    media.mkdir()
+    for i in (0, 1):
+        shutil.copy(toy.media / f"w{i}.wav", media / f"w{i}.wav")
+    (media / "empty.wav").write_bytes(b"")
+    clips = [Clip(id=f"w{i}", dataset="mixed", split="train", audio=f"w{i}.wav", transcript="a word")
+             for i in (0, 1)]
+    clips.append(Clip(id="hollow", dataset="mixed", split="train", audio="empty.wav", transcript="a word"))
+    man = tmp_path / "manifests"
+    write_manifest(clips, man / "mixed" / "train.jsonl")
+    write_dataset_info("mixed", {"name": "mixed", "root": str(media)}, man)
+    cache = tmp_path / "cache"
+    args = ["extract", "--dataset", "mixed", "--cache", str(cache), "--preset", str(toy.preset),
+            "--manifests", str(man)]
+
+    first = _mmemo(args, tmp_path)
+    assert first.returncode == 1, first.stdout
+    errs = _error_lines(first.stdout)
+    assert len(errs) == 1 and errs[0].startswith("error: hollow [decode]"), first.stdout
+    assert "empty.wav" in errs[0] and "empty (0 bytes)" in errs[0], errs
+    assert "1 of 3 clips failed" in first.stdout and "--allow-failures" in first.stdout
+    assert "Traceback" not in first.stdout
+    fs = Store(cache).open(Store(cache).resolve("mixed", "cheap"))
+    assert [f["id"] for f in fs.failures()] == ["hollow"]
+    assert int(fs.completed_rows().sum()) == 3  # the batch went on: every unit finished
+
+    again = _mmemo(args, tmp_path)
+    assert again.returncode == 1 and _units_done_now(again.stdout) == 0, again.stdout
+    (err,) = _error_lines(again.stdout)
+    assert err.startswith("error: hollow [decode]") and "earlier run" in err and "--force" in err
+
+    allowed = _mmemo([*args, "--allow-failures"], tmp_path)
+    assert allowed.returncode == 0, allowed.stdout
+    assert _error_lines(allowed.stdout) == [err]
