@@ -524,9 +524,20 @@ def predict(
     s.add_column("modality")
     s.add_column("present")
     s.add_column("share", justify="right")
+    s.add_column("RMS z (training ≈ 1)", justify="right")
+    dist = out.get("rms_z") or {}
     for m, info in out["shares"].items():
-        s.add_row(m, "yes" if info["present"] else "no", f"{info['share']:.2f}")
+        z = dist.get(m)
+        s.add_row(m, "yes" if info["present"] else "no", f"{info['share']:.2f}", "-" if z is None else f"{z:.1f}")
     console.print(s)
+    from fusion.predict import FAR_RMS_Z
+
+    far = {m: z for m, z in dist.items() if z is not None and z > FAR_RMS_Z}
+    if far:
+        said = ", ".join(f"{m} {z:.3g}" for m, z in far.items())
+        console.print(f"warning: this clip lies far outside the run's training rows (RMS z-score {said}; "
+                      f"about 1 for those rows, over {FAR_RMS_Z:g} is far): the probabilities above "
+                      "are an extrapolation, however confident they look", markup=False, soft_wrap=True)
     rec = out.get("text") or {}
     asr = rec.get("asr")
     console.print(f"text source: {rec.get('text_source') or 'none'}")

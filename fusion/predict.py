@@ -34,12 +34,34 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], di
     return cfg, load_file(str(run_dir / "model.safetensors")), load_file(str(run_dir / "norm.safetensors")), meta
 
 
+# A clip whose standardised pooled vector of a modality has a root mean square above this lies
+# far outside the training rows: those have a mean square of 1 by construction (each feature has
+# mean 0 and variance 1 over them; the demo's training rows: 0.95 median, 2.1 at most), so the
+# head's probabilities for such a clip are an extrapolation, however confident they look.
+FAR_RMS_Z = 4.0
+
+
+def rms_z(batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """Per modality, each row's root mean square of its standardised pooled vector (NaN where
+    the modality is absent): about 1 for rows like the training rows."""
+    out = {}
+    for m, d in batch.items():
+        if "pooled" not in d:
+            continue
+        z = d["pooled"].to(torch.float64)
+        r = z.square().mean(-1).sqrt().numpy() if z.shape[-1] else np.zeros(len(z))
+        out[m] = np.where(d["present"].numpy().astype(bool), r, np.nan)
+    return out
+
+
 def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """Per clip: probabilities per class and each present modality's share of the decision.
+    """Per clip: probabilities per class, each present modality's share of the decision, and
+    how far each modality lies from the training rows.
 
     A modality's share is how much the top class's probability drops when that modality is
     marked absent (the heads treat absence exactly like missing data), normalised to sum to 1
-    over the present modalities.
+    over the present modalities. Its distance is `rms_z` (None where absent); above FAR_RMS_Z
+    the clip is far outside what the run was trained on.
     """
     cfg, state, stats, meta = load_run(run_dir)
     classes = json.loads(meta.get("classes", "[]"))
@@ -62,6 +84,7 @@ def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | No
         return torch.softmax(out, -1) if n_out > 1 else out
 
     base = probs(batch)
+    far = rms_z(batch)
     results = []
     top = base.argmax(-1) if n_out > 1 else None
     drops: dict[str, torch.Tensor] = {}
@@ -79,5 +102,6 @@ def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | No
             pr = {c: float(base[i, j]) for j, c in enumerate(classes)}
         else:
             pr = {"score": float(base[i, 0])}
-        results.append({"id": fs.ids[r], "probs": pr, "shares": shares})
+        dist = {m: (None if np.isnan(v[i]) else float(v[i])) for m, v in far.items()}
+        results.append({"id": fs.ids[r], "probs": pr, "shares": shares, "rms_z": dist})
     return results

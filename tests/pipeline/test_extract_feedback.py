@@ -280,6 +280,23 @@ def test_predict_on_a_file_that_is_not_media_is_one_error_naming_it(toy, extract
     assert good.returncode == 0, good.stdout
     assert re.search(r"emotion\s+distribution", good.stdout) and "text source: transcript" in good.stdout
     assert re.search(r"^\s+transcript: a quiet word$", good.stdout, re.M), good.stdout
+    # a training clip sits where the training rows do; one unlike any of them (loud noise
+    # instead of a soft tone) is flagged as an extrapolation
+    assert "RMS z" in good.stdout and "warning:" not in good.stdout, good.stdout
+    import wave
+
+    import numpy as np
+
+    noise = tmp_path / "noise.wav"
+    x = np.random.default_rng(0).uniform(-1, 1, 16000)
+    with wave.open(str(noise), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((x * 32767).astype("<i2").tobytes())
+    far = _mmemo(["predict", str(noise), "--run", str(res.run_dir), "--text", "a quiet word"],
+                 tmp_path, env={"MMEMO_CACHE": str(cache)})
+    assert far.returncode == 0, far.stdout
+    warn = [ln for ln in far.stdout.splitlines() if ln.startswith("warning:")]
+    assert len(warn) == 1 and "audio" in warn[0] and "extrapolation" in warn[0], far.stdout
 
 
 def test_a_clip_that_fails_is_an_error_line_and_exit_1_until_allowed(toy, tmp_path):
