@@ -50,9 +50,13 @@ class Task:
 # --- task, groups, splits ---------------------------------------------------------------
 def _task(fs: FeatureSet, target: str) -> Task:
     if target == "label":
+        if not fs.classes and not fs.target_names:
+            raise DataError(f"feature set {fs.name} has no labels (no classes, no regression "
+                            "targets): nothing to fit; give its manifest labels (for `prepare folder`: a "
+                            "labels.csv with a `label` column) and extract it again")
         if not fs.classes:
             raise DataError(f"feature set {fs.name} has no classes; pick a regression target "
-                            f"from {fs.target_names}")
+                            f"with --target, one of {fs.target_names}")
         return Task("label", "classification", fs.label, fs.classes)
     if target not in fs.targets:
         raise DataError(f"feature set {fs.name} has no target {target!r} "

@@ -218,3 +218,17 @@ def test_fit_progress_plain_lines_are_throttled_and_a_terminal_gets_a_bar() -> N
     assert p.bar is not None and p.bar.bar is not None  # a rich bar, not lines
     p(_ev(2, 3, "end"))  # the last run ended: the bar is closed
     assert p.bar is None
+
+
+def test_fit_on_a_set_without_labels_says_what_is_missing() -> None:
+    from types import SimpleNamespace
+
+    from fusion.data import DataError
+    from fusion.splits import _task
+
+    bare = SimpleNamespace(name="real/offline", classes=[], target_names=[])
+    with pytest.raises(DataError, match=r"has no labels .*nothing to fit.*`label` column"):
+        _task(bare, "label")
+    regression = SimpleNamespace(name="mosi/offline", classes=[], target_names=["sentiment"])
+    with pytest.raises(DataError, match=r"pick a regression target with --target, one of \['sentiment'\]"):
+        _task(regression, "label")
