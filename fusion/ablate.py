@@ -137,10 +137,13 @@ def _check_resumable(cell_dir: Path, want: FitConfig, feature_set: str) -> None:
 def validate_grid(fs: Any, fusions: Sequence[str], subsets: list[list[str]], cfg: FitConfig
                   ) -> None:
     """Check the whole grid before the first fit: every head name, every head's options, every
-    modality name, and that each head can be built on each modality subset. A ValueError /
+    modality name, that each head can be built on each modality subset, and the split: it is
+    the same for every cell, so a set it cannot be split into (an empty test split, too few
+    groups for k folds) is one DataError here instead of one per cell. A ValueError /
     DataError names the first bad head, option or modality and what is valid."""
     from fusion.heads import HEADS, build_head
-    from fusion.splits import _task
+    from fusion.protocols import get_protocol
+    from fusion.train import labelled_rows, plan_folds
 
     if not fusions:
         raise ValueError(f"no fusion heads given; valid heads: {', '.join(HEADS)}")
@@ -150,7 +153,9 @@ def validate_grid(fs: Any, fusions: Sequence[str], subsets: list[list[str]], cfg
                          f"valid heads: {', '.join(HEADS)}")
     if not subsets:
         raise ValueError(f"no modality sets to run (the set has {list(fs.available)})")
-    n_out = _task(fs, cfg.target).n_out
+    if cfg.protocol:  # as fit applies it
+        cfg = get_protocol(cfg.protocol).config(cfg)
+    n_out = labelled_rows(fs, cfg)[0].n_out
     for f in fusions:
         opts = options_for(cfg.head_options, f)
         for mods in subsets:
@@ -158,6 +163,7 @@ def validate_grid(fs: Any, fusions: Sequence[str], subsets: list[list[str]], cfg
                 build_head(f, fs.spec(mods), n_out, **opts)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"cell {cell_name(f, mods)}: {e}") from e
+    plan_folds(fs, cfg)
 
 
 def ablate(
@@ -226,7 +232,7 @@ def _execute(todo: list, cache_root: str, dataset: str | None, out_dir: str, cfg
     errors: dict[str, str] = {}
     if not todo:
         return errors
-    total, done = len(todo), [0]
+    total, done, say = len(todo), [0], progress is None
 
     def tell(event: str, cell: str, index: int, error: str = "") -> None:
         if event == "end":
@@ -237,7 +243,7 @@ def _execute(todo: list, cache_root: str, dataset: str | None, out_dir: str, cfg
 
     if scheduler:
         return _execute_dask(todo, cache_root, dataset, out_dir, cfg, preset, key, scheduler,
-                             allow_partial, tell)
+                             allow_partial, tell, say)
     if workers <= 1:
         for i, (f, mods, c) in enumerate(todo, 1):
             tell("start", c, i)
@@ -245,7 +251,7 @@ def _execute(todo: list, cache_root: str, dataset: str | None, out_dir: str, cfg
                 _run_cell(cache_root, dataset, f, mods, c, out_dir, cell_config(cfg, f), preset,
                           key, allow_partial)
             except Exception as e:  # one bad cell must not lose the grid
-                errors[c] = _err(c, e)
+                errors[c] = _err(c, e, say)
             tell("end", c, i, errors.get(c, ""))
         return errors
     # Each process gets a fair share of the cores: oversubscribed BLAS threads are far slower.
@@ -260,14 +266,15 @@ def _execute(todo: list, cache_root: str, dataset: str | None, out_dir: str, cfg
             try:
                 fut.result()
             except Exception as e:
-                errors[futs[fut]] = _err(futs[fut], e)
+                errors[futs[fut]] = _err(futs[fut], e, say)
             tell("end", futs[fut], index[futs[fut]], errors.get(futs[fut], ""))
     return errors
 
 
 def _execute_dask(todo: list, cache_root: str, dataset: str | None, out_dir: str,
                   cfg: FitConfig, preset: str, key: str, scheduler: str,
-                  allow_partial: bool = False, tell: Any = None) -> dict[str, str]:
+                  allow_partial: bool = False, tell: Any = None, say: bool = True
+                  ) -> dict[str, str]:
     from distributed import Client
     from distributed import as_completed as dask_completed
 
@@ -282,15 +289,18 @@ def _execute_dask(todo: list, cache_root: str, dataset: str | None, out_dir: str
             try:
                 fut.result()
             except Exception as e:
-                errors[futs[fut]] = _err(futs[fut], e)
+                errors[futs[fut]] = _err(futs[fut], e, say)
             if tell is not None:
                 tell("end", futs[fut], index[futs[fut]], errors.get(futs[fut], ""))
     return errors
 
 
-def _err(cell: str, e: BaseException) -> str:
+def _err(cell: str, e: BaseException, say: bool = True) -> str:
+    """The cell's error as the table records it; logged unless a progress callback already
+    tells the person (`mmemo ablate` prints each failed cell once as it ends, and lists them)."""
     msg = f"{type(e).__name__}: {e}"
-    log.warning("ablation cell %s failed: %s", cell, msg)
+    if say:
+        log.warning("ablation cell %s failed: %s", cell, msg)
     return msg
 
 

@@ -110,7 +110,7 @@ def _plan(fs: FeatureSet, task: Task, usable: np.ndarray, groups: np.ndarray, sp
                 have = {str(k): int(c) for k, c in zip(*np.unique(sp, return_counts=True),
                                                        strict=True)}
                 raise DataError(f"feature set {fs.name}: the {nm!r} split is empty among "
-                                f"completed, labelled rows (splits: {have}); try split='kfold'")
+                                f"completed, labelled rows (splits: {have}); try k-fold (--split kfold)")
         if len(val) == 0:
             train, val = _carve_val(train, groups, val_fraction)
         plan = [Fold(train, val, test)]

@@ -64,6 +64,25 @@ class RunResult:
     log: list[dict] = field(default_factory=list)
 
 
+def labelled_rows(fs: FeatureSet, cfg: FitConfig, dataset: str | None = None
+                  ) -> tuple[Task, dict[str, int], np.ndarray]:
+    """The task `cfg` asks for on `fs` (its fit-time label set applied), the labels it left
+    out, and the rows a fit can use: extracted and labelled."""
+    task = _task(fs, cfg.target)
+    left_out: dict[str, int] = {}
+    if cfg.labels:
+        task, left_out = relabel(task, fs.meta.dataset or dataset or "", cfg.labels)
+    return task, left_out, np.flatnonzero(fs.complete & task.labelled())
+
+
+def plan_folds(fs: FeatureSet, cfg: FitConfig, dataset: str | None = None) -> list[Fold]:
+    """The folds a fit with `cfg` (a protocol's settings already applied) splits `fs` into,
+    without a cross-dataset test set; a DataError exactly where `fit` would raise one. The
+    folds do not depend on the modalities, so an ablation checks them once for all cells."""
+    task, _, usable = labelled_rows(fs, cfg, dataset)
+    return _plan(fs, task, usable, _groups(fs, cfg.group_by), cfg.split, cfg.folds, cfg.val_fraction)
+
+
 # --- public entry point -----------------------------------------------------------------
 def fit(
     cache_root: Path | str,
@@ -116,11 +135,7 @@ def fit(
     fs = open_set(cache_root, dataset, preset=preset, key=key)
     coverage = fs.require_complete(allow_partial)
     mods = fs.resolve(modalities)
-    task = _task(fs, cfg.target)
-    left_out: dict[str, int] = {}
-    if cfg.labels:
-        task, left_out = relabel(task, fs.meta.dataset or dataset or "", cfg.labels)
-    usable = np.flatnonzero(fs.complete & task.labelled())
+    task, left_out, usable = labelled_rows(fs, cfg, dataset)
     warnings = fs.check(mods, usable) + overridden
     if proto is not None and fs.meta.dataset not in (None, proto.dataset):
         warnings.append(f"protocol {proto.name} is for dataset {proto.dataset!r}; this set is "

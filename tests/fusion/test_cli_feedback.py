@@ -109,6 +109,22 @@ def test_ablate_bad_modality_names_fail_before_any_fit(cache: Path, tmp_path: Pa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("split,needle", [("official", "the 'test' split is empty"),
+                                          ("kfold", "5-fold needs at least 5 groups")])
+def test_ablate_on_a_set_it_cannot_split_is_one_error_before_any_cell(tmp_path: Path, split: str,
+                                                                      needle: str) -> None:
+    # every row in "train" (no test split) and 4 speakers (too few groups for 5 folds): the
+    # split is the same for every cell, so it fails once, up front, not once per cell
+    cache = tmp_path / "cache"
+    write_feature_set(cache, n=60, n_groups=4, splits=None)
+    r = _invoke("ablate", "--dataset", "synth", "--cache", cache, "--runs", tmp_path / "runs",
+                "--fusion", "early,hybrid", "--modalities", "all,singles", "--name", "g",
+                "--split", split, "--folds", "5", *QUICK)
+    assert r.exit_code != 0, r.output
+    _one_error_line(r, needle)
+    assert "cell 1/" not in r.output and not (tmp_path / "runs").exists()
+
+
 def test_ablate_exits_nonzero_when_a_cell_failed_and_shows_progress(cache: Path, tmp_path: Path,
                                                                     monkeypatch) -> None:
     import fusion.ablate as A
