@@ -321,6 +321,8 @@ NormOpt = typer.Option("global", "--normalise", help="global | speaker: with spe
                        "(no labels; a held-out speaker by its own; the set must be grouped by speaker).")
 ThreadsOpt = typer.Option(None, "--threads", help="Torch threads (default: the cores, at most 4).")
 SeedsOpt = typer.Option(3, "--seeds", help="How many seeds (0..N-1) to train; scores are mean ± std over them.")
+GroupByOpt = typer.Option(None, "--group-by", help="Clip field that groups clips for validation and "
+                          "folds (speaker, dialogue_id, ...; default: the set's; 'none': ungrouped).")
 SplitOpt = typer.Option("official", "--split", help="official (the set's train/val/test) | kfold (grouped k-fold).")
 FoldsOpt = typer.Option(5, "--folds", help="Folds for --split kfold.")
 EpochsOpt = typer.Option(40, "--epochs", help="Most epochs (early stopping on validation).")
@@ -341,8 +343,7 @@ def fit(
     preset: str = PresetFitOpt,
     split: str = SplitOpt,
     folds: int = FoldsOpt,
-    group_by: str = typer.Option(None, "--group-by", help="Clip field that groups clips for validation and "
-                                 "folds (speaker, dialogue_id, ...; default: the set's; 'none': ungrouped)."),
+    group_by: str = GroupByOpt,
     epochs: int = EpochsOpt,
     target: str = typer.Option("label", "--target", help="label | sentiment | valence | arousal"),
     device: str = typer.Option("cpu", "--device", help="Torch device: cpu | cuda | cuda:N."),
@@ -411,6 +412,7 @@ def ablate(
     scheduler: str = typer.Option(None, "--scheduler", help="Dask scheduler address (tcp://host:port) to run the cells on."),
     split: str = SplitOpt,
     folds: int = FoldsOpt,
+    group_by: str = GroupByOpt,
     epochs: int = EpochsOpt,
     runs: Path = RunsOpt,
     opt: list[str] = OptOpt,
@@ -430,7 +432,7 @@ def ablate(
 ) -> None:
     """Run a fusion × modality-subset × seed grid; resumable; writes csv, Markdown, plot.
 
-    The whole grid (heads, options, modality names) is checked before the first cell runs;
+    The whole grid (heads, options, modality names, the split) is checked before the first cell runs;
     the exit code is 1 when any cell failed."""
     from fusion.ablate import ablate as do_ablate
     from fusion.config import FitConfig
@@ -448,7 +450,7 @@ def ablate(
     else:
         msets = [_split_list(s) for s in modalities.split(";")]
     try:
-        cfg = FitConfig(seeds=seeds, split=split, folds=folds, epochs=epochs,
+        cfg = FitConfig(seeds=seeds, split=split, folds=folds, group_by=group_by, epochs=epochs,
                         head_options=_head_opts(opt, heads), lr=lr, batch_size=batch_size,
                         patience=patience, modality_dropout=modality_dropout, threads=threads,
                         labels=labels, warm_start=warm_start, normalise=normalise,

@@ -125,6 +125,20 @@ def test_ablate_on_a_set_it_cannot_split_is_one_error_before_any_cell(tmp_path: 
     assert "cell 1/" not in r.output and not (tmp_path / "runs").exists()
 
 
+def test_ablate_groups_like_fit_does(tmp_path: Path) -> None:
+    # 4 speakers cannot make 5 speaker-disjoint folds; the error says what to change, and
+    # ablate takes --group-by none as fit does: then the rows are split, not the speakers
+    cache = tmp_path / "cache"
+    write_feature_set(cache, n=60, n_groups=4, splits=None)
+    args = ["ablate", "--dataset", "synth", "--cache", cache, "--runs", tmp_path / "runs",
+            "--fusion", "early", "--modalities", "audio", "--name", "g", "--split", "kfold",
+            "--folds", "5", *QUICK]
+    _one_error_line(_invoke(*args), "there are 4 (grouped by", "--group-by none")
+    r = _invoke(*args, "--group-by", "none")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "runs" / "g" / "early__audio" / "metrics.json").is_file()
+
+
 def test_ablate_exits_nonzero_when_a_cell_failed_and_shows_progress(cache: Path, tmp_path: Path,
                                                                     monkeypatch) -> None:
     import fusion.ablate as A
