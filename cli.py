@@ -559,19 +559,33 @@ def _cache(cache: Path | None) -> Path:
     return cache if cache is not None else Path(os.environ.get("MMEMO_CACHE") or "cache")
 
 
+def _existing_cache(cache: Path | None) -> Path:
+    """The cache folder for commands that only read or tidy one: a folder that does not exist
+    is an error (a mistyped --cache / $MMEMO_CACHE), not an empty cache."""
+    root = _cache(cache)
+    if not root.is_dir():
+        _fail(f"{root}: no such cache folder (check --cache / $MMEMO_CACHE; `mmemo extract` "
+              "creates one)")
+    return root
+
+
 @cache_app.command("ls")
 def cache_ls(cache: Path = CacheOpt) -> None:
     """Feature sets: sizes, clip counts, completeness, who/when, preset."""
     from pipeline.cachetools import list_sets
 
-    rows = list_sets(_cache(cache))
-    t = Table(title=f"feature sets in {_cache(cache)}")
+    root = _existing_cache(cache)
+    rows = list_sets(root)
+    t = Table(title=f"feature sets in {root}")
     for col in ("key", "aliases", "clips", "units done", "failures", "size", "created"):
         t.add_column(col)
     for r in rows:
         t.add_row(r["key"], ", ".join(r["aliases"]), str(r["n"]), f"{r['done']}/{r['units']}",
                   str(r["failures"]), r["size_h"], f"{r['created_by']} {r['created_at']}")
     console.print(t)
+    if not rows:
+        console.print(f"no feature sets in {root} yet (`mmemo extract` writes them)", markup=False,
+                      soft_wrap=True)
 
 
 @cache_app.command("info")
@@ -604,10 +618,13 @@ def cache_verify(
     """Check every chunk against its recorded checksum; find missing/incomplete units."""
     from pipeline.cachetools import repair_set, verify
 
+    root = _existing_cache(cache)
     try:
-        reports = verify(_cache(cache), key)
+        reports = verify(root, key)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
+    if not reports:
+        console.print(f"no feature sets in {root}: nothing to verify", markup=False, soft_wrap=True)
     bad = False
     for r in reports:
         status = "[green]clean[/green]" if r.clean else "[red]PROBLEMS[/red]"
@@ -663,8 +680,15 @@ def cache_gc(
     """Remove stale claims, orphaned temporaries and (unless kept) unreferenced sets."""
     from pipeline.cachetools import gc
 
-    for action in gc(_cache(cache), dry_run=dry_run, keep_unreferenced=keep_unreferenced):
-        console.print(("would remove " if dry_run else "removed ") + action)
+    root = _existing_cache(cache)
+    actions = list(gc(root, dry_run=dry_run, keep_unreferenced=keep_unreferenced))
+    for action in actions:
+        console.print(("would remove " if dry_run else "removed ") + action, markup=False, soft_wrap=True)
+    if not actions:
+        console.print(f"nothing to remove in {root}", markup=False, soft_wrap=True)
+    else:
+        console.print(f"{len(actions)} item(s) {'would be removed' if dry_run else 'removed'} in {root}"
+                      + (" (--dry-run: nothing was touched)" if dry_run else ""), markup=False, soft_wrap=True)
 
 
 @import_app.command("csd")

@@ -262,3 +262,20 @@ def test_fit_on_a_set_without_labels_says_what_is_missing() -> None:
     regression = SimpleNamespace(name="mosi/offline", classes=[], target_names=["sentiment"])
     with pytest.raises(DataError, match=r"pick a regression target with --target, one of \['sentiment'\]"):
         _task(regression, "label")
+
+
+def test_cache_commands_on_a_mistyped_cache_folder_say_so(tmp_path: Path) -> None:
+    # a cache folder that does not exist is an error, not an empty cache (a typo in --cache or
+    # $MMEMO_CACHE used to list nothing, verify nothing and collect nothing, all with exit 0)
+    missing = tmp_path / "cahce"
+    for cmd in (["cache", "ls"], ["cache", "verify"], ["cache", "gc"], ["cache", "gc", "--dry-run"]):
+        r = _invoke(*cmd, "--cache", missing)
+        assert r.exit_code == 2, (cmd, r.output)
+        _one_error_line(r, str(missing), "no such cache folder")
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for cmd, said in ((["cache", "ls"], "no feature sets"), (["cache", "verify"], "nothing to verify"),
+                      (["cache", "gc"], "nothing to remove")):
+        r = _invoke(*cmd, "--cache", empty)
+        assert r.exit_code == 0 and said in r.output, (cmd, r.output)
