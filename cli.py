@@ -171,9 +171,16 @@ def prepare(
     opt: list[str] = typer.Option(None, "--opt", help="Recipe option KEY=VALUE, repeatable: "
                                   "cremad labels=av, ravdess folds=6, iemocap media=wav, mosi folds=FILE."),
     list_: bool = typer.Option(False, "--list", help="List the recipes, the layout each expects and its labels."),
+    allow_failures: bool = typer.Option(False, "--allow-failures", help="Exit 0 although rows were "
+                                        "skipped (they are still named)."),
     out: Path = ManifestsOpt,
 ) -> None:
-    """Write JSONL manifests for a dataset on disk."""
+    """Write JSONL manifests for a dataset on disk.
+
+    A row that cannot become a clip (missing or refused media, an oversized field) is one
+    `error:` line and is left out; the manifests hold the rest, and the exit code is 1 (0 with
+    --allow-failures). A row kept with a gap (e.g. MELD without its video: transcript only) is
+    a `warning:` line."""
     from rich.markup import escape
 
     from pipeline.recipes import RECIPES, describe
@@ -225,17 +232,24 @@ def prepare(
                        for c in clips)
         t.add_row(split, str(len(clips)), str(labelled))
     console.print(t)
-    for cid, reason in res.missing[:10]:
-        console.print(f"[yellow]problem[/yellow] {escape(cid)}: {escape(reason)}", soft_wrap=True)
-    if len(res.missing) > 10:
-        console.print(f"[yellow]... and {len(res.missing) - 10} more rows with a problem "
-                      "(missing media, refused path, oversized field)[/yellow]")
+    skipped, gaps = res.left_out, res.kept_with_gaps
+    for rows, tag in ((skipped, "[red]error:[/red]"), (gaps, "[yellow]warning:[/yellow]")):
+        for cid, reason in rows[:10]:
+            console.print(f"{tag} {escape(cid)}: {escape(reason)}", soft_wrap=True)
+        if len(rows) > 10:
+            what = "rows left out" if rows is skipped else "rows kept with a gap"
+            console.print(f"{tag} ... and {len(rows) - 10} more {what}", soft_wrap=True)
     if space is not None:
         n = res.info["label_space_counts"]
         gone = n["left_out"]
         which = f" ({', '.join(f'{k}: {v}' for k, v in gone.items())})" if gone else ""
         console.print(escape(f"{space}: mapped {n['mapped']} ({n['soft']} soft), left out "
                              f"{sum(gone.values())}{which}"), soft_wrap=True)
+    if skipped and not allow_failures:
+        console.print(f"{len(skipped)} row(s) left out (above); the manifests hold the other "
+                      f"{res.n_clips} clips. Exit 1; `--allow-failures` exits 0 with rows left out.",
+                      markup=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 # --- extract ---------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Dataset recipes: one `prepare()` per corpus turns its official layout into manif
 
 A recipe reads a corpus where it lies (never copies media), writes
 `<out>/<name>/<split>.jsonl` plus `<out>/<name>/dataset.json`, and returns a `PrepareResult`.
-Missing media is reported per clip in `PrepareResult.missing` and is never fatal: what each
-recipe does with such a clip (keep it text-only, or leave it out) is documented in its module.
+Missing media is reported per clip in `PrepareResult.missing` and never stops a recipe: what
+each recipe does with such a clip (keep it text-only, or leave it out) is documented in its
+module. `mmemo prepare` prints a row left out as an `error:` line and exits 1 (0 with
+--allow-failures), a clip kept with a gap as a `warning:` line.
 
 Splits are never random per utterance: when a corpus has no official split for some data, the
 split is derived from a stable hash of the grouping key (speaker, conversation), so the same
@@ -43,13 +45,25 @@ class PrepareResult:
 
     dataset: str
     splits: dict[str, list[Clip]]
-    missing: list[tuple[str, str]] = field(default_factory=list)  # (clip id, reason)
+    # (clip id, reason); every recipe ends a reason with what it did: "...; skipped" (the row
+    # is not in the manifests) or "...; kept <how>" (it is, with a gap: text-only, one split)
+    missing: list[tuple[str, str]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # the dataset.json content
     paths: dict[str, Path] = field(default_factory=dict)  # split / "dataset" -> file
 
     @property
     def n_clips(self) -> int:
         return sum(len(v) for v in self.splits.values())
+
+    @property
+    def left_out(self) -> list[tuple[str, str]]:
+        """The problems whose row did not become a clip (bad input a person must hear about)."""
+        return [(cid, why) for cid, why in self.missing if why.rstrip().endswith("skipped")]
+
+    @property
+    def kept_with_gaps(self) -> list[tuple[str, str]]:
+        """The problems whose clip is in the manifests anyway (e.g. no video: transcript only)."""
+        return [(cid, why) for cid, why in self.missing if not why.rstrip().endswith("skipped")]
 
 
 def hash_fraction(key: str) -> float:
