@@ -142,6 +142,9 @@ def test_cli_prepare_labels_plutchik_and_folder_labels_file(tmp_path: Path) -> N
     r = runner.invoke(app, ["prepare", "meld", "--root", str(_meld(tmp_path / "MELD")), "--labels",
                             "plutchik", "--name", "meld_p", "--manifests", str(m)], env=env)
     assert r.exit_code == 0 and "plutchik: mapped 4 (0 soft), left out 0" in r.output
+    # MELD without its videos: every clip kept transcript-only, a warning each, not an error
+    said = [ln.split(":")[0] for ln in r.output.splitlines() if ln.startswith(("warning:", "error:"))]
+    assert said == ["warning"] * 4 and "transcript-only" in r.output, r.output
     assert read_dataset_info("meld_p", m)["classes"] == WHEEL
     # the folder recipe's --labels FILE keeps its meaning ...
     root = tmp_path / "mine"
