@@ -77,7 +77,9 @@ def run_row(m: dict) -> dict[str, Any]:
         "run": Path(m.get("run", "?")).name,
         "fusion": m.get("fusion", "?"),
         "modalities": "+".join(m.get("modalities", [])),
-        "n train/test": f"{m.get('n_train', '?')}/{m.get('n_test', '?')}",
+        # k-fold: the training rows of one fold (their mean) and the test rows of all folds
+        "n train/test": (f"{m.get('n_train', '?')}/{m.get('n_test', '?')}" if (m.get("folds") or 1) <= 1
+                         else f"{m.get('n_train', '?')} per fold / {m.get('n_test', '?')} in all"),
         "seeds": m.get("n_seeds", len(m.get("seeds", [])) or 1),
     }
     for key, label in cols:

@@ -279,3 +279,12 @@ def test_cache_commands_on_a_mistyped_cache_folder_say_so(tmp_path: Path) -> Non
                       (["cache", "gc"], "nothing to remove")):
         r = _invoke(*cmd, "--cache", empty)
         assert r.exit_code == 0 and said in r.output, (cmd, r.output)
+
+
+def test_the_run_row_says_how_kfold_counts_its_rows() -> None:
+    from fusion.report import run_row
+
+    one = run_row({"n_train": 80, "n_test": 20, "folds": 1, "seeds": [{}]})
+    assert one["n train/test"] == "80/20"
+    five = run_row({"n_train": 9, "n_test": 14, "folds": 5, "seeds": [{}]})
+    assert five["n train/test"] == "9 per fold / 14 in all"
