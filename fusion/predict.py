@@ -84,7 +84,8 @@ def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | No
         return torch.softmax(out, -1) if n_out > 1 else out
 
     base = probs(batch)
-    far = rms_z(batch)
+    # only modalities the run standardised (a pooled vector left raw has no scale to compare)
+    far = {m: v for m, v in rms_z(batch).items() if f"{m}.pooled.mean" in stats}
     results = []
     top = base.argmax(-1) if n_out > 1 else None
     drops: dict[str, torch.Tensor] = {}
