@@ -131,7 +131,8 @@ def paper_line(m: dict, protocol: Protocol | None = None) -> str:
     """One result as papers print it: percentages for rates, 3 decimals for MAE / Corr,
     with the linear-probe and trivial baselines in brackets.
 
-    e.g. ``meld-official · text · weighted F1 55.6 | WA 58.1   (probe 54.0 | 57.2; majority …)``
+    e.g. ``meld-official · text · weighted F1 55.6 | WA 58.1   (probe 54.0 | 57.2; majority …;
+    n test 2610)``
     """
     keys = protocol.reported if protocol else (m.get("headline"),)
     base = m.get("majority_baseline") or m.get("mean_baseline") or {}
@@ -148,6 +149,8 @@ def paper_line(m: dict, protocol: Protocol | None = None) -> str:
     if base:
         tail.append(f"{'majority' if 'majority_baseline' in m else 'mean'} "
                     f"{' | '.join(show(base, k) for k in keys)}")
+    if m.get("n_test") is not None:
+        tail.append(f"n test {m['n_test']}")
     name = protocol.name if protocol else (m.get("protocol") or m.get("dataset") or "")
     if m.get("test_dataset"):
         name = f"{m.get('dataset')} → {m['test_dataset']} ({m.get('labels') or 'same classes'})"

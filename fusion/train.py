@@ -64,6 +64,9 @@ class RunResult:
     log: list[dict] = field(default_factory=list)
 
 
+FEW_TEST_ROWS = 30  # fewer test rows than this: the result says how coarse its scores are
+
+
 def labelled_rows(fs: FeatureSet, cfg: FitConfig, dataset: str | None = None
                   ) -> tuple[Task, dict[str, int], np.ndarray]:
     """The task `cfg` asks for on `fs` (its fit-time label set applied), the labels it left
@@ -151,6 +154,13 @@ def fit(
         task = cross.task
     else:
         plan = _plan(fs, task, usable, groups, cfg.split, cfg.folds, cfg.val_fraction)
+    n_test = sum(len(f.test) for f in plan)
+    if n_test < FEW_TEST_ROWS:
+        more = "" if len(plan) > 1 or cross is not None else (
+            "; --split kfold tests every clip once")
+        warnings.append(f"{n_test} test clip(s) in all: one clip moves accuracy by "
+                        f"{100 / max(n_test, 1):.0f} points, so read these scores as a rough "
+                        f"indication{more}")
     seed_list = list(cfg.seeds)
     fusion_name = fusion if isinstance(fusion, str) else getattr(fusion, "__name__", "custom")
     name = name or f"{fs.attrs.get('dataset', 'set')}-{fusion_name}-{'+'.join(mods)}"

@@ -288,3 +288,17 @@ def test_the_run_row_says_how_kfold_counts_its_rows() -> None:
     assert one["n train/test"] == "80/20"
     five = run_row({"n_train": 9, "n_test": 14, "folds": 5, "seeds": [{}]})
     assert five["n train/test"] == "9 per fold / 14 in all"
+
+
+def test_a_fit_on_few_test_clips_says_how_coarse_its_scores_are(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    write_feature_set(cache, n=40, n_groups=10)  # official split: 20 % of 10 speakers to test
+    r = _invoke("fit", "--dataset", "synth", "--cache", cache, "--runs", tmp_path / "runs",
+                "--fusion", "early", "--modalities", "audio", *QUICK)
+    assert r.exit_code == 0, r.output
+    m = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
+    n = m["n_test"]
+    assert n < 30 and f"n test {n})" in r.output, r.output
+    warn = [w for w in m["warnings"] if "test clip(s) in all" in w]
+    assert len(warn) == 1 and f"{100 / n:.0f} points" in warn[0] and "--split kfold" in warn[0]
+    assert "warning: " + warn[0][:20] in r.output

@@ -63,6 +63,8 @@ def test_paper_line_prints_like_papers() -> None:
     line = paper_line(m, PROTOCOLS["meld-official"])
     assert line.startswith("meld-official · text · weighted F1 55.6 | WA 58.1")
     assert "probe 54.0 | 57.0" in line and "majority 31.0 | 48.0" in line
+    assert "n test" not in line  # not known: not made up
+    assert paper_line(m | {"n_test": 1109}, PROTOCOLS["meld-official"]).endswith("; n test 1109)")
     r = {"modalities": ["audio", "text"], "mae": 0.7123, "corr": 0.61, "acc2": 0.8,
          "acc2_nonzero": 0.82, "f1": 0.79, "f1_nonzero": 0.815, "acc7": 0.4}
     line = paper_line(r, PROTOCOLS["mosei-standard"])
