@@ -224,6 +224,14 @@ class FeatureSet:
         if isinstance(modalities, str):
             modalities = list(self.available) if modalities == "all" else modalities.split(",")
         mods = [m.strip() for m in modalities if m.strip()]
+        if not mods and not self.modalities:
+            raise DataError(f"feature set {self.name} has no feature modalities, only labels or "
+                            "targets (e.g. an imported labels .csd): nothing to fit on; import the "
+                            "features beside it or extract the media")
+        if not mods and not self.available:
+            raise DataError(f"feature set {self.name}: none of its modalities "
+                            f"({', '.join(self.modalities)}) is present on any finished clip "
+                            "(did every clip fail? `mmemo cache info` shows the ledger)")
         if not mods:
             raise DataError(f"feature set {self.name}: no modalities asked for")
         unknown = [m for m in mods if m not in self.modalities]

@@ -302,3 +302,13 @@ def test_a_fit_on_few_test_clips_says_how_coarse_its_scores_are(tmp_path: Path) 
     warn = [w for w in m["warnings"] if "test clip(s) in all" in w]
     assert len(warn) == 1 and f"{100 / n:.0f} points" in warn[0] and "--split kfold" in warn[0]
     assert "warning: " + warn[0][:20] in r.output
+
+
+def test_fit_on_a_set_where_no_modality_is_present_says_so(tmp_path: Path) -> None:
+    from fusion.data import DataError
+    from fusion.train import fit
+
+    cache = tmp_path / "cache"
+    write_feature_set(cache, n=40, n_groups=10, absent_frac=1.0)  # as if every clip failed
+    with pytest.raises(DataError, match=r"none of its modalities \(audio, text, visual\) is present"):
+        fit(cache, "synth", "early", "all", runs_dir=tmp_path / "runs", epochs=1)

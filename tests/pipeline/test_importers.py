@@ -66,6 +66,12 @@ def test_real_mosi_opinion_labels_import(tmp_path):
     assert import_csd(csd, cache, dataset="mosi") == key
     after = sorted(p.stat().st_mtime_ns for p in (cache / "sets" / key / "units").glob("*.done"))
     assert before == after
+    # labels only: a fit on it says that there is nothing to fit on, not "no modalities asked for"
+    from fusion.data import DataError
+    from fusion.train import fit
+
+    with pytest.raises(DataError, match=r"has no feature modalities, only labels or targets"):
+        fit(cache, "mosi", "early", "all", preset="csd", target="sentiment", runs_dir=tmp_path / "r")
 
 
 def _write_csd(path, root, videos, meta=None):
