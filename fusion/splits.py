@@ -131,10 +131,10 @@ def _kfold(fs: FeatureSet, task: Task, usable: np.ndarray, groups: np.ndarray, f
     g = groups[usable]
     n_groups = len(np.unique(g))
     if folds < 2 or n_groups < folds:
-        by = f"grouped by {fs.group_by!r}" if fs.group_by and n_groups < len(g) else "one per clip"
+        grouped = bool(fs.group_by) and n_groups < len(g)
+        by = f"grouped by {fs.group_by!r}" if grouped else "one per clip"
         hint = (f"; lower --folds, or --group-by none to split clips instead (the same "
-                f"{fs.group_by} then appears in training and test)" if "grouped" in by and folds >= 2
-                else "")
+                f"{fs.group_by} then appears in training and test)" if grouped and folds >= 2 else "")
         raise DataError(f"feature set {fs.name}: {folds}-fold needs at least {max(folds, 2)} "
                         f"groups, there are {n_groups} ({by}){hint}")
     if task.kind == "classification":

@@ -202,9 +202,10 @@ def failure_line(f: dict[str, Any]) -> str:
     return f"{where}: {msg}"
 
 
-def set_overview(store: Store, key: str) -> dict[str, Any]:
+def set_overview(store: Store, key: str, ledger: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The whole set as it stands: clips in finished units, per-modality present counts over
-    them, and the ledger's failed clips (every run, not just this one)."""
+    them, and the ledger's failed clips (every run, not just this one; `ledger`: the rows
+    already read, else they are read here)."""
     import zarr
 
     fs = store.open(key)
@@ -212,14 +213,14 @@ def set_overview(store: Store, key: str) -> dict[str, Any]:
     group = zarr.open_group(fs.path, mode="r")
     present = {m: int((np.asarray(group[cachefmt.present(m)][:], bool) & done).sum())
                for m in fs.layout.modalities}
-    ledger = fs.failures()
+    ledger = fs.failures() if ledger is None else ledger
     return {"n": fs.layout.n, "done_clips": int(done.sum()), "done_units": len(fs.done_units()),
             "units": fs.layout.n_units, "present": present,
             "failed_clips": len({r.get("id") for r in ledger}), "path": fs.path}
 
 
 def print_summary(summary: Summary, store: Store, console: Console, rate: float | None = None) -> None:
-    ov = set_overview(store, summary.key)
+    ov = set_overview(store, summary.key, summary.set_failures)  # run_extract read the ledger
     t = Table(title=f"extract summary — {summary.dataset} ({summary.key})")
     t.add_column("what")
     t.add_column("value", justify="right")

@@ -58,12 +58,16 @@ class PrepareResult:
     @property
     def left_out(self) -> list[tuple[str, str]]:
         """The problems whose row did not become a clip (bad input a person must hear about)."""
-        return [(cid, why) for cid, why in self.missing if why.rstrip().endswith("skipped")]
+        return [p for p in self.missing if _skipped(p[1])]
 
     @property
     def kept_with_gaps(self) -> list[tuple[str, str]]:
         """The problems whose clip is in the manifests anyway (e.g. no video: transcript only)."""
-        return [(cid, why) for cid, why in self.missing if not why.rstrip().endswith("skipped")]
+        return [p for p in self.missing if not _skipped(p[1])]
+
+
+def _skipped(reason: str) -> bool:
+    return reason.rstrip().endswith("skipped")
 
 
 def hash_fraction(key: str) -> float:

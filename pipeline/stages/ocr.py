@@ -697,8 +697,9 @@ class RapidOcr(SubtitleOcr):
                 )
         self.engine = RapidOCR(params=self._params())
         # one detection and one recognition on blank images: a session's first run sets up its
-        # buffers (about 0.2 s here), which start-up pays instead of the first clip's OCR time. rapidocr keeps use_det / use_rec from call to call, so the
-        # detection call comes last and sets both back, and _read names them on every call.
+        # buffers (about 0.2 s here), which start-up pays instead of the first clip's OCR time.
+        # rapidocr keeps use_det / use_rec from call to call, so the detection call comes last
+        # and sets both back, and _read names them on every call.
         blank = np.zeros((64, 320, 3), dtype=np.uint8)
         self.engine(blank[:48], use_det=False, use_cls=False, use_rec=True)
         self.engine(blank, use_det=True, use_cls=False, use_rec=True)

@@ -298,7 +298,9 @@ def test_predict_on_a_file_that_is_not_media_is_one_error_naming_it(toy, extract
     noise = tmp_path / "noise.wav"
     x = np.random.default_rng(0).uniform(-1, 1, 16000)
     with wave.open(str(noise), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
         w.writeframes((x * 32767).astype("<i2").tobytes())
     far = _mmemo(["predict", str(noise), "--run", str(res.run_dir), "--text", "a quiet word"],
                  tmp_path, env={"MMEMO_CACHE": str(cache)})
