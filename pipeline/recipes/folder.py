@@ -3,8 +3,9 @@
 Expected layout::
 
     <root>/labels.csv     optional; columns id,video,audio,text,title,label,speaker,split
-                          (``id`` and one of ``video`` / ``audio`` are required, the rest
-                          optional; any other column goes into ``metadata``, numbers parsed)
+                          and the continuous targets sentiment,valence,arousal (``id`` and
+                          one of ``video`` / ``audio`` are required, the rest optional; any
+                          other column goes into ``metadata``, numbers parsed)
     <root>/classes.txt    optional; one class name per line, fixes the class order
     <root>/**/*.mp4|.wav  the media, paths in labels.csv relative to <root>
 
@@ -14,6 +15,11 @@ audio file with the same relative stem make one clip.
 Decisions:
 
 * ``text`` becomes the transcript, ``title`` the conditioning text, ``label`` the emotion.
+* ``sentiment`` / ``valence`` / ``arousal`` are regression targets (``mmemo fit --target
+  valence``), stored as given (any scale); an empty cell is "not rated". In a column with
+  numbers, a cell that is not a finite number is that row's problem: reported, the row
+  skipped. A column with no number at all (``sentiment`` as positive / negative words) stays
+  metadata, as any other column.
 * Classes: ``classes.txt`` if present (a label not in it is an error naming the line), else the
   sorted unique labels.
 * Split: the ``split`` column where filled, else a deterministic hash split grouped by speaker
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -49,9 +56,11 @@ from pipeline.recipes.common import (
     write_result,
 )
 
-LAYOUT = ("labels.csv (id,video,audio,text,title,label,speaker,split; optional), "
+LAYOUT = ("labels.csv (id,video,audio,text,title,label,speaker,split and the targets "
+          "sentiment,valence,arousal; optional), "
           "classes.txt (optional), media under the root")
 CLASSES: list[str] = []  # the dataset's own labels (labels.csv / classes.txt)
+TARGET_COLUMNS = ("sentiment", "valence", "arousal")  # continuous labels (regression targets)
 KNOWN = ("id", "video", "audio", "text", "title", "label", "speaker", "split")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -88,6 +97,43 @@ def _value(text: str) -> Any:
         except ValueError:
             pass
     return s
+
+
+def task_info(classes: list[str], clips: list[Clip]) -> dict[str, Any]:
+    """dataset.json's `task` and `targets` for clips read from a labels.csv: classification
+    when there are classes, else regression when a clip has a continuous target, else none."""
+    targets = [t for t in TARGET_COLUMNS if any(getattr(c.labels, t) is not None for c in clips)]
+    task = "classification" if classes else "regression" if targets else "none"
+    return {"task": task, "targets": targets}
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        return math.isfinite(float(cell))
+    except ValueError:
+        return False
+
+
+def target_columns(rows: list[tuple[int, dict[str, str]]]) -> tuple[str, ...]:
+    """The target columns that hold at least one number (the others stay metadata)."""
+    return tuple(c for c in TARGET_COLUMNS
+                 if any(_is_number(r.get(c, "").strip()) for _, r in rows))
+
+
+def _targets(row: dict[str, str], columns: tuple[str, ...]) -> tuple[dict[str, float], list[str]]:
+    """The row's continuous targets, and one problem per cell that is not a finite number."""
+    values: dict[str, float] = {}
+    problems: list[str] = []
+    for col in columns:
+        cell = row.get(col, "").strip()
+        if not cell:
+            continue
+        if _is_number(cell):
+            values[col] = float(cell)
+        else:
+            shown = cell if len(cell) <= 40 else cell[:40] + "..."
+            problems.append(f"field '{col}': '{shown}' is not a finite number")
+    return values, problems
 
 
 MAX_FIELD_CHARS = 131_072  # longest labels.csv field kept (the csv module's default limit)
@@ -150,6 +196,7 @@ def _parse_rows(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict[
 def _row_clip(
     row: dict[str, str], line: int, csv_path: Path, root: Path, dataset: str,
     classes: list[str] | None, keep_missing: bool, fractions: dict[str, float] | None,
+    target_cols: tuple[str, ...] = (),
 ) -> tuple[Clip | None, str | None]:
     """A clip for one csv row, or (None, reason) when its media cannot be used."""
     huge = [(k, len(v)) for k, v in row.items() if len(v) > MAX_FIELD_CHARS]
@@ -157,6 +204,9 @@ def _row_clip(
         return None, (f"{csv_path.name}:{line}: " + "; ".join(
             f"field '{k}' is {n:,} characters (at most {MAX_FIELD_CHARS:,})" for k, n in huge)
             + "; skipped")
+    targets, bad_targets = _targets(row, target_cols)
+    if bad_targets:
+        return None, f"{csv_path.name}:{line}: {'; '.join(bad_targets)}; skipped"
     media: dict[str, str | None] = {}
     problems: list[str] = []
     for col in ("video", "audio"):
@@ -188,8 +238,10 @@ def _row_clip(
         title=row.get("title", "").strip() or None,
         speaker=speaker,
         labels=Labels(emotion=label,
-                      emotion_idx=classes.index(label) if label and classes else None),
-        metadata={k: _value(v) for k, v in row.items() if k not in KNOWN and v.strip()},
+                      emotion_idx=classes.index(label) if label and classes else None,
+                      **targets),
+        metadata={k: _value(v) for k, v in row.items()
+                  if k not in KNOWN and k not in target_cols and v.strip()},
     )
     return clip, (f"{csv_path.name}:{line}: {'; '.join(problems)}; kept text-only"
                   if problems else None)
@@ -207,9 +259,10 @@ def clips_from_csv(
     clips: list[Clip] = []
     missing: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
+    target_cols = target_columns(rows)
     for line, row in rows:
         clip, problem = _row_clip(row, line, path, root, dataset, classes, keep_missing,
-                                  fractions)
+                                  fractions, target_cols)
         raw_id = row.get("id", "").strip()
         cid = clip.id if clip else sanitize_id(raw_id if 0 < len(raw_id) <= 200 else f"line{line}")
         if problem:
@@ -288,7 +341,7 @@ def prepare(
         splits.setdefault(c.split, []).append(c)
     info = {
         "classes": classes,
-        "task": "classification" if classes else "none",
+        **task_info(classes, clips),
         "group_by": "speaker" if any(c.speaker for c in clips) else "id",
         "label_derived": list(label_derived),
     }

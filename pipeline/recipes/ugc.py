@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.manifest import MANIFEST_DIR
 from pipeline.recipes.common import PrepareResult, dataset_name, require_file, write_result
-from pipeline.recipes.folder import clips_from_csv, read_rows
+from pipeline.recipes.folder import clips_from_csv, read_rows, task_info
 
 LAYOUT = ("labels.csv with id,video,title,label (+ text, audio, speaker, split; optional "
           "plutchik, plutchik_intensity, plutchik_dyads); media under the root")
@@ -87,7 +87,7 @@ def prepare(
     for c in clips:
         splits.setdefault(c.split, []).append(c)
     info = {
-        "classes": classes, "task": "classification" if classes else "none",
+        "classes": classes, **task_info(classes, clips),
         "group_by": "speaker" if any(c.speaker for c in clips) else "id",
         "label_derived": ["plutchik", "plutchik_intensity", "plutchik_dyads"] if has_plutchik else [],
         "untitled": sum(c.title is None for c in clips), "conditioning": "title",

@@ -363,6 +363,32 @@ def test_folder_labels_csv(tmp_path: Path) -> None:
     assert (tmp_path / "m2" / "ravdess" / "dataset.json").is_file()
 
 
+def test_folder_continuous_targets_are_labels_not_metadata(tmp_path: Path) -> None:
+    # valence / arousal ratings (a speech corpus rated on [-1, 1]) become regression targets;
+    # they used to land in metadata, leaving "labelled 0" and nothing for --target valence
+    root = tmp_path / "va"
+    _folder(root, ["a,,clips/d.wav,-0.7,0.65", "b,,clips/d.wav,0.3,", "c,,clips/d.wav,,",
+                   "d,,clips/d.wav,high,0.1", "e,,clips/d.wav,nan,0.2"],
+            header="id,video,audio,valence,arousal")
+    res = folder.prepare(root, out=tmp_path / "m")
+    clips = {c.id: c for c in _all(res)}
+    assert sorted(clips) == ["a", "b", "c"]
+    assert (clips["a"].labels.valence, clips["a"].labels.arousal) == (-0.7, 0.65)
+    assert (clips["b"].labels.valence, clips["b"].labels.arousal) == (0.3, None)  # not rated
+    assert clips["c"].labels.valence is None and clips["a"].metadata == {}
+    assert res.left_out == [
+        ("d", "labels.csv:5: field 'valence': 'high' is not a finite number; skipped"),
+        ("e", "labels.csv:6: field 'valence': 'nan' is not a finite number; skipped")]
+    assert res.info["task"] == "regression" and res.info["targets"] == ["valence", "arousal"]
+    # a sentiment column of words (no number in it) stays metadata, as before
+    _folder(root, ["a,,clips/d.wav,positive,happy", "b,,clips/d.wav,negative,sad"],
+            header="id,video,audio,sentiment,label")
+    res = folder.prepare(root, out=tmp_path / "m")
+    assert {c.metadata["sentiment"] for c in _all(res)} == {"positive", "negative"}
+    assert res.info["task"] == "classification" and res.info["targets"] == []
+    assert all(c.labels.sentiment is None for c in _all(res))
+
+
 def test_folder_classes_txt_and_errors(tmp_path: Path) -> None:
     root = tmp_path / "d"
     _folder(root, ["a,clips/a.mp4", "b,clips/b.mp4,,,,angry"], header="id,video,audio,text,title,label")
