@@ -183,6 +183,7 @@ def prepare(
     a `warning:` line."""
     from rich.markup import escape
 
+    from pipeline.plan import TARGETS
     from pipeline.recipes import RECIPES, describe
     from pipeline.recipes.common import LABEL_SPACES, to_label_space
 
@@ -228,8 +229,8 @@ def prepare(
     t.add_column("clips", justify="right")
     t.add_column("labelled", justify="right")
     for split, clips in res.splits.items():
-        labelled = sum(c.labels.emotion_idx is not None or c.labels.sentiment is not None
-                       for c in clips)
+        labelled = sum(c.labels.emotion_idx is not None
+                       or any(getattr(c.labels, t) is not None for t in TARGETS) for c in clips)
         t.add_row(split, str(len(clips)), str(labelled))
     console.print(t)
     skipped, gaps = res.left_out, res.kept_with_gaps
@@ -340,6 +341,8 @@ GroupByOpt = typer.Option(None, "--group-by", help="Clip field that groups clips
 SplitOpt = typer.Option("official", "--split", help="official (the set's train/val/test) | kfold (grouped k-fold).")
 FoldsOpt = typer.Option(5, "--folds", help="Folds for --split kfold.")
 EpochsOpt = typer.Option(40, "--epochs", help="Most epochs (early stopping on validation).")
+TargetOpt = typer.Option("label", "--target", help="label (the classes) | sentiment | valence | "
+                         "arousal (a regression target of the set).")
 RunsOpt = typer.Option(Path("runs"), "--runs", help="Folder the run folders are written under.")
 PresetFitOpt = typer.Option("offline", "--preset", help="Which feature set of the dataset (the preset it was extracted with).")
 PartialOpt = typer.Option(False, "--allow-partial", help="Train on a partly extracted feature set "
@@ -352,14 +355,15 @@ def fit(
     fusion: str = typer.Option("early", "--fusion", help="early | late | hybrid | cquery | tfn | mult | cfnsr"),
     modalities: str = typer.Option("all", "--modalities", help="Comma list (audio,text,visual,meta) or 'all'."),
     seeds: int = SeedsOpt,
-    name: str = typer.Option(None, "--name", help="Run folder name (default: DATASET-FUSION-MODALITIES)."),
+    name: str = typer.Option(None, "--name", help="Run folder name (default: DATASET-FUSION-MODALITIES, "
+                      "plus -TARGET for a regression target)."),
     cache: Path = CacheOpt,
     preset: str = PresetFitOpt,
     split: str = SplitOpt,
     folds: int = FoldsOpt,
     group_by: str = GroupByOpt,
     epochs: int = EpochsOpt,
-    target: str = typer.Option("label", "--target", help="label | sentiment | valence | arousal"),
+    target: str = TargetOpt,
     device: str = typer.Option("cpu", "--device", help="Torch device: cpu | cuda | cuda:N."),
     runs: Path = RunsOpt,
     opt: list[str] = OptOpt,
@@ -406,8 +410,9 @@ def fit(
     console.print(m.get("paper", ""))
     for w in m.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
-    console.print(f"[dim]{res.run_dir}/metrics.json, config.toml, model.safetensors, "
-                  "confusion.png (mean over seeds; confusion_normalised.png, confusion_seed*.png), "
+    plots = ("confusion.png (mean over seeds; confusion_normalised.png, confusion_seed*.png), "
+             if (res.run_dir / "confusion.png").is_file() else "")  # none for a regression
+    console.print(f"[dim]{res.run_dir}/metrics.json, config.toml, model.safetensors, {plots}"
                   "log.csv[/dim]")
 
 
@@ -440,6 +445,7 @@ def ablate(
     threads: int = typer.Option(None, "--threads", help="Torch threads per cell (default: the "
                                 "cores shared among --workers)."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard this grid's earlier cells instead of resuming them."),
+    target: str = TargetOpt,
     protocol: str = ProtocolOpt,
     labels: str = LabelsOpt,
     allow_partial: bool = PartialOpt,
@@ -468,7 +474,7 @@ def ablate(
                         head_options=_head_opts(opt, heads), lr=lr, batch_size=batch_size,
                         patience=patience, modality_dropout=modality_dropout, threads=threads,
                         labels=labels, warm_start=warm_start, normalise=normalise,
-                        depart_p=depart_p)
+                        depart_p=depart_p, target=target)
         if protocol:
             from fusion.protocols import get_protocol
 
@@ -493,8 +499,9 @@ def ablate(
     for r in rows:
         r.pop("run", None)
     if rows:
+        base = "mean baseline" if any("mean baseline" in k for k in rows[0]) else "majority"
         print_table(rows, title=f"{dataset}: fusion × modalities (mean ± std over seeds; "
-                    "majority = baseline)", console=table_console)
+                    f"{base} = the trivial predictor)", console=table_console)
     failed = [r for r in df.to_dict(orient="records") if r.get("error")]
     for r in failed:
         console.print(f"[red]failed[/red] {r['cell']}: {r['error']}", soft_wrap=True)

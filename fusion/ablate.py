@@ -28,10 +28,11 @@ from fusion.config import FitConfig
 from fusion.data import open_set
 from fusion.report import (
     CLASSIFICATION_COLUMNS,
-    REGRESSION_COLUMNS,
     fmt_pm,
     markdown_table,
+    metric_columns,
     probe_kept,
+    regression_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -320,9 +321,10 @@ def summary_table(out_dir: Path, cells: list, resumed: set[str], errors: dict[st
 
 def _metric_columns(m: dict) -> dict[str, Any]:
     regression = m.get("task") == "regression"
-    cols = REGRESSION_COLUMNS if regression else CLASSIFICATION_COLUMNS
+    cols = metric_columns(m)
     keys = [k for k, _ in cols] + ([] if regression else ["weighted_f1"])
-    out: dict[str, Any] = {"task": m.get("task", "classification")}
+    out: dict[str, Any] = {"task": m.get("task", "classification"),
+                           "target": m.get("target", "label")}
     for k in keys:
         out[f"{k}_mean"] = m["mean"].get(k, m.get(k))
         out[f"{k}_std"] = m["std"].get(k, 0.0)
@@ -364,7 +366,7 @@ def write_outputs(out_dir: Path, df: pd.DataFrame, title: str = "", elapsed: flo
 
 def ablation_markdown(df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -> str:
     regression = "task" in df and (df["task"] == "regression").any()
-    cols = REGRESSION_COLUMNS if regression else CLASSIFICATION_COLUMNS
+    cols = _regression_cols(df) if regression else CLASSIFICATION_COLUMNS
     prefix = "mean_baseline" if regression else "majority"
     rows = []
     for r in df.to_dict(orient="records"):
@@ -408,6 +410,14 @@ def ablation_markdown(df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -
     return head + note + markdown_table(rows) + tail
 
 
+def _regression_cols(df: pd.DataFrame) -> tuple[tuple[str, str], ...]:
+    """The regression columns for the grid's target(s) (a csv written before the target column
+    was kept held sentiment runs: the only regression target then reported)."""
+    done = df[df["task"] == "regression"] if "task" in df else df
+    targets = done["target"].dropna().tolist() if "target" in done else []
+    return regression_columns(targets or ["sentiment"])
+
+
 def _num(v: Any) -> float | None:
     try:
         f = float(v)
@@ -424,8 +434,9 @@ def plot_ablation(df: pd.DataFrame, path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     regression = "task" in df and (df["task"] == "regression").any()
-    panels = [("acc2", "Acc-2"), ("corr", "corr")] if regression else [
-        ("accuracy", "accuracy"), ("macro_f1", "macro F1")]
+    # regression: Acc-2 for sentiment, CCC for other targets (the third column), and corr
+    panels = ([_regression_cols(df)[2], ("corr", "corr")] if regression
+              else [("accuracy", "accuracy"), ("macro_f1", "macro F1")])
     prefix = "mean_baseline" if regression else "majority"
     ok = df[df["error"] == ""] if "error" in df else df
     subsets = list(dict.fromkeys(ok["modalities"])) if len(ok) else []

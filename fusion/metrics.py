@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 SCALAR_KEYS_CLASSIFICATION = ("accuracy", "macro_f1", "weighted_f1", "uar")
-SCALAR_KEYS_REGRESSION = ("mae", "corr", "acc2", "acc2_nonzero", "acc7", "f1", "f1_nonzero")
+SCALAR_KEYS_REGRESSION = ("mae", "corr", "ccc", "acc2", "acc2_nonzero", "acc7", "f1", "f1_nonzero")
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -106,8 +106,24 @@ def pearson(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float((a * b).sum() / den) if den > 0 else 0.0
 
 
+def ccc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Lin's concordance correlation coefficient, 2 cov / (var_t + var_p + (mean_t - mean_p)^2)
+    with population moments: the AVEC / OMG metric for valence and arousal. Unlike Pearson r it
+    drops when predictions are shifted or shrunk; 0.0 for a constant prediction of a constant
+    truth (undefined) and for an empty set."""
+    t = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    if not len(t):
+        return 0.0
+    mt, mp = float(t.mean()), float(p.mean())
+    den = float(t.var()) + float(p.var()) + (mt - mp) ** 2
+    return float(2.0 * np.mean((t - mt) * (p - mp)) / den) if den > 0 else 0.0
+
+
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
-    """MOSI/MOSEI sentiment metrics on [-3, 3] scores.
+    """Regression metrics: MAE, Pearson r (corr) and concordance (ccc) on any scale, and the
+    MOSI/MOSEI sentiment metrics, which assume scores on [-3, 3] (reports show them only for
+    the `sentiment` target):
 
     acc2: non-negative vs negative over all rows; acc2_nonzero: positive vs negative with
     the zero-labelled rows left out (both conventions appear in the literature); acc7: the
@@ -122,6 +138,7 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     return {
         "mae": float(np.mean(np.abs(t - p))) if len(t) else 0.0,
         "corr": pearson(t, p),
+        "ccc": ccc(t, p),
         "acc2": float(np.mean(tb == pb)) if len(t) else 0.0,
         "acc2_nonzero": float(np.mean(tnz == pnz)) if nz.any() else 0.0,
         "acc7": float(np.mean(np.round(np.clip(t, -3, 3)) == np.round(np.clip(p, -3, 3))))

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 _NAMES = {"macro_f1": "macro F1", "weighted_f1": "weighted F1", "mae": "MAE", "accuracy": "accuracy",
-          "uar": "UAR", "corr": "corr", "acc2": "Acc-2", "acc7": "Acc-7"}
+          "uar": "UAR", "corr": "corr", "ccc": "CCC", "acc2": "Acc-2", "acc7": "Acc-7"}
 
 
 def _stamp() -> str:

@@ -27,7 +27,7 @@ LOWER_IS_BETTER = ("mae",)
 # how papers name the metric keys of metrics.json
 PAPER_NAMES = {"accuracy": "WA", "uar": "UA", "weighted_f1": "weighted F1", "macro_f1": "macro F1",
                "mae": "MAE", "corr": "Corr", "acc2": "Acc-2", "acc2_nonzero": "Acc-2 (non-0)",
-               "f1": "F1", "f1_nonzero": "F1 (non-0)", "acc7": "Acc-7"}
+               "f1": "F1", "f1_nonzero": "F1 (non-0)", "acc7": "Acc-7", "ccc": "CCC"}
 
 
 @dataclass(frozen=True)

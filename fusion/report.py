@@ -27,8 +27,30 @@ if TYPE_CHECKING:
     from fusion.splits import Fold, Task
 
 CLASSIFICATION_COLUMNS = (("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("uar", "UAR"))
-REGRESSION_COLUMNS = (("mae", "MAE"), ("corr", "corr"), ("acc2", "Acc-2"), ("acc7", "Acc-7"),
-                      ("f1", "F1"))
+# sentiment on CMU-MOSI / MOSEI's [-3, 3] scale: the metrics those papers report
+SENTIMENT_COLUMNS = (("mae", "MAE"), ("corr", "corr"), ("acc2", "Acc-2"), ("acc7", "Acc-7"),
+                     ("f1", "F1"))
+# any other continuous target (valence, arousal on their own scales: IEMOCAP's 1..5, [-1, 1]
+# ratings): sign and rounding to 7 integers mean nothing there; CCC is the field's metric
+AFFECT_COLUMNS = (("mae", "MAE"), ("corr", "corr"), ("ccc", "CCC"))
+
+
+def regression_columns(targets: Iterable[str | None]) -> tuple[tuple[str, str], ...]:
+    """The metric columns shown for regression runs of these targets: the MOSI set for
+    sentiment alone, MAE / corr / CCC for other targets, both for a mix."""
+    kinds = {t == "sentiment" for t in targets}
+    if kinds == {True}:
+        return SENTIMENT_COLUMNS
+    if kinds == {False}:
+        return AFFECT_COLUMNS
+    return AFFECT_COLUMNS + SENTIMENT_COLUMNS[2:]
+
+
+def metric_columns(m: dict) -> tuple[tuple[str, str], ...]:
+    """The metric columns of one run (its task and target)."""
+    if m.get("task") == "regression":
+        return regression_columns([m.get("target")])
+    return CLASSIFICATION_COLUMNS
 
 
 def fmt_pm(mean: float | None, std: float | None, digits: int = 3,
@@ -71,7 +93,7 @@ def collect(runs: Iterable[Path | str]) -> list[dict]:
 def run_row(m: dict) -> dict[str, Any]:
     """One display row: identity, sizes, mean ± std per metric, baseline."""
     regression = m.get("task") == "regression"
-    cols = REGRESSION_COLUMNS if regression else CLASSIFICATION_COLUMNS
+    cols = metric_columns(m)
     mean, std = m.get("mean", {}), m.get("std", {})
     row: dict[str, Any] = {
         "run": Path(m.get("run", "?")).name,
@@ -137,7 +159,8 @@ def report(runs: list[Path]) -> str:
         if not group:
             continue
         base = "majority" if kind == "classification" else "mean baseline"
-        cols = CLASSIFICATION_COLUMNS if kind == "classification" else REGRESSION_COLUMNS
+        cols = (CLASSIFICATION_COLUMNS if kind == "classification"
+                else regression_columns(m.get("target") for m in group))
         parts.append(f"## {title}\n")
         parts.append(f"Scores are mean ± std over seeds; `{base}` gives "
                      f"{' / '.join(lbl for _, lbl in cols[:3])} of the trivial predictor.\n")

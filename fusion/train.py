@@ -163,7 +163,10 @@ def fit(
                         f"indication{more}")
     seed_list = list(cfg.seeds)
     fusion_name = fusion if isinstance(fusion, str) else getattr(fusion, "__name__", "custom")
-    name = name or f"{fs.attrs.get('dataset', 'set')}-{fusion_name}-{'+'.join(mods)}"
+    # a regression target is part of the default name: fitting valence, then arousal, of the
+    # same set must not overwrite the first run
+    name = name or (f"{fs.attrs.get('dataset', 'set')}-{fusion_name}-{'+'.join(mods)}"
+                    + ("" if task.target == "label" else f"-{task.target}"))
     run_dir = Path(runs_dir) / name  # created only when there is something to write
 
     rows = np.unique(np.concatenate([np.concatenate([f.train, f.val, f.test]) for f in plan]))
@@ -328,10 +331,10 @@ class _Trainer:
             self.progress({**entry, **self.where, "event": event, "run": self.runs_done + 1,
                            "runs": self.n_runs, "epochs": self.cfg.epochs,
                            "best_epoch": best_epoch, "task": self.task.kind,
-                           # the selection metric by name, in its own sign (val_metric is
-                           # negated for lower-is-better metrics such as MAE)
+                           # the selection metric by name; val_metric is already in the
+                           # metric's own sign (MAE positive), as log.csv writes it
                            "metric": self.select,
-                           "metric_value": selection_score(self.select, entry["val_metric"])})
+                           "metric_value": entry["val_metric"]})
 
     def _loss_fn(self, y_train: np.ndarray) -> nn.Module:
         if self.task.kind == "regression":

@@ -54,6 +54,7 @@ def write_feature_set(
     key: str | None = None,
     compressors: object = "auto",
     inner_chunk: int | None = None,
+    extra_targets: tuple[str, ...] = (),
 ) -> str:
     """Write a synthetic feature set; return its key.
 
@@ -62,7 +63,8 @@ def write_feature_set(
     (plus a large offset) to mimic eGeMAPS-scale inputs that need standardising.
     `compressors` goes to zarr's create_array for the feature arrays (e.g. the store's
     blosc-lz4 codec, for benchmarks); `inner_chunk` < unit_size shards each unit's chunk file
-    into inner chunks, as the store does.
+    into inner chunks, as the store does. `extra_targets` (e.g. "valence") are continuous
+    targets on [-1, 1] that follow the label, beside the [-3, 3] sentiment every set has.
     """
     rng = np.random.default_rng(seed)
     mods = dict(DEFAULT_MODALITIES if modalities is None else modalities)
@@ -87,6 +89,10 @@ def write_feature_set(
                                     + rng.normal(0, 0.3, n)).astype(np.float32),
         "targets/sentiment/present": rng.random(n) > 0.05,
     }
+    for t in extra_targets:
+        static[f"targets/{t}/value"] = np.clip((label - (n_classes - 1) / 2) / max(1, n_classes - 1)
+                                               + rng.normal(0, 0.15, n), -1, 1).astype(np.float32)
+        static[f"targets/{t}/present"] = np.ones(n, bool)
     for rel, arr in static.items():
         _write(g, rel, arr, (n,))
 
@@ -102,7 +108,7 @@ def write_feature_set(
         "format": 1, "key": key, "dataset": dataset, "preset": preset, "n": n,
         "unit_size": unit_size, "classes": [f"c{i}" for i in range(n_classes)],
         "task": "classification", "group_by": "speaker",
-        "label_derived": list(label_derived or []), "targets": ["sentiment"],
+        "label_derived": list(label_derived or []), "targets": ["sentiment", *extra_targets],
         "modalities": {
             m: {"seq_dim": s, "pooled_dim": p, "max_len": t,
                 "kind": "sequence" if s and t else "vector", "provenance": provs[m]}

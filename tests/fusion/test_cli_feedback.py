@@ -290,6 +290,35 @@ def test_the_run_row_says_how_kfold_counts_its_rows() -> None:
     assert five["n train/test"] == "9 per fold / 14 in all"
 
 
+def test_a_valence_fit_reports_ccc_and_names_its_files(tmp_path: Path) -> None:
+    # valence on [-1, 1]: MAE / corr / CCC, not MOSI's Acc-2 / Acc-7 (sign and rounding to
+    # 7 integers of a [-3, 3] score); the run folder carries the target; no confusion.png
+    # is promised for a regression run
+    cache = tmp_path / "cache"
+    write_feature_set(cache, n=120, n_groups=12, extra_targets=("valence",))
+    r = _invoke("fit", "--dataset", "synth", "--cache", cache, "--runs", tmp_path / "runs",
+                "--target", "valence", "--fusion", "early", "--modalities", "audio", *QUICK)
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "runs" / "synth-early-audio-valence"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["task"] == "regression" and 0 < m["ccc"] <= 1 and m["mean_baseline"]["ccc"] == 0.0
+    assert "CCC" in r.output and "Acc-7" not in r.output and "Acc-2" not in r.output
+    assert "confusion.png" not in r.output and not (run / "confusion.png").exists()
+    from fusion.report import run_row
+
+    row = run_row(m)
+    assert {"MAE", "corr", "CCC", "mean baseline (MAE / corr / CCC)"} <= set(row)
+    assert not {"Acc-2", "Acc-7", "F1"} & set(row)
+    # ablate takes the target too (a regression-only set had no way into a grid)
+    r = _invoke("ablate", "--dataset", "synth", "--cache", cache, "--runs", tmp_path / "runs",
+                "--target", "valence", "--fusion", "early,late", "--modalities", "audio",
+                "--name", "va", *QUICK)
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "runs" / "va" / "ablation.md").read_text()
+    assert "| CCC |" in md and "mean_baseline CCC" in md and "Acc-7" not in md
+    assert "mean baseline = the trivial predictor" in r.output
+
+
 def test_a_fit_on_few_test_clips_says_how_coarse_its_scores_are(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     write_feature_set(cache, n=40, n_groups=10)  # official split: 20 % of 10 speakers to test

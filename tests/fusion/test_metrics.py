@@ -72,6 +72,19 @@ def test_regression_metrics_hand_computed() -> None:
     assert m["f1_nonzero"] == pytest.approx(skm.f1_score(t[nz] > 0, p[nz] > 0, average="weighted"))
 
 
+def test_ccc_penalises_shift_and_shrink_where_pearson_does_not() -> None:
+    t = np.array([1.0, 2.0, 3.0])
+    assert M.ccc(t, t) == pytest.approx(1.0)
+    # shifted by one: r stays 1; CCC = 2 cov / (var_t + var_p + shift^2) = (4/3) / (4/3 + 1)
+    assert M.pearson(t, t + 1) == pytest.approx(1.0)
+    assert M.ccc(t, t + 1) == pytest.approx(4 / 7)
+    # shrunk to half around the mean: cov 1/3, var_p 1/6 -> (2/3) / (2/3 + 1/6)
+    assert M.ccc(t, 2 + (t - 2) / 2) == pytest.approx(0.8)
+    assert M.ccc(t, np.full(3, 2.0)) == 0.0  # a constant prediction agrees with nothing
+    assert M.regression_metrics(t, t + 1)["ccc"] == pytest.approx(4 / 7)
+    assert M.mean_baseline(t, t)["ccc"] == 0.0
+
+
 def test_mean_baseline_predicts_train_mean() -> None:
     b = M.mean_baseline(np.array([1.0, 2.0, 3.0]), np.array([0.0, 4.0]))
     assert b["mean"] == pytest.approx(2.0)

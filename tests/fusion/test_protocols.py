@@ -109,6 +109,10 @@ def test_probe_learns_signal_and_flags_a_head_below_it() -> None:
     pr = linear_probe(x, reg.y, [f], reg, "mae", class_weight=True)
     assert pr["model"] == "ridge" and pr["mae"] < 0.05 and not pr["class_weight"]
     assert below_baselines({"mae": 0.5, "linear_probe": pr}, "mae") == {"linear_probe": True}
+    # a head that kept the probe scores it to float32 precision: a tie, not a flag
+    tie = {"mae": 0.45629205118785515, "linear_probe": {"mae": 0.45629202280501224}}
+    assert below_baselines(tie, "mae") == {"linear_probe": False}
+    assert below_baselines({**tie, "mae": 0.4564}, "mae") == {"linear_probe": True}
 
 
 class BiasOnly(FusionHead):
