@@ -530,20 +530,23 @@ def predict(
     preset: str = typer.Option(None, "--preset", help="offline | full | path/to/preset.toml "
                                "(default: the preset the run's feature set was extracted with)."),
 ) -> None:
-    """Run the extractor on one new video and print the emotion distribution."""
+    """Run the extractor on one new video and print the emotion distribution (a regression
+    run: the predicted value)."""
     from pipeline.predict import predict_file
 
     try:
         out = predict_file(video, run, text=text, title=title, preset=preset)
     except (FileNotFoundError, ValueError, OSError) as e:
         _fail(str(e))
-    t = Table(title=f"{video.name}: emotion distribution")
-    t.add_column("class")
-    t.add_column("p", justify="right")
+    regression = out.get("task") == "regression"
+    t = Table(title=f"{video.name}: " + ("predicted value" if regression else "emotion distribution"))
+    t.add_column("target" if regression else "class")
+    t.add_column("value" if regression else "p", justify="right")
     for cls, p in sorted(out["probs"].items(), key=lambda kv: -kv[1]):
         t.add_row(cls, f"{p:.3f}")
     console.print(t)
-    s = Table(title="modality shares (drop in the top class's probability when removed)")
+    s = Table(title="modality shares (" + ("change in the predicted value" if regression else
+                                           "drop in the top class's probability") + " when removed)")
     s.add_column("modality")
     s.add_column("present")
     s.add_column("share", justify="right")
@@ -559,8 +562,9 @@ def predict(
     if far:
         said = ", ".join(f"{m} {z:.3g}" for m, z in far.items())
         console.print(f"warning: this clip lies far outside the run's training rows (RMS z-score {said}; "
-                      f"about 1 for those rows, over {FAR_RMS_Z:g} is far): the probabilities above "
-                      "are an extrapolation, however confident they look", markup=False, soft_wrap=True)
+                      f"about 1 for those rows, over {FAR_RMS_Z:g} is far): the "
+                      + ("value above is" if regression else "probabilities above are")
+                      + " an extrapolation, however confident they look", markup=False, soft_wrap=True)
     rec = out.get("text") or {}
     asr = rec.get("asr")
     console.print(f"text source: {rec.get('text_source') or 'none'}")

@@ -55,8 +55,9 @@ def rms_z(batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
 
 
 def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """Per clip: probabilities per class, each present modality's share of the decision, and
-    how far each modality lies from the training rows.
+    """Per clip: probabilities per class (a regression run: {target: predicted value}), each
+    present modality's share of the decision, and how far each modality lies from the
+    training rows; `task` says which of the two the run is.
 
     A modality's share is how much the top class's probability drops when that modality is
     marked absent (the heads treat absence exactly like missing data), normalised to sum to 1
@@ -101,8 +102,9 @@ def predict_set(run_dir: Path, cache_root: Path, key: str, rows: np.ndarray | No
         shares = {m: {"present": present[m], "share": (raw[m] / total) if total > 0 else 0.0} for m in mods}
         if n_out > 1:
             pr = {c: float(base[i, j]) for j, c in enumerate(classes)}
-        else:
-            pr = {"score": float(base[i, 0])}
+        else:  # a regression run: its one output is the target's value
+            pr = {(classes[0] if classes else "score"): float(base[i, 0])}
         dist = {m: (None if np.isnan(v[i]) else float(v[i])) for m, v in far.items()}
-        results.append({"id": fs.ids[r], "probs": pr, "shares": shares, "rms_z": dist})
+        results.append({"id": fs.ids[r], "task": "classification" if n_out > 1 else "regression",
+                        "probs": pr, "shares": shares, "rms_z": dist})
     return results

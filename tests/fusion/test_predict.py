@@ -39,3 +39,18 @@ def test_predict_refuses_an_incomplete_run(tmp_path):
     (tmp_path / "run" / "config.toml").write_text('fusion = "early"\n')
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_run(tmp_path / "run")
+
+
+def test_predict_set_of_a_regression_run_names_its_target(tmp_path):
+    # a valence run predicts a value: {"valence": v}, not a one-class "distribution"
+    key = write_feature_set(tmp_path, n=240, n_groups=24, extra_targets=("valence",))
+    res = fit(tmp_path, "synth", "early", ["audio"], seeds=1, runs_dir=tmp_path / "runs", key=key,
+              target="valence", epochs=5)
+    out = predict_set(res.run_dir, tmp_path, key)
+    assert {r["task"] for r in out} == {"regression"} and all(list(r["probs"]) == ["valence"] for r in out)
+    truth = __import__("zarr").open_group(tmp_path / "sets" / key, mode="r")["targets/valence/value"][:]
+    pred = np.array([r["probs"]["valence"] for r in out])
+    assert np.corrcoef(pred, truth)[0, 1] > 0.5  # the target follows the label: the run learned it
+    classified = predict_set(fit(tmp_path, "synth", "early", ["audio"], seeds=1, key=key, epochs=2,
+                                 runs_dir=tmp_path / "runs").run_dir, tmp_path, key)
+    assert classified[0]["task"] == "classification"
