@@ -517,7 +517,9 @@ def report(run: list[Path] = typer.Argument(..., help="Run folders (runs/<name>)
     """Compare runs side by side."""
     from fusion.report import report as do_report
 
-    console.print(do_report(run))
+    # Markdown as it is, for `mmemo report ... > report.md`: a rich console wraps long table
+    # rows at its width (80 columns when stdout is a file) and reads [brackets] as markup
+    typer.echo(do_report(run), nl=False)
 
 
 @app.command()

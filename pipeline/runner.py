@@ -350,8 +350,8 @@ def run_unit(task: UnitTask) -> UnitResult:
             # which text fed the text modality, and the ASR result, per clip
             atomic_write(store.srt_path(task.key, ctx.id, "text"), dumps_record(ctx))
         absent = Counter(m for c in ctxs for m in c.absent)
-        # numbers vary per clip ("3 cues"); the summary counts kinds of status
-        statuses = Counter(re.sub(r"\d+(\.\d+)?", "#", f"{s}: {v}") for c in ctxs for s, v in c.status.items())
+        # numbers vary per clip ("3 cues"); the summary counts kinds of status, N for the number
+        statuses = Counter(re.sub(r"\d+(\.\d+)?", "N", f"{s}: {v}") for c in ctxs for s, v in c.status.items())
         try:
             fs.commit_unit(
                 u,

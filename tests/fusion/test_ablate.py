@@ -108,6 +108,15 @@ def test_report_side_by_side_and_print_table(tmp_path: Path) -> None:
     assert report([runs / "r"]).count("| early |") == 2  # an ablation dir expands to its cells
     with pytest.raises(FileNotFoundError):
         report([tmp_path / "nothing"])
+    # through the CLI into a file: every table row stays one line (rich wrapped them at 80)
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    r = CliRunner().invoke(app, ["report", str(runs / "r")])
+    assert r.exit_code == 0 and r.output == report([runs / "r"])
+    rows = [ln for ln in r.output.splitlines() if ln.startswith("|")]
+    assert len(rows) == 4 and all(ln.endswith("|") for ln in rows) and len(rows[0]) > 80
     buf = io.StringIO()
     print_table(df[["fusion", "modalities", "accuracy_mean"]], title="t",
                 console=Console(file=buf, width=120))
