@@ -50,6 +50,7 @@ from pipeline.store import ModalityLayout, SetLayout, Store, sha256_file
 IMPORTER_VERSION = "1"
 F16_MAX = 65000.0
 MMSA_NAMES = {"text": "text", "audio": "audio", "vision": "visual"}  # MMSA key -> modality
+OTHER_TARGETS = ("valence", "arousal")  # regression targets MMSA has no key for: <t>_labels
 MMSA_SPLITS = {"valid": "valid", "val": "valid", "dev": "valid"}  # set split -> pkl key
 
 
@@ -355,8 +356,8 @@ def import_mmsa_pkl(
     raw_ids: list[str] = []
     groups: list[str] = []
     split_col: list[str] = []
-    reg: list[float] = []
-    reg_ok: list[bool] = []
+    reg: dict[str, list[float]] = {}  # regression target -> value per row (0 where absent)
+    reg_ok: dict[str, list[bool]] = {}
     cls: list[int] = []
     per_mod: dict[str, dict[str, list[Any]]] = {}
     for sp in splits:
@@ -389,14 +390,18 @@ def import_mmsa_pkl(
                 r = lab
             elif c is None:
                 c = lab
-        if r is not None:
-            r = np.asarray(r, np.float32).reshape(n, -1)[:, 0]
-            rmask = np.asarray(d.get("regression_labels_mask", np.isfinite(r)), bool).reshape(-1)
-            reg.extend(np.where(rmask, r, 0).tolist())
-            reg_ok.extend(rmask.tolist())
-        else:
-            reg.extend([0.0] * n)
-            reg_ok.extend([False] * n)
+        sources = {"sentiment": (r, "regression_labels")}
+        sources |= {t: (d.get(f"{t}_labels"), f"{t}_labels") for t in OTHER_TARGETS}
+        for t, (values, key) in sources.items():
+            got, ok = reg.setdefault(t, []), reg_ok.setdefault(t, [])
+            if values is None:
+                got.extend([0.0] * n)
+                ok.extend([False] * n)
+                continue
+            values = np.asarray(values, np.float32).reshape(n, -1)[:, 0]
+            vmask = np.asarray(d.get(f"{key}_mask", np.isfinite(values)), bool).reshape(-1)
+            got.extend(np.where(vmask, values, 0).tolist())
+            ok.extend(vmask.tolist())
         cls.extend(np.asarray(c).reshape(n, -1)[:, 0].astype(int).tolist() if c is not None else [-1] * n)
         for k, m in mod_keys.items():
             pm = per_mod.setdefault(m, {"seq": [], "pooled": [], "len": [], "src": k})
@@ -440,11 +445,10 @@ def import_mmsa_pkl(
         cf.GROUP: np.asarray(groups, dtype=object),
         cf.LABEL: np.asarray(cls, np.int32),
     }
-    targets = []
-    if any(reg_ok):
-        static[cf.target_value("sentiment")] = np.asarray(reg, np.float32)
-        static[cf.target_present("sentiment")] = np.asarray(reg_ok, bool)
-        targets.append("sentiment")
+    targets = [t for t in reg if any(reg_ok[t])]
+    for t in targets:
+        static[cf.target_value(t)] = np.asarray(reg[t], np.float32)
+        static[cf.target_present(t)] = np.asarray(reg_ok[t], bool)
     n_cls = int(max(cls)) + 1 if cls and max(cls) >= 0 else 0
     classes = extra.get("classes") or [str(i) for i in range(n_cls)]
     key = _key(dataset, ["mmsa-pkl", IMPORTER_VERSION, dataset, unit_size, digest])
@@ -483,7 +487,9 @@ def export_set(cache_root: str | os.PathLike, key_or_alias: str, out: str | os.P
     mmsa-pkl: `{'train'|'valid'|'test'|<other split>: {...}}` with `id`, `text`/`audio`/`vision`
     [N, T, D] float32 (our `visual` is MMSA's `vision`; other modalities under their own
     name), `<key>_lengths`, `<key>_pooled` [N, Dp], `regression_labels` (sentiment, 0 where
-    absent, `regression_labels_mask`) and `classification_labels` (-1 = unlabelled). A clip
+    absent, `regression_labels_mask`), every other regression target as `<target>_labels` /
+    `<target>_labels_mask` (valence, arousal: MMSA has no key for them, `import_mmsa_pkl`
+    reads them back) and `classification_labels` (-1 = unlabelled). A clip
     whose modality is absent gets zeros there AND False in `<key>_mask` [N] bool — MMSA code
     that ignores masks would read those zeros as data, so use the mask. A top-level `_mmemo`
     dict keeps class names, task and modality kinds so `import_mmsa_pkl` restores the set.
@@ -532,9 +538,10 @@ def export_set(cache_root: str | os.PathLike, key_or_alias: str, out: str | os.P
                 sel = split == sp
                 d: dict[str, Any] = {"id": ids[sel].tolist(), "group": group[sel].tolist(),
                                      "classification_labels": label[sel]}
-                if "sentiment" in targets:
-                    d["regression_labels"] = col(cf.target_value("sentiment"))[sel].astype(np.float32)
-                    d["regression_labels_mask"] = col(cf.target_present("sentiment"))[sel]
+                for t in targets:
+                    k = "regression_labels" if t == "sentiment" else f"{t}_labels"
+                    d[k] = col(cf.target_value(t))[sel].astype(np.float32)
+                    d[f"{k}_mask"] = col(cf.target_present(t))[sel]
                 for m, c in cols.items():
                     k = rev.get(m, m)
                     present = c["present"][sel]

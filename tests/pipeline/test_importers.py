@@ -208,6 +208,37 @@ def test_mmsa_pkl_round_trip(tmp_path):
     assert cachetools.verify(tmp_path / "c2")[0].clean
 
 
+def test_mmsa_pkl_keeps_valence_and_arousal(tmp_path):
+    # MMSA has a key for sentiment only; valence / arousal used to be dropped from the pickle
+    from tests.pipeline.test_store import small_layout, static_for, unit_data
+
+    n = 8
+    static = static_for(n)
+    valence = np.linspace(-1, 1, n).astype(np.float32)
+    static |= {"targets/valence/value": valence, "targets/valence/present": np.arange(n) != 3,
+               "targets/arousal/value": -valence, "targets/arousal/present": np.ones(n, bool)}
+    store = Store(tmp_path / "c")
+    layout = small_layout(n, 4)
+    fs = store.create_set("va-1", layout, {"dataset": "va", "preset": "p", "targets": ["valence", "arousal"],
+                                           "task": "regression"}, static)
+    for u in range(layout.n_units):
+        fs.commit_unit(u, unit_data(layout, u))
+    pkl = export_set(tmp_path / "c", fs.key, tmp_path / "va.pkl", fmt="mmsa-pkl")
+    with open(pkl, "rb") as f:
+        raw = pickle.load(f)
+    assert {"valence_labels", "valence_labels_mask", "arousal_labels"} <= set(raw["train"])
+    assert "regression_labels" not in raw["train"]  # no sentiment in this set
+    key = import_mmsa_pkl(pkl, tmp_path / "c2", dataset="back", allow_pickle=True)
+    g = zarr.open_group(tmp_path / "c2" / "sets" / key, mode="r")
+    assert g.attrs["mmemo"]["targets"] == ["valence", "arousal"]
+    ids = list(strs(np.asarray(g["ids"][:])))
+    order = [ids.index(f"c{i}") for i in range(n)]
+    np.testing.assert_array_equal(np.asarray(g["targets/valence/present"][:])[order], np.arange(n) != 3)
+    got = np.asarray(g["targets/valence/value"][:])[order]
+    np.testing.assert_allclose(got[np.arange(n) != 3], valence[np.arange(n) != 3])
+    np.testing.assert_allclose(np.asarray(g["targets/arousal/value"][:])[order], -valence)
+
+
 def test_mmsa_pkl_in_the_mmsa_layout(tmp_path):
     rng = np.random.default_rng(1)
 
