@@ -100,6 +100,9 @@ class Plan:
     layout: SetLayout
     key: str
     device: str = "cpu"
+    # the key without the labels: two plans with the same digest extract the same features
+    # row for row (see features_digest); the runner reuses such a set's finished units
+    features_digest: str = ""
 
     @property
     def preset_name(self) -> str:
@@ -215,7 +218,44 @@ def plan_extract(
     }
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     key = f"{dataset}-{hashlib.sha256(blob).hexdigest()[:16]}"
-    return Plan(dataset, pre, root, clips, info, stages, layout, key, device)
+    return Plan(dataset, pre, root, clips, info, stages, layout, key, device,
+                features_digest(ident, clips, info, pre))
+
+
+# what a clip's labels are made of: nothing here reaches a stage (the metadata stage reads
+# `metadata`, handled below; the others read media, transcript, title and times)
+LABEL_FIELDS = ("labels", "split", "dataset")
+
+
+def features_digest(ident: dict[str, Any], clips: list[Clip], info: dict[str, Any],
+                    preset: Preset) -> str:
+    """The set's identity without what only labels it: each clip's `labels`, `split` and
+    dataset name, the class list, and the metadata fields dataset.json calls label-derived
+    (the metadata stage leaves them out of its vector unless told to use them).
+
+    A re-labelled dataset (a fixed label column, added valence ratings, a Plutchik remap, new
+    splits) gets a new key, since the set stores its labels, but the same digest: the runner
+    copies the finished units of a set with this digest instead of extracting them again.
+    """
+    from pipeline.stages.metadata import flatten, matches
+
+    pick = preset.stages.get("metadata")
+    meta_cfg = pick.config if pick is not None else None
+    explicit = (getattr(meta_cfg, "fields", None) is not None
+                or bool(getattr(meta_cfg, "include_label_derived", False)))
+    derived = [] if explicit else list(info.get("label_derived") or [])
+
+    def unlabelled(c: Clip) -> dict[str, Any]:
+        d = c.model_dump(mode="json", exclude=set(LABEL_FIELDS))
+        d["metadata"] = {k: v for k, v in flatten(c.metadata).items() if not matches(k, derived)}
+        return d
+
+    rest = {k: v for k, v in ident.items() if k not in ("classes", "clips")}
+    rest["clips"] = [unlabelled(c) for c in clips]
+    # with explicit metadata fields, which of them are label-derived decides a clip's failure
+    rest["label_derived"] = list(info.get("label_derived") or []) if explicit else None
+    blob = json.dumps(rest, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def static_arrays(plan: Plan) -> dict[str, np.ndarray]:

@@ -71,6 +71,11 @@ class Counter:
             self.done += n
             self.failed += n_failed
 
+    def reused(self, n: int) -> None:
+        """n clips copied from another set: finished, but not this run's work (not in the rate)."""
+        with self._lock:
+            self.already += n
+
     def rate(self) -> float | None:
         dt = time.perf_counter() - self.t0
         return self.done / dt if self.done > 0 and dt > 0 else None
@@ -159,9 +164,14 @@ def extract_with_progress(
                 counter.add(n, n_failed)
                 prog.update(task, completed=counter.already + counter.done)
 
+            def on_reused(n: int) -> None:
+                counter.reused(n)
+                prog.update(task, completed=counter.already + counter.done)
+
             summary = run_extract(
                 plan, cache=store.root, workers=workers, scheduler=scheduler, executor=executor,
                 force=force, units=units, batch_size=batch_size, on_clips=on_clips, notify=notify,
+                on_reused=on_reused,
             )
     else:
         stop = threading.Event()
@@ -181,6 +191,7 @@ def extract_with_progress(
             summary = run_extract(
                 plan, cache=store.root, workers=workers, scheduler=scheduler, executor=executor,
                 force=force, units=units, batch_size=batch_size, on_clips=counter.add, notify=notify,
+                on_reused=counter.reused,
             )
         finally:
             stop.set()
@@ -226,6 +237,9 @@ def print_summary(summary: Summary, store: Store, console: Console, rate: float 
     t.add_column("value", justify="right")
     t.add_row("clips in the set / in finished units", f"{ov['n']} / {ov['done_clips']}")
     t.add_row("units done now / skipped (already done)", f"{summary.done} / {summary.skipped}")
+    if summary.reused:
+        t.add_row(f"units copied from {summary.reused_from} (same features, other labels)",
+                  str(summary.reused))
     t.add_row("units finished in the set", f"{ov['done_units']} / {ov['units']}")
     t.add_row("clips with a failure (this run / whole set)", f"{summary.n_failed_clips} / {ov['failed_clips']}")
     for stage, n in ClipTally(f["stage"] for f in summary.failures).most_common():

@@ -55,7 +55,7 @@ from pipeline.stages.base import (
     Stage,
     pad_or_pool,
 )
-from pipeline.store import Heartbeat, LostClaim, Store
+from pipeline.store import FeatureSetStore, Heartbeat, LostClaim, Store, atomic_write
 
 # --- the unit task ---------------------------------------------------------------------------
 _STAGE_CACHE: dict[str, list[Stage]] = {}
@@ -339,7 +339,6 @@ def run_unit(task: UnitTask) -> UnitResult:
             failures = process_clips(stages, ctxs, run, timings=timings, on_clips=on_clips)
         data = _assemble(fs.layout, ctxs, failures)
         from pipeline.stages.asr import compose_srt, dumps_record
-        from pipeline.store import atomic_write
 
         for ctx in ctxs:
             srt_path = store.srt_path(task.key, ctx.id)
@@ -421,6 +420,9 @@ class Summary:
     stage_seconds: Counter = field(default_factory=Counter)
     # the whole set's ledger at the end of the run (this run's failures and earlier runs')
     set_failures: list[dict[str, Any]] = field(default_factory=list)
+    # units copied from a set of the same features with other labels (see reuse_units)
+    reused: int = 0
+    reused_from: str | None = None
 
     @property
     def n_failed_clips(self) -> int:
@@ -477,6 +479,56 @@ def waiting_line(store: Store, key: str, unit: int, span: tuple[int, int]) -> st
             f"(renewed while it works; taken over when it lapses or the process is gone)")
 
 
+def find_donor(plan: Plan, store: Store) -> FeatureSetStore | None:
+    """Another set of the cache with the plan's features_digest (the same media, settings and
+    clips in the same order; other labels), the one with the most finished units."""
+    if not plan.features_digest:
+        return None
+    best, best_done = None, 0
+    for key in store.list_keys():
+        if key == plan.key:
+            continue
+        try:
+            other = store.open(key)
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+        if other.attrs.get("features_digest") != plan.features_digest:
+            continue
+        done = len(other.done_units())
+        if done > best_done:
+            best, best_done = other, done
+    return best
+
+
+def reuse_units(plan: Plan, store: Store, fs: FeatureSetStore, units: list[int],
+                lease: float) -> tuple[list[int], FeatureSetStore | None]:
+    """Copy into `fs` each of `units` that a donor set (find_donor) has finished: its chunk
+    files, ledger and subtitle files; the labels stay the plan's. Returns the units copied."""
+    donor = find_donor(plan, store)
+    if donor is None:
+        return [], None
+    copied = []
+    for u in units:
+        if not donor.is_done(u) or fs.is_done(u):
+            continue
+        claim = store.claim(plan.key, u, lease_s=lease)
+        if claim is None:  # another extractor works on it
+            continue
+        try:
+            if fs.is_done(u) or fs.adopt_unit(u, donor, claim) is None:
+                continue
+            a, b = plan.layout.unit_range(u)
+            for c in plan.clips[a:b]:
+                for kind in ("ocr", "asr", "text"):
+                    src = store.srt_path(donor.key, c.id, kind)
+                    if src.is_file():
+                        atomic_write(store.srt_path(plan.key, c.id, kind), src.read_bytes())
+            copied.append(u)
+        finally:
+            store.release(claim)
+    return copied, donor
+
+
 def create_set(plan: Plan, store: Store):
     attrs = {
         "dataset": plan.dataset,
@@ -489,6 +541,7 @@ def create_set(plan: Plan, store: Store):
         "stages": [s.provenance() for s in plan.stages],
         "preset_config": plan.preset.data,
         "code_version": CODE_VERSION,
+        "features_digest": plan.features_digest,
     }
     fs = store.create_set(plan.key, plan.layout, attrs, static_arrays(plan))
     store.set_alias(plan.dataset, plan.preset_name, plan.key)
@@ -509,8 +562,13 @@ def run_extract(
     progress: Any = None,
     on_clips: Callable[[int, int], None] | None = None,
     notify: Callable[[str], None] | None = None,
+    on_reused: Callable[[int], None] | None = None,
 ) -> Summary:
     """Extract every unfinished unit of the plan's feature set.
+
+    Units another set of the cache has finished with the same features (a re-labelled
+    dataset: plan.features_digest) are copied from it first, not extracted (not with
+    `force`); on_reused(n_clips) and notify(line) say how many.
 
     executor: 'inline' (this process), 'process' (local pool of `workers`), 'dask'
     (LocalCluster of `workers`, or the cluster at `scheduler`), 'auto' (inline for 1 worker,
@@ -526,9 +584,25 @@ def run_extract(
     store = Store(cache)
     fs = create_set(plan, store)
     all_units = list(range(plan.layout.n_units)) if units is None else sorted(units)
-    pending = list(all_units) if force else [u for u in all_units if not fs.is_done(u)]
     summary = Summary(plan.key, plan.dataset, len(plan.clips), plan.layout.n_units)
-    summary.skipped = len(all_units) - len(pending)
+    unfinished = [u for u in all_units if not fs.is_done(u)]
+    if unfinished and not force:  # a re-labelled dataset: its features are in another set
+        copied, donor = reuse_units(plan, store, fs, unfinished, lease)
+        if copied and donor is not None:
+            summary.reused, summary.reused_from = len(copied), donor.key
+            n_copied = 0
+            for u in copied:
+                summary.absent.update(fs.read_done(u).get("absent") or {})
+                a, b = plan.layout.unit_range(u)
+                n_copied += b - a
+            if notify is not None:
+                notify(f"copied {len(copied)} finished unit(s), {n_copied} clips, from {donor.key}: "
+                       "the same media, settings and clips with other labels (--force extracts "
+                       "them again)")
+            if on_reused is not None:
+                on_reused(n_copied)
+    pending = list(all_units) if force else [u for u in all_units if not fs.is_done(u)]
+    summary.skipped = len(all_units) - len(pending) - summary.reused
     for u in sorted(set(all_units) - set(pending)):  # a writer stopped after commit left these
         store.clear_stale_claim(plan.key, u, lease)
     if executor == "auto":

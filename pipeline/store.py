@@ -385,6 +385,66 @@ class FeatureSetStore:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+    def adopt_unit(self, u: int, donor: FeatureSetStore, claim: Claim | None = None) -> dict[str, Any] | None:
+        """Make unit u a copy of `donor`'s finished unit u: its chunk files (hard links, else
+        byte-for-byte copies; each checked against the donor's marker), its ledger, then a
+        marker naming the donor.
+
+        For a set whose rows hold the same features as the donor's (plan.features_digest): only
+        the labels differ, and those live in the static arrays. None, and nothing of the unit
+        written, when the donor's unit is unfinished or a file does not match its checksum.
+        """
+        if not donor.is_done(u) or donor.layout.to_json() != self.layout.to_json():
+            return None
+        try:
+            old = donor.read_done(u)
+        except (OSError, ValueError):
+            return None
+        start, stop = self.layout.unit_range(u)
+        if (old.get("start"), old.get("stop")) != (start, stop):
+            return None
+        staging = self.path / cf.STAGING / f"u{u}.{uuid.uuid4().hex[:12]}"
+        checksums = dict(old.get("checksums") or {})
+        moves: list[tuple[Path, Path]] = []
+        try:
+            for relfile, digest in checksums.items():
+                tmp = staging / relfile
+                make_dirs(tmp.parent)
+                try:  # a hard link where the file system allows (no second copy on disk);
+                    # writers replace chunk files by rename, so the donor never alters it
+                    os.link(donor.path / relfile, tmp)
+                except OSError:
+                    try:
+                        shutil.copyfile(donor.path / relfile, tmp)
+                    except OSError:
+                        return None
+                if sha256_file(tmp) != digest:
+                    return None  # a damaged donor file: extract this unit instead
+                moves.append((tmp, self.path / relfile))
+            ledger = donor.path / cf.ledger_file(u)
+            fail_rows = ledger.read_bytes() if ledger.is_file() else b""
+            if claim is not None and not self.store.owns(claim):
+                raise LostClaim(f"unit {u} of {self.key} was taken over by another worker")
+            self.done_path(u).unlink(missing_ok=True)
+            for src, dst in moves:
+                make_dirs(dst.parent)
+                _no_world_write(src)
+                os.replace(src, dst)
+            if fail_rows:
+                atomic_write(self.path / cf.ledger_file(u), fail_rows)
+            else:
+                (self.path / cf.ledger_file(u)).unlink(missing_ok=True)
+            base = ("unit", "start", "stop", "checksums", "n_failures", "by", "at")
+            extra = {**{k: v for k, v in old.items() if k not in base}, "reused_from": donor.key}
+            marker = cf.UnitMarker(unit=u, start=start, stop=stop, checksums=checksums,
+                                   n_failures=int(old.get("n_failures") or 0), by=who(),
+                                   at=now_iso(), extra=extra).to_json()
+            atomic_write_json(self.done_path(u), marker)
+            return marker
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 class Store:
     """A cache root: feature sets, aliases, claims, OCR subtitle files."""
 

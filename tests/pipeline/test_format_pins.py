@@ -28,6 +28,7 @@ import pytest
 # 2026-11-30, fourth session). A stage version, a stage config default or the chunking that changes moves
 # the key, and every offline set is re-extracted once.
 KEY = "pin-635c1556fbbc6d4a"
+FEATURES_DIGEST = "723b9b0234478b7af484ed3eb3446e0da22e8e2035d62bcecb3bce008cc19cdf"
 # The offline preset as it was when the pin was taken: features added since (the asr stage,
 # the `fer` visual backend) change the offline default's key on purpose, not this fixed config's.
 PIN_OVERRIDES = ["asr.backend=none", "visual.backend=face-geometry"]
@@ -63,7 +64,8 @@ CREATED_FILES = [
 ]
 
 SET_ATTRS = [
-    "classes", "code_version", "created_at", "created_by", "dataset", "format", "group_by", "key",
+    "classes", "code_version", "created_at", "created_by", "dataset", "features_digest", "format",
+    "group_by", "key",
     "label_derived", "layout", "modalities", "n", "preset", "preset_config", "stages", "targets",
     "task", "unit_size",
 ]
@@ -108,6 +110,8 @@ def pinned(tmp_path_factory):
 def test_set_key_is_pinned(pinned):
     plan, _, _ = pinned
     assert plan.key == KEY
+    # the identity without the labels: a re-labelled set copies the units of the set with it
+    assert plan.features_digest == FEATURES_DIGEST
 
 
 def test_unit_array_paths_shapes_and_dtypes(pinned):
