@@ -359,30 +359,34 @@ class FeatureSetStore:
                         relfile = f.relative_to(staging).as_posix()
                         checksums[relfile] = sha256_file(f)
                         moves.append((f, self.path / relfile))
-            if claim is not None and not self.store.owns(claim):
-                raise LostClaim(f"unit {u} of {self.key} was taken over by another worker")
-            # a recommit (--force, repair): the replacement is fully staged, so only now does
-            # the old marker go (readers stop using the unit for the few renames below)
-            self.done_path(u).unlink(missing_ok=True)
-            for src, dst in moves:
-                make_dirs(dst.parent)
-                _no_world_write(src)
-                os.replace(src, dst)
             fail_rows = list(failures)
-            if not fail_rows:
-                (self.path / cf.ledger_file(u)).unlink(missing_ok=True)
-            if fail_rows:
-                atomic_write(
-                    self.path / cf.ledger_file(u),
-                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fail_rows).encode(),
-                )
-            marker = cf.UnitMarker(unit=u, start=start, stop=stop, checksums=checksums,
-                                   n_failures=len(fail_rows), by=who(), at=now_iso(),
-                                   extra=dict(extra or {})).to_json()
-            atomic_write_json(self.done_path(u), marker)
-            return marker
+            ledger = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fail_rows).encode()
+            return self._install(u, moves, checksums, ledger, len(fail_rows), claim, dict(extra or {}))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _install(self, u: int, moves: list[tuple[Path, Path]], checksums: dict[str, str],
+                 ledger: bytes, n_failures: int, claim: Claim | None,
+                 extra: dict[str, Any]) -> dict[str, Any]:
+        """The end of a commit: staged chunk files renamed into place, then the ledger, then
+        the marker. A recommit (--force, repair) is fully staged before this, so only now does
+        the old marker go (readers stop using the unit for the few renames)."""
+        if claim is not None and not self.store.owns(claim):
+            raise LostClaim(f"unit {u} of {self.key} was taken over by another worker")
+        self.done_path(u).unlink(missing_ok=True)
+        for src, dst in moves:
+            make_dirs(dst.parent)
+            _no_world_write(src)
+            os.replace(src, dst)
+        if ledger:
+            atomic_write(self.path / cf.ledger_file(u), ledger)
+        else:
+            (self.path / cf.ledger_file(u)).unlink(missing_ok=True)
+        start, stop = self.layout.unit_range(u)
+        marker = cf.UnitMarker(unit=u, start=start, stop=stop, checksums=checksums,
+                               n_failures=n_failures, by=who(), at=now_iso(), extra=extra).to_json()
+        atomic_write_json(self.done_path(u), marker)
+        return marker
 
 
     def adopt_unit(self, u: int, donor: FeatureSetStore, claim: Claim | None = None) -> dict[str, Any] | None:
@@ -423,24 +427,10 @@ class FeatureSetStore:
                 moves.append((tmp, self.path / relfile))
             ledger = donor.path / cf.ledger_file(u)
             fail_rows = ledger.read_bytes() if ledger.is_file() else b""
-            if claim is not None and not self.store.owns(claim):
-                raise LostClaim(f"unit {u} of {self.key} was taken over by another worker")
-            self.done_path(u).unlink(missing_ok=True)
-            for src, dst in moves:
-                make_dirs(dst.parent)
-                _no_world_write(src)
-                os.replace(src, dst)
-            if fail_rows:
-                atomic_write(self.path / cf.ledger_file(u), fail_rows)
-            else:
-                (self.path / cf.ledger_file(u)).unlink(missing_ok=True)
             base = ("unit", "start", "stop", "checksums", "n_failures", "by", "at")
             extra = {**{k: v for k, v in old.items() if k not in base}, "reused_from": donor.key}
-            marker = cf.UnitMarker(unit=u, start=start, stop=stop, checksums=checksums,
-                                   n_failures=int(old.get("n_failures") or 0), by=who(),
-                                   at=now_iso(), extra=extra).to_json()
-            atomic_write_json(self.done_path(u), marker)
-            return marker
+            return self._install(u, moves, checksums, fail_rows, int(old.get("n_failures") or 0),
+                                 claim, extra)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
