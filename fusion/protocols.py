@@ -135,6 +135,9 @@ def paper_line(m: dict, protocol: Protocol | None = None) -> str:
     n test 2610)``
     """
     keys = protocol.reported if protocol else (m.get("headline"),)
+    if not protocol and m.get("task") == "regression" and m.get("target") != "sentiment":
+        # valence / arousal: the concordance papers report beside the error
+        keys = tuple(dict.fromkeys((*keys, "ccc")))
     base = m.get("majority_baseline") or m.get("mean_baseline") or {}
     probe = m.get("linear_probe") or {}
 
@@ -142,7 +145,7 @@ def paper_line(m: dict, protocol: Protocol | None = None) -> str:
         v = d.get(k)
         if v is None:
             return "—"
-        return f"{v:.3f}" if k in ("mae", "corr") else f"{100 * v:.1f}"
+        return f"{v:.3f}" if k in ("mae", "corr", "ccc") else f"{100 * v:.1f}"
 
     head = " | ".join(f"{PAPER_NAMES.get(k, k)} {show(m, k)}" for k in keys)
     tail = [f"probe {' | '.join(show(probe, k) for k in keys)}"] if probe else []

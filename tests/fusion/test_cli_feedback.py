@@ -304,6 +304,7 @@ def test_a_valence_fit_reports_ccc_and_names_its_files(tmp_path: Path) -> None:
     assert m["task"] == "regression" and 0 < m["ccc"] <= 1 and m["mean_baseline"]["ccc"] == 0.0
     assert "CCC" in r.output and "Acc-7" not in r.output and "Acc-2" not in r.output
     assert "confusion.png" not in r.output and not (run / "confusion.png").exists()
+    assert f"MAE {m['mae']:.3f} | CCC {m['ccc']:.3f}   (probe " in m["paper"]
     from fusion.report import run_row
 
     row = run_row(m)
