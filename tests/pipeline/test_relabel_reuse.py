@@ -8,6 +8,8 @@ Uses the cheap preset and tiny wav clips of tests/pipeline/test_cache_concurrenc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,31 @@ def test_a_damaged_donor_file_is_not_copied(tmp_path) -> None:
     # unit 0 failed its checksum: extracted; the others copied
     assert (s.done, s.reused) == (1, second.layout.n_units - 1)
     assert "reused_from" not in store.open(second.key).read_done(0)
+
+
+def test_a_file_system_without_hard_links_gets_copies(tmp_path, monkeypatch) -> None:
+    import os
+
+    toy = Toy(tmp_path, n=4)
+    cache = tmp_path / "cache"
+    first = toy.plan()
+    run_extract(first, cache=cache, executor="inline")
+    _relabel(toy)
+    second = toy.plan()
+
+    from pipeline import cacheformat as cf
+
+    real_link = os.link
+
+    def refuse(src, dst, **kw):  # chunk files staged for a unit (zarr itself links elsewhere)
+        if Path(dst).is_relative_to(cache / "sets") and f"/{cf.STAGING}/u" in str(dst):
+            raise PermissionError("hard links are not allowed here")
+        return real_link(src, dst, **kw)
+
+    monkeypatch.setattr(os, "link", refuse)
+    s = run_extract(second, cache=cache, executor="inline")
+    assert (s.reused, s.done) == (second.layout.n_units, 0)
+    rel = sorted(Store(cache).open(second.key).read_done(0)["checksums"])[0]
+    a, b = cache / "sets" / first.key / rel, cache / "sets" / second.key / rel
+    assert a.read_bytes() == b.read_bytes() and a.stat().st_ino != b.stat().st_ino
+    assert all(r.clean for r in cachetools.verify(cache))
