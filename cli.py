@@ -606,10 +606,17 @@ def cache_ls(cache: Path = CacheOpt) -> None:
     t = Table(title=f"feature sets in {root}")
     for col in ("key", "aliases", "clips", "units done", "failures", "size", "created"):
         t.add_column(col)
+    from pipeline.cachetools import human_size
+
     for r in rows:
+        size = r["size_h"] + (f" ({human_size(r['shared'])} shared)" if r.get("shared") else "")
         t.add_row(r["key"], ", ".join(r["aliases"]), str(r["n"]), f"{r['done']}/{r['units']}",
-                  str(r["failures"]), r["size_h"], f"{r['created_by']} {r['created_at']}")
+                  str(r["failures"]), size, f"{r['created_by']} {r['created_at']}")
     console.print(t)
+    if any(r.get("shared") for r in rows):
+        console.print("shared: files hard-linked with another set (a re-labelled set's copied "
+                      "units); they take disk space once, and removing one set does not free "
+                      "them", markup=False, soft_wrap=True)
     if not rows:
         console.print(f"no feature sets in {root} yet (`mmemo extract` writes them)", markup=False,
                       soft_wrap=True)

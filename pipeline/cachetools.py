@@ -39,12 +39,18 @@ def human_size(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover - loop always returns
 
 
-def _dir_size(path: Path) -> int:
+def _dir_size(path: Path, shared: list[int] | None = None) -> int:
+    """Bytes of the files under `path`; `shared` (a one-item list) gets the bytes of files
+    hard-linked elsewhere too (a re-labelled set's units copied from another set): removing
+    this set does not free those."""
     total = 0
     for p in path.rglob("*"):
         try:
             if p.is_file() and not p.is_symlink():
-                total += p.stat().st_size
+                st = p.stat()
+                total += st.st_size
+                if shared is not None and st.st_nlink > 1:
+                    shared[0] += st.st_size
         except FileNotFoundError:  # removed while we walked (a concurrent writer's temp)
             continue
     return total
@@ -91,7 +97,8 @@ def list_sets(cache_root: str | os.PathLike) -> list[dict[str, Any]]:
     rows = []
     for key in store.list_keys():
         path = store.sets_dir / key
-        size = _dir_size(path)
+        linked = [0]
+        size = _dir_size(path, linked)
         try:
             fs = store.open(key)
         except Exception as e:  # noqa: BLE001 - a damaged set is still listed, with why
@@ -112,6 +119,7 @@ def list_sets(cache_root: str | os.PathLike) -> list[dict[str, Any]]:
                 "failures": failures,
                 "size": size,
                 "size_h": human_size(size),
+                "shared": linked[0],
                 "created_by": a.get("created_by", "?"),
                 "created_at": a.get("created_at", "?"),
                 "dataset": a.get("dataset", "?"),

@@ -75,6 +75,9 @@ def test_a_relabelled_set_copies_the_features_and_keeps_its_own_labels(tmp_path)
     assert all(r.clean for r in cachetools.verify(cache))
     marker = store.open(second.key).read_done(0)
     assert marker["reused_from"] == first.key and "timings" in marker
+    # `cache ls` says how much of each set is hard-linked with the other
+    listed = {r["key"]: r for r in cachetools.list_sets(cache)}
+    assert 0 < listed[second.key]["shared"] == listed[first.key]["shared"] < listed[second.key]["size"]
 
     # --force extracts again; a rerun of the copied set has nothing left to do
     s3 = run_extract(second, cache=cache, executor="inline", force=True, units=[0])
@@ -142,4 +145,5 @@ def test_a_file_system_without_hard_links_gets_copies(tmp_path, monkeypatch) -> 
     rel = sorted(Store(cache).open(second.key).read_done(0)["checksums"])[0]
     a, b = cache / "sets" / first.key / rel, cache / "sets" / second.key / rel
     assert a.read_bytes() == b.read_bytes() and a.stat().st_ino != b.stat().st_ino
+    assert {r["shared"] for r in cachetools.list_sets(cache)} == {0}
     assert all(r.clean for r in cachetools.verify(cache))
