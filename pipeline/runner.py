@@ -490,7 +490,7 @@ def find_donor(plan: Plan, store: Store) -> FeatureSetStore | None:
             continue
         try:
             other = store.open(key)
-        except (FileNotFoundError, OSError, ValueError):
+        except Exception:  # noqa: BLE001 - a damaged set of the cache never stops this one
             continue
         if other.attrs.get("features_digest") != plan.features_digest:
             continue

@@ -112,6 +112,10 @@ def test_a_damaged_donor_file_is_not_copied(tmp_path) -> None:
     data = bytearray((donor.path / rel).read_bytes())
     data[-1] ^= 0xFF
     (donor.path / rel).write_bytes(bytes(data))
+    # a set whose zarr.json is garbage sits in the same cache: never a donor, never an error
+    junk = cache / "sets" / "toy-0000000000000000"
+    junk.mkdir()
+    (junk / "zarr.json").write_text("{not json")
     _relabel(toy)
     second = toy.plan()
     s = run_extract(second, cache=cache, executor="inline")
