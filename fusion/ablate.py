@@ -466,7 +466,7 @@ def plot_ablation(df: pd.DataFrame, path: Path, title: str = "") -> None:
         bcol = f"{prefix}_{k}"
         if bcol in ok and ok[bcol].notna().any():
             ax.axhline(float(ok[bcol].dropna().mean()), color="k", ls="--", lw=1,
-                       label=f"{prefix} baseline")
+                       label="mean baseline" if regression else "majority baseline")
         ax.set_xticks(np.arange(len(subsets)), subsets, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(label)
         ax.set_title(label, fontsize=9)
