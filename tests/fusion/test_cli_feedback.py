@@ -290,6 +290,15 @@ def test_the_run_row_says_how_kfold_counts_its_rows() -> None:
     assert five["n train/test"] == "9 per fold / 14 in all"
 
 
+def test_regression_columns_follow_the_target() -> None:
+    from fusion.report import AFFECT_COLUMNS, SENTIMENT_COLUMNS, regression_columns
+
+    assert regression_columns(["sentiment"]) == SENTIMENT_COLUMNS  # MOSI's Acc-2 / Acc-7 / F1
+    assert regression_columns(["valence", "arousal"]) == AFFECT_COLUMNS  # MAE / corr / CCC
+    mixed = [k for k, _ in regression_columns(["sentiment", "valence"])]  # a report of both
+    assert mixed == ["mae", "corr", "ccc", "acc2", "acc7", "f1"]
+
+
 def test_a_valence_fit_reports_ccc_and_names_its_files(tmp_path: Path) -> None:
     # valence on [-1, 1]: MAE / corr / CCC, not MOSI's Acc-2 / Acc-7 (sign and rounding to
     # 7 integers of a [-3, 3] score); the run folder carries the target; no confusion.png
