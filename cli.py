@@ -233,6 +233,7 @@ def prepare(
                        or any(getattr(c.labels, t) is not None for t in TARGETS) for c in clips)
         t.add_row(split, str(len(clips)), str(labelled))
     console.print(t)
+    console.print(_labels_line(res), markup=False, soft_wrap=True)
     skipped, gaps = res.left_out, res.kept_with_gaps
     for rows, tag in ((skipped, "[red]error:[/red]"), (gaps, "[yellow]warning:[/yellow]")):
         for cid, reason in rows[:10]:
@@ -251,6 +252,26 @@ def prepare(
                       f"{res.n_clips} clips. Exit 1; `--allow-failures` exits 0 with rows left out.",
                       markup=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _labels_line(res) -> str:
+    """What the manifests can be fit on, and where they are: the classes, the regression
+    targets with how many clips carry each, or neither."""
+    from pipeline.plan import TARGETS
+
+    clips = [c for cs in res.splits.values() for c in cs]
+    classes = list(res.info.get("classes") or [])
+    parts = []
+    if classes:
+        shown = ", ".join(classes[:12]) + (f", ... ({len(classes)} in all)" if len(classes) > 12 else "")
+        parts.append(f"classes: {shown} (mmemo fit)")
+    for t in TARGETS:
+        n = sum(getattr(c.labels, t) is not None for c in clips)
+        if n:
+            parts.append(f"target {t}: {n} clips (mmemo fit --target {t})")
+    what = "; ".join(parts) or "no labels (features only: nothing to fit on)"
+    where = res.paths["dataset"].parent if "dataset" in res.paths else None
+    return what + (f"; manifests in {where}" if where is not None else "")
 
 
 # --- extract ---------------------------------------------------------------------------------

@@ -380,6 +380,16 @@ def test_folder_continuous_targets_are_labels_not_metadata(tmp_path: Path) -> No
         ("d", "labels.csv:5: field 'valence': 'high' is not a finite number; skipped"),
         ("e", "labels.csv:6: field 'valence': 'nan' is not a finite number; skipped")]
     assert res.info["task"] == "regression" and res.info["targets"] == ["valence", "arousal"]
+    # prepare says what the manifests can be fit on, and where they are
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    r = CliRunner().invoke(app, ["prepare", "folder", "--root", str(root), "--manifests",
+                                 str(tmp_path / "m3"), "--allow-failures"])
+    assert r.exit_code == 0, r.output
+    assert (f"target valence: 2 clips (mmemo fit --target valence); target arousal: 1 clips "
+            f"(mmemo fit --target arousal); manifests in {tmp_path / 'm3' / 'va'}") in r.output
     # a sentiment column of words (no number in it) stays metadata, as before
     _folder(root, ["a,,clips/d.wav,positive,happy", "b,,clips/d.wav,negative,sad"],
             header="id,video,audio,sentiment,label")
