@@ -132,7 +132,9 @@ def _targets(row: dict[str, str], columns: tuple[str, ...]) -> tuple[dict[str, f
             values[col] = float(cell)
         else:
             shown = cell if len(cell) <= 40 else cell[:40] + "..."
-            problems.append(f"field '{col}': '{shown}' is not a finite number")
+            hint = (f" (a decimal comma? write {cell.replace(',', '.')})"
+                    if _is_number(cell.replace(",", ".", 1)) and cell.count(",") == 1 else "")
+            problems.append(f"field '{col}': '{shown}' is not a finite number{hint}")
     return values, problems
 
 

@@ -368,7 +368,7 @@ def test_folder_continuous_targets_are_labels_not_metadata(tmp_path: Path) -> No
     # they used to land in metadata, leaving "labelled 0" and nothing for --target valence
     root = tmp_path / "va"
     _folder(root, ["a,,clips/d.wav,-0.7,0.65", "b,,clips/d.wav,0.3,", "c,,clips/d.wav,,",
-                   "d,,clips/d.wav,high,0.1", "e,,clips/d.wav,nan,0.2"],
+                   "d,,clips/d.wav,high,0.1", "e,,clips/d.wav,nan,0.2", 'f,,clips/d.wav,"0,4",0.2'],
             header="id,video,audio,valence,arousal")
     res = folder.prepare(root, out=tmp_path / "m")
     clips = {c.id: c for c in _all(res)}
@@ -378,7 +378,9 @@ def test_folder_continuous_targets_are_labels_not_metadata(tmp_path: Path) -> No
     assert clips["c"].labels.valence is None and clips["a"].metadata == {}
     assert res.left_out == [
         ("d", "labels.csv:5: field 'valence': 'high' is not a finite number; skipped"),
-        ("e", "labels.csv:6: field 'valence': 'nan' is not a finite number; skipped")]
+        ("e", "labels.csv:6: field 'valence': 'nan' is not a finite number; skipped"),
+        ("f", "labels.csv:7: field 'valence': '0,4' is not a finite number (a decimal comma? "
+              "write 0.4); skipped")]
     assert res.info["task"] == "regression" and res.info["targets"] == ["valence", "arousal"]
     # prepare says what the manifests can be fit on, and where they are
     from typer.testing import CliRunner
