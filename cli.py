@@ -183,7 +183,6 @@ def prepare(
     a `warning:` line."""
     from rich.markup import escape
 
-    from pipeline.plan import TARGETS
     from pipeline.recipes import RECIPES, describe
     from pipeline.recipes.common import LABEL_SPACES, to_label_space
 
@@ -229,9 +228,7 @@ def prepare(
     t.add_column("clips", justify="right")
     t.add_column("labelled", justify="right")
     for split, clips in res.splits.items():
-        labelled = sum(c.labels.emotion_idx is not None
-                       or any(getattr(c.labels, t) is not None for t in TARGETS) for c in clips)
-        t.add_row(split, str(len(clips)), str(labelled))
+        t.add_row(split, str(len(clips)), str(sum(c.labels.any_label() for c in clips)))
     console.print(t)
     console.print(_labels_line(res), markup=False, soft_wrap=True)
     skipped, gaps = res.left_out, res.kept_with_gaps
@@ -257,7 +254,7 @@ def prepare(
 def _labels_line(res) -> str:
     """What the manifests can be fit on, and where they are: the classes, the regression
     targets with how many clips carry each, or neither."""
-    from pipeline.plan import TARGETS
+    from pipeline.manifest import TARGETS
 
     clips = [c for cs in res.splits.values() for c in cs]
     classes = list(res.info.get("classes") or [])
@@ -620,15 +617,13 @@ def _existing_cache(cache: Path | None) -> Path:
 @cache_app.command("ls")
 def cache_ls(cache: Path = CacheOpt) -> None:
     """Feature sets: sizes, clip counts, completeness, who/when, preset."""
-    from pipeline.cachetools import list_sets
+    from pipeline.cachetools import human_size, list_sets
 
     root = _existing_cache(cache)
     rows = list_sets(root)
     t = Table(title=f"feature sets in {root}")
     for col in ("key", "aliases", "clips", "units done", "failures", "size", "created"):
         t.add_column(col)
-    from pipeline.cachetools import human_size
-
     for r in rows:
         size = r["size_h"] + (f" ({human_size(r['shared'])} shared)" if r.get("shared") else "")
         t.add_row(r["key"], ", ".join(r["aliases"]), str(r["n"]), f"{r['done']}/{r['units']}",

@@ -39,21 +39,19 @@ def human_size(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover - loop always returns
 
 
-def _dir_size(path: Path, shared: list[int] | None = None) -> int:
-    """Bytes of the files under `path`; `shared` (a one-item list) gets the bytes of files
-    hard-linked elsewhere too (a re-labelled set's units copied from another set): removing
-    this set does not free those."""
-    total = 0
+def _dir_size(path: Path) -> tuple[int, int]:
+    """(bytes of the files under `path`, the part of them in files hard-linked elsewhere too:
+    a re-labelled set's units copied from another set, which removing this set does not free)."""
+    total = shared = 0
     for p in path.rglob("*"):
         try:
             if p.is_file() and not p.is_symlink():
                 st = p.stat()
                 total += st.st_size
-                if shared is not None and st.st_nlink > 1:
-                    shared[0] += st.st_size
+                shared += st.st_size if st.st_nlink > 1 else 0
         except FileNotFoundError:  # removed while we walked (a concurrent writer's temp)
             continue
-    return total
+    return total, shared
 
 
 def resolve_key(cache_root: str | os.PathLike, key_or_alias: str) -> str:
@@ -97,8 +95,7 @@ def list_sets(cache_root: str | os.PathLike) -> list[dict[str, Any]]:
     rows = []
     for key in store.list_keys():
         path = store.sets_dir / key
-        linked = [0]
-        size = _dir_size(path, linked)
+        size, shared = _dir_size(path)
         try:
             fs = store.open(key)
         except Exception as e:  # noqa: BLE001 - a damaged set is still listed, with why
@@ -119,7 +116,7 @@ def list_sets(cache_root: str | os.PathLike) -> list[dict[str, Any]]:
                 "failures": failures,
                 "size": size,
                 "size_h": human_size(size),
-                "shared": linked[0],
+                "shared": shared,
                 "created_by": a.get("created_by", "?"),
                 "created_at": a.get("created_at", "?"),
                 "dataset": a.get("dataset", "?"),
@@ -177,7 +174,7 @@ def set_info(cache_root: str | os.PathLike, key_or_alias: str) -> dict[str, Any]
             "by_stage": dict(Counter(r.get("stage", "?") for r in ledger).most_common()),
             "by_error": dict(Counter(f"{r.get('stage', '?')}: {r.get('error', '?')}" for r in ledger).most_common()),
         },
-        "size": _dir_size(fs.path),
+        "size": _dir_size(fs.path)[0],
     }
 
 

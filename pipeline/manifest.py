@@ -66,6 +66,9 @@ def check_rel_path(value: str | None) -> str | None:
     return str(p)
 
 
+TARGETS = ("sentiment", "valence", "arousal")  # the continuous labels (regression targets)
+
+
 class Labels(BaseModel):
     model_config = ConfigDict(extra="forbid")
     emotion: str | None = None  # the dataset's own label string
@@ -73,6 +76,16 @@ class Labels(BaseModel):
     sentiment: float | None = None
     valence: float | None = None
     arousal: float | None = None
+
+    def any_label(self) -> bool:
+        """A class or any continuous target: the clip can take part in some fit."""
+        return self.emotion_idx is not None or any(getattr(self, t) is not None for t in TARGETS)
+
+
+def targets_present(clips: Iterable[Clip]) -> list[str]:
+    """The continuous targets (TARGETS order) that at least one of the clips carries."""
+    clips = list(clips)
+    return [t for t in TARGETS if any(getattr(c.labels, t) is not None for c in clips)]
 
 
 class Clip(BaseModel):

@@ -20,12 +20,11 @@ import numpy as np
 
 from pipeline import cacheformat as cachefmt
 from pipeline.cacheformat import ModalityLayout, SetLayout
-from pipeline.manifest import Clip, load_dataset, read_dataset_info
+from pipeline.manifest import TARGETS, Clip, load_dataset, read_dataset_info
 from pipeline.presets import STAGE_ORDER, Preset, load_preset
 from pipeline.stages.base import Stage, get_backend
 
 CODE_VERSION = "1"
-TARGETS = ("sentiment", "valence", "arousal")
 FP_BYTES = 64 * 1024
 # modalities whose sequence is stored (others are vectors)
 SEQUENCE_MODALITIES = ("audio", "text", "visual")

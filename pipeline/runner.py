@@ -35,10 +35,9 @@ import numpy as np
 
 from pipeline import cacheformat as cachefmt
 from pipeline.cacheformat import SetLayout
-from pipeline.manifest import Clip
+from pipeline.manifest import Clip, targets_present
 from pipeline.plan import (  # noqa: F401 - plan_extract, resolve_unit_size: re-exported for callers
     CODE_VERSION,
-    TARGETS,
     Plan,
     build_stages,
     plan_extract,
@@ -537,7 +536,7 @@ def create_set(plan: Plan, store: Store):
         "task": plan.info.get("task", "classification"),
         "group_by": plan.info.get("group_by"),
         "label_derived": plan.info.get("label_derived", []),
-        "targets": [t for t in TARGETS if any(getattr(c.labels, t) is not None for c in plan.clips)],
+        "targets": targets_present(plan.clips),
         "stages": [s.provenance() for s in plan.stages],
         "preset_config": plan.preset.data,
         "code_version": CODE_VERSION,
@@ -590,11 +589,7 @@ def run_extract(
         copied, donor = reuse_units(plan, store, fs, unfinished, lease)
         if copied and donor is not None:
             summary.reused, summary.reused_from = len(copied), donor.key
-            n_copied = 0
-            for u in copied:
-                summary.absent.update(fs.read_done(u).get("absent") or {})
-                a, b = plan.layout.unit_range(u)
-                n_copied += b - a
+            n_copied = sum(b - a for a, b in map(plan.layout.unit_range, copied))
             if notify is not None:
                 notify(f"copied {len(copied)} finished unit(s), {n_copied} clips, from {donor.key}: "
                        "the same media, settings and clips with other labels (--force extracts "

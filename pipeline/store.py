@@ -401,14 +401,14 @@ class FeatureSetStore:
         if not donor.is_done(u) or donor.layout.to_json() != self.layout.to_json():
             return None
         try:
-            old = donor.read_done(u)
-        except (OSError, ValueError):
+            old = cf.UnitMarker.from_json(donor.read_done(u), donor.done_path(u).name,
+                                          donor.layout.unit_size, donor.layout.n)
+        except (OSError, ValueError):  # FormatError is a ValueError
             return None
-        start, stop = self.layout.unit_range(u)
-        if (old.get("start"), old.get("stop")) != (start, stop):
+        if (old.start, old.stop) != self.layout.unit_range(u):
             return None
         staging = self.path / cf.STAGING / f"u{u}.{uuid.uuid4().hex[:12]}"
-        checksums = dict(old.get("checksums") or {})
+        checksums = old.checksums
         moves: list[tuple[Path, Path]] = []
         try:
             for relfile, digest in checksums.items():
@@ -427,10 +427,8 @@ class FeatureSetStore:
                 moves.append((tmp, self.path / relfile))
             ledger = donor.path / cf.ledger_file(u)
             fail_rows = ledger.read_bytes() if ledger.is_file() else b""
-            base = ("unit", "start", "stop", "checksums", "n_failures", "by", "at")
-            extra = {**{k: v for k, v in old.items() if k not in base}, "reused_from": donor.key}
-            return self._install(u, moves, checksums, fail_rows, int(old.get("n_failures") or 0),
-                                 claim, extra)
+            return self._install(u, moves, checksums, fail_rows, old.n_failures, claim,
+                                 {**old.extra, "reused_from": donor.key})
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

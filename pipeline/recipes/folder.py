@@ -45,7 +45,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.manifest import MANIFEST_DIR, Clip, Labels, check_rel_path, sanitize_id
+from pipeline.manifest import (
+    MANIFEST_DIR,
+    TARGETS,
+    Clip,
+    Labels,
+    check_rel_path,
+    sanitize_id,
+    targets_present,
+)
 from pipeline.recipes.common import (
     AUDIO_EXTS,
     VIDEO_EXTS,
@@ -60,7 +68,6 @@ LAYOUT = ("labels.csv (id,video,audio,text,title,label,speaker,split and the tar
           "sentiment,valence,arousal; optional), "
           "classes.txt (optional), media under the root")
 CLASSES: list[str] = []  # the dataset's own labels (labels.csv / classes.txt)
-TARGET_COLUMNS = ("sentiment", "valence", "arousal")  # continuous labels (regression targets)
 KNOWN = ("id", "video", "audio", "text", "title", "label", "speaker", "split")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -102,7 +109,7 @@ def _value(text: str) -> Any:
 def task_info(classes: list[str], clips: list[Clip]) -> dict[str, Any]:
     """dataset.json's `task` and `targets` for clips read from a labels.csv: classification
     when there are classes, else regression when a clip has a continuous target, else none."""
-    targets = [t for t in TARGET_COLUMNS if any(getattr(c.labels, t) is not None for c in clips)]
+    targets = targets_present(clips)
     task = "classification" if classes else "regression" if targets else "none"
     return {"task": task, "targets": targets}
 
@@ -116,7 +123,7 @@ def _is_number(cell: str) -> bool:
 
 def target_columns(rows: list[tuple[int, dict[str, str]]]) -> tuple[str, ...]:
     """The target columns that hold at least one number (the others stay metadata)."""
-    return tuple(c for c in TARGET_COLUMNS
+    return tuple(c for c in TARGETS
                  if any(_is_number(r.get(c, "").strip()) for _, r in rows))
 
 
