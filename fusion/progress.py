@@ -68,7 +68,7 @@ class FitProgress:
         default = "macro_f1" if ev.get("task") == "classification" else "mae"
         name = str(ev.get("metric", default))
         metric = "val " + _NAMES.get(name, name.replace("_", " "))
-        value = ev.get("metric_value", ev["val_metric"])
+        value = ev["val_metric"]
         where = f"seed {ev['seed']}" + (f" fold {ev['fold'] + 1}/{ev['folds']}"
                                          if ev.get("folds", 1) > 1 else "")
         text = (f"run {ev['run']}/{runs} ({where}) epoch {ev['epoch']}/{epochs}: "

@@ -158,9 +158,11 @@ def fit(
     if n_test < FEW_TEST_ROWS:
         more = "" if len(plan) > 1 or cross is not None else (
             "; --split kfold tests every clip once")
-        warnings.append(f"{n_test} test clip(s) in all: one clip moves accuracy by "
-                        f"{100 / max(n_test, 1):.0f} points, so read these scores as a rough "
-                        f"indication{more}")
+        weight = (f"one clip moves accuracy by {100 / max(n_test, 1):.0f} points"
+                  if task.kind == "classification" else
+                  f"each clip is {100 / max(n_test, 1):.0f} % of the error and the correlations")
+        warnings.append(f"{n_test} test clip(s) in all: {weight}, so read these scores as a "
+                        f"rough indication{more}")
     seed_list = list(cfg.seeds)
     fusion_name = fusion if isinstance(fusion, str) else getattr(fusion, "__name__", "custom")
     # a regression target is part of the default name: fitting valence, then arousal, of the
@@ -331,10 +333,9 @@ class _Trainer:
             self.progress({**entry, **self.where, "event": event, "run": self.runs_done + 1,
                            "runs": self.n_runs, "epochs": self.cfg.epochs,
                            "best_epoch": best_epoch, "task": self.task.kind,
-                           # the selection metric by name; val_metric is already in the
-                           # metric's own sign (MAE positive), as log.csv writes it
-                           "metric": self.select,
-                           "metric_value": entry["val_metric"]})
+                           # the selection metric by name (val_metric is in its own sign,
+                           # MAE positive, as log.csv writes it)
+                           "metric": self.select})
 
     def _loss_fn(self, y_train: np.ndarray) -> nn.Module:
         if self.task.kind == "regression":

@@ -341,6 +341,13 @@ def test_a_fit_on_few_test_clips_says_how_coarse_its_scores_are(tmp_path: Path) 
     warn = [w for w in m["warnings"] if "test clip(s) in all" in w]
     assert len(warn) == 1 and f"{100 / n:.0f} points" in warn[0] and "--split kfold" in warn[0]
     assert "warning: " + warn[0][:20] in r.output
+    # a regression fit on the same few clips speaks of its error, not of accuracy
+    r = _invoke("fit", "--dataset", "synth", "--cache", cache, "--runs", tmp_path / "runs",
+                "--fusion", "early", "--modalities", "audio", "--target", "sentiment", *QUICK)
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "runs" / "synth-early-audio-sentiment" / "metrics.json").read_text())
+    warn = [w for w in m["warnings"] if "test clip(s) in all" in w]
+    assert len(warn) == 1 and "of the error" in warn[0] and "accuracy" not in warn[0]
 
 
 def test_fit_on_a_set_where_no_modality_is_present_says_so(tmp_path: Path) -> None:
