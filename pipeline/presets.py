@@ -27,7 +27,7 @@ from pipeline.stages.base import StageConfig, get_backend
 from pipeline.store import DEFAULT_LEASE_S
 
 PRESET_DIR = Path(__file__).parent / "presets"
-STAGE_ORDER = ("decode", "separate", "asr", "ocr", "faces", "audio", "text", "visual", "metadata")
+STAGE_ORDER = ("decode", "separate", "ocr", "asr", "faces", "audio", "text", "visual", "metadata")
 SKIP = "skip"  # a stage's backend that leaves the stage out
 # stages added after feature sets were recorded: a preset without their table leaves them
 # out, and their backend "none" means SKIP (no stage, nothing recorded)

@@ -14,7 +14,7 @@ from pipeline.manifest import Clip, Labels, write_dataset_info, write_manifest
 from pipeline.presets import load_preset
 from pipeline.runner import build_stages, plan_extract, run_extract
 from pipeline.stages.asr import AsrResult, AsrSegment, PocketSphinxAsr, WhisperAsr, compose_srt
-from pipeline.stages.base import ClipContext, Media
+from pipeline.stages.base import ClipContext, Cue, Media
 from pipeline.stages.text import plan_clip
 from pipeline.store import Store
 from tests.conftest import shared_path
@@ -135,6 +135,28 @@ def test_no_audio_and_manifest_transcript_skip() -> None:
     assert ctx.asr is None and ctx.status["asr"] == "no audio"
 
 
+def test_subtitled_clips_are_left_to_their_subtitles(sphinx: PocketSphinxAsr) -> None:
+    """only_without_subtitles: a clip whose OCR cues hold a letter or digit is not recognised; a
+    clip whose cues are punctuation only, or that has none, is."""
+    wav = sorted(shared_path("ravdess-speech", "Actor_01").glob("*.wav"))[0]
+    audio, sr = _wav(wav)
+    stage = PocketSphinxAsr({"only_without_subtitles": True})
+    stage.ensure_loaded()
+    subtitled = _ctx(audio, sr)
+    subtitled.cues = [Cue(start=0.0, end=1.0, text="..."), Cue(start=1.0, end=2.0, text="我进去帮他")]
+    stage.process_one(subtitled)
+    assert subtitled.asr is None and subtitled.status["asr"] == "skipped: subtitles"
+    for cues in ([Cue(start=0.0, end=1.0, text=" ... ")], [], None):
+        ctx = _ctx(audio, sr)
+        ctx.cues = cues
+        stage.process_one(ctx)
+        assert ctx.asr is not None and {"door", "by"} & set(ctx.asr.text.split()), cues
+    plain = _ctx(audio, sr)  # the option off (PocketSphinxAsr's default): subtitles change nothing
+    plain.cues = subtitled.cues
+    sphinx.process_one(plain)
+    assert plain.asr is not None and plain.asr.text
+
+
 def test_nan_audio_is_a_clip_error(sphinx: PocketSphinxAsr) -> None:
     audio = np.full(16000, np.nan, np.float32)
     errors = sphinx.process([_ctx(audio)])
@@ -226,6 +248,9 @@ def test_compose_srt() -> None:
 def test_presets_and_backend_none() -> None:
     off = load_preset("offline")
     assert off.stages["asr"].backend == "pocketsphinx" and off.stages["asr"].config.only_without_transcript is True
+    assert off.stages["asr"].config.only_without_subtitles is True
+    order = [s.name for s in build_stages(off)]
+    assert order.index("ocr") < order.index("asr")  # the subtitles are known before ASR runs
     assert load_preset("full").stages["asr"].backend == "whisper"
     names = [s.name for s in build_stages(load_preset("offline", ["asr.backend=none"]))]
     assert "asr" not in names and names.index("text") > 0
@@ -321,3 +346,30 @@ def test_predict_shows_the_recognised_speech_of_a_video_without_text(tmp_path: P
     assert "text source: asr" in out, out
     spoken = {"dogs", "sitting", "door"}  # statement 02: "Dogs are sitting by the door"
     assert len(spoken & set(out.lower().replace(":", " ").split())) >= 2, out
+
+
+def test_extraction_leaves_subtitled_videos_to_ocr(tmp_path: Path) -> None:
+    """The offline preset on two real videos: anime_en_subs (a burned-in English subtitle over
+    Japanese speech) takes its words from OCR and is not recognised; a RAVDESS take (English
+    speech, no subtitle) is recognised."""
+    anime = shared_path("video", "anime_en_subs.mp4")
+    take = shared_path("ravdess-av-actor05", "original", "video", "01-01-01-01-02-01-05.mp4")
+    root = tmp_path / "media"
+    root.mkdir()
+    for src in (anime, take):
+        (root / src.name).symlink_to(src)
+    clips = [Clip(id=p.stem, dataset="subs", video=p.name, labels=Labels(emotion="x", emotion_idx=0))
+             for p in (anime, take)]
+    man = tmp_path / "manifests"
+    write_manifest(clips, man / "subs" / "train.jsonl")
+    write_dataset_info("subs", {"name": "subs", "root": str(root), "classes": ["x"]}, man)
+    cheap = [o for o in CHEAP if not o.startswith("ocr.")]
+    plan = plan_extract("subs", preset="offline", overrides=cheap, manifests=man)
+    s = run_extract(plan, cache=tmp_path / "cache")
+    assert not s.failures
+    folder = Store(tmp_path / "cache").srt_path(plan.key, anime.stem).parent
+    recs = {p.name.split(".")[0]: json.loads(p.read_text()) for p in folder.glob("*.text.json")}
+    assert recs[anime.stem]["text_source"] == "ocr" and recs[anime.stem]["asr"] is None
+    assert not (folder / f"{anime.stem}.asr.srt").exists()
+    assert "decided" in (folder / f"{anime.stem}.srt").read_text()
+    assert recs[take.stem]["text_source"] == "asr" and "door" in recs[take.stem]["asr"]["text"]
