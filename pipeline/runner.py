@@ -23,6 +23,7 @@ import json
 import os
 import queue
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -750,6 +751,28 @@ def _flush(pq: Any, drain: threading.Thread) -> None:
         time.sleep(0.01)
 
 
+def _quick_exit_at_end() -> None:
+    """A pool worker leaves without tearing down its interpreter.
+
+    With torch, OpenVINO, onnxruntime and the rest loaded, a normal interpreter exit took
+    1.6 s, and the pool's shutdown waits for it: 8 % of a 20-s extraction of the six real
+    videos. Registered first, this runs after every other exit handler (they run in reverse
+    order); multiprocessing's own clean-up has already run by then. Every unit a worker ran
+    was committed before its result was returned.
+    """
+    import atexit
+
+    def leave() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed stream has nothing to flush
+                pass
+        os._exit(0)
+
+    atexit.register(leave)
+
+
 def _stop_pool(ex: cf.ProcessPoolExecutor) -> None:
     """Ctrl-C: cancel queued units and stop the running ones now. A killed worker's claim
     names a pid that is gone, so the next run on this host takes its unit over at once."""
@@ -778,7 +801,7 @@ def _execute(tasks: list[UnitTask], executor: str, workers: int, scheduler: str 
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_quick_exit_at_end)
         ok = False
         try:
             futs = [ex.submit(run_unit, t) for t in tasks]

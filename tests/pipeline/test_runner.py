@@ -378,3 +378,38 @@ def test_units_in_one_process_take_turns_on_the_models(tmp_path: Path, monkeypat
         th.join(300)
     assert sorted(r.status for r in results) == ["done", "done"]
     assert peak[0] == 1
+
+
+def test_pool_workers_leave_quickly_without_losing_their_output(tmp_path: Path) -> None:
+    """Pool workers skip the interpreter's teardown at exit (runner._quick_exit_at_end), after
+    the other exit handlers ran and with what they wrote to stdout / stderr still delivered."""
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import atexit, concurrent.futures as cf, multiprocessing as mp, sys\n"
+        "from pipeline.runner import _quick_exit_at_end\n"
+        "INIT = _quick_exit_at_end if sys.argv[1] == 'quick' else None\n"
+        "class Torn:\n"
+        "    def __del__(self):\n"
+        "        sys.stderr.write('teardown ')\n"
+        "def work(i):\n"
+        "    global KEPT\n"
+        "    KEPT = Torn()\n"
+        "    atexit.register(lambda: sys.stdout.write(f'handler{i} '))\n"
+        "    sys.stdout.write(f'out{i} '); sys.stderr.write(f'err{i} ')\n"  # no newline, no flush
+        "    return i\n"
+        "if __name__ == '__main__':\n"
+        "    ex = cf.ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=INIT)\n"
+        "    assert ex.submit(work, 7).result() == 7\n"
+        "    procs = list(ex._processes.values())\n"
+        "    ex.shutdown(wait=True)\n"
+        "    print('codes', [p.exitcode for p in procs])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    for how in ("quick", "plain"):
+        out = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, env=env,
+                             timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert "out7 " in out.stdout and "handler7 " in out.stdout and "err7 " in out.stderr, out
+        assert "codes [0]" in out.stdout
+        # the teardown (module globals destroyed) is what the quick exit skips
+        assert ("teardown" in out.stderr) == (how == "plain"), out
