@@ -5,7 +5,8 @@ the dialogue context (previous 5 turns). The stage embeds, per clip, the utteran
 plus the context; this bench runs it exactly as the extractor does (runner batches of
 `--clip-batch` clips, default the offline preset's run.batch_size) and, on the same threads,
 `SentenceTransformer.encode` once over the very same strings (its own length sort, batch 64).
-It also checks that both give the same vectors (cosine > 0.999).
+It also checks that both give the same vectors (cosine > 0.999): the stage runs the model in
+plain torch (pipeline/stages/minilm_model.py), sentence-transformers through transformers.
 
     .venv/bin/python bench/text.py [--repeats 3] [--limit 1109] [--threads 1]
 """
@@ -56,7 +57,9 @@ def main() -> None:
     t0 = time.perf_counter()
     stage.ensure_loaded()
     load_s = time.perf_counter() - t0
-    model = stage._model
+    from sentence_transformers import SentenceTransformer  # the reference, beside the stage
+
+    model = SentenceTransformer(stage._model_path(), device="cpu")
     ctxs0 = [ClipContext(c, Path(".")) for c in clips]
     texts = [t for ctx in ctxs0 for t in plan_clip(ctx, ["transcript", "cues"], 64, True).texts()]
     n = len(texts)

@@ -234,8 +234,9 @@ class _MaskSeparation(Stage):
         # librosa imports its submodules on first use (scipy.signal and more: 0.9-2.9 s here);
         # touch them now, so that start-up pays this once instead of the first clip's
         # separation time
-        _ = (librosa.stft, librosa.istft, librosa.fft_frequencies, librosa.util.softmask,
-             librosa.decompose.hpss)
+        _ = (librosa.stft, librosa.istft, librosa.fft_frequencies, librosa.util.softmask)
+        if self.backend == "hpss":  # librosa.decompose imports scikit-learn (0.5 s)
+            _ = librosa.decompose.hpss
 
     def process_one(self, ctx: ClipContext) -> None:
         got = _clip_audio(ctx)

