@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,15 @@ def clip_fingerprint(clip: Clip, root: Path) -> str:
     return "|".join(parts)
 
 
+def fingerprint_bytes(fingerprint: str) -> int:
+    """The media bytes a clip fingerprint records (its files' sizes; 0 for a missing one)."""
+    total = 0
+    for part in fingerprint.split("|"):
+        size = part.split(":", 1)[0]
+        total += int(size) if size.isdigit() else 0
+    return total
+
+
 @dataclass
 class Plan:
     dataset: str
@@ -102,6 +111,10 @@ class Plan:
     # the key without the labels: two plans with the same digest extract the same features
     # row for row (see features_digest); the runner reuses such a set's finished units
     features_digest: str = ""
+    # bytes of each clip's media files (0 when missing): the runner hands out the units with
+    # the most media first, so that a long clip does not start last and keep one worker busy
+    # while the others idle
+    media_bytes: list[int] = field(default_factory=list)
 
     @property
     def preset_name(self) -> str:
@@ -218,7 +231,7 @@ def plan_extract(
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     key = f"{dataset}-{hashlib.sha256(blob).hexdigest()[:16]}"
     return Plan(dataset, pre, root, clips, info, stages, layout, key, device,
-                features_digest(ident, clips, info, pre))
+                features_digest(ident, clips, info, pre), [fingerprint_bytes(f) for f in fps])
 
 
 # what a clip's labels are made of: nothing here reaches a stage (the metadata stage reads

@@ -413,3 +413,23 @@ def test_pool_workers_leave_quickly_without_losing_their_output(tmp_path: Path) 
         assert "codes [0]" in out.stdout
         # the teardown (module globals destroyed) is what the quick exit skips
         assert ("teardown" in out.stderr) == (how == "plain"), out
+
+
+def test_units_with_the_most_media_are_handed_out_first(tmp_path: Path) -> None:
+    """A long clip's unit starts first, so that short units fill the workers at the end; the
+    cost estimate is the media bytes the plan's fingerprints record (a missing file: 0)."""
+    from pipeline.plan import fingerprint_bytes
+    from pipeline.runner import largest_first
+    from tests.pipeline.test_cache_concurrency import Toy, _write_wav
+
+    toy = Toy(tmp_path, n=8)
+    _write_wav(toy.media / "w5.wav", 200, 3.0, 5)  # five times the others
+    (toy.media / "w1.wav").unlink()  # a missing file costs nothing: its unit goes last
+    plan = toy.plan(overrides=["store.unit_size=2"])
+    assert plan.media_bytes[5] > 4 * plan.media_bytes[4] > 0 and plan.media_bytes[1] == 0
+    assert largest_first(plan, [0, 1, 2, 3]) == [2, 1, 3, 0]
+    assert fingerprint_bytes("12:3:ab|-") == 12 and fingerprint_bytes("missing:FileNotFoundError|-") == 0
+    order: list[int] = []
+    s = run_extract(plan, cache=tmp_path / "cache", executor="inline",
+                    progress=lambda res, n: order.append(res.unit))
+    assert order == [2, 1, 3, 0] and s.done == 4
