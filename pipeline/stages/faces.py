@@ -52,7 +52,16 @@ _THUMB = 16  # side of the grey thumbnail of the aligned crop used for appearanc
 class FacesConfig(StageConfig):
     """MTCNN detection, tracking and alignment settings (all recorded in provenance)."""
 
+    # smallest face: where MTCNN's image pyramid starts, the larger of min_face_size pixels and
+    # min_face_frac of the detection image's longer side. The largest pyramid levels are most of
+    # the detector's cost; 0.05 of a 640-px side is 32 px, 48 px of a 960-px decoded frame (the
+    # expression model's input size). On the 144 sampled frames of the six real videos
+    # (BENCHMARKS.md, seventh session) it found faces in 71 frames instead of 72, the same 82
+    # detections down to 25 px wide, in half the time (5.3 -> 2.8 s). Frames of at most 400 px
+    # (the demo's 320x240) keep the 20-px start: there a coarser pyramid moved the landmarks by
+    # 2 px and the demo's fit lost 3 of 64 clips.
     min_face_size: int = Field(20, ge=8, description="smallest face, pixels of the detection image")
+    min_face_frac: float = Field(0.05, ge=0, lt=1, description="smallest face, share of the longer side")
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     factor: float = Field(0.709, gt=0.1, lt=0.95, description="image pyramid scale step")
     min_score: float = Field(0.9, ge=0, le=1, description="drop weaker final detections")
@@ -379,7 +388,9 @@ class MtcnnDetector:
             sx, sy = w / size[0], h / size[1]
         else:
             sx = sy = 1.0
-        boxes, points = self._run_mtcnn(np.ascontiguousarray(np.stack(frames)))
+        side = max(frames[0].shape[:2])
+        min_face = max(self.cfg.min_face_size, round(self.cfg.min_face_frac * side))
+        boxes, points = self._run_mtcnn(np.ascontiguousarray(np.stack(frames)), min_face)
         results = []
         for b, p in zip(boxes, points):
             b = np.asarray(b, dtype=np.float32).reshape(-1, 5)
@@ -388,7 +399,7 @@ class MtcnnDetector:
             results.append((box, b[:, 4], p * np.array([sx, sy], np.float32)))
         return results
 
-    def _run_mtcnn(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run_mtcnn(self, batch: np.ndarray, min_face: int) -> tuple[np.ndarray, np.ndarray]:
         """facenet's `detect_face` on a [B, H, W, 3] batch, with the fast resampler swapped
         into its module for the duration of the call (facenet reads it as a global)."""
         original = self._df_module.imresample
@@ -399,7 +410,7 @@ class MtcnnDetector:
             with torch.inference_mode():
                 return self._detect_face(
                     batch,
-                    self.cfg.min_face_size,
+                    min_face,
                     self.net.pnet,
                     self.net.rnet,
                     self.net.onet,

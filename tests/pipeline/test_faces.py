@@ -19,6 +19,7 @@ from pipeline.stages.decode import DecodeConfig, decode_media
 from pipeline.stages.faces import (
     Detection,
     FacesConfig,
+    MtcnnDetector,
     MtcnnFaces,
     Track,
     align_face,
@@ -310,3 +311,22 @@ def test_real_portrait_clip_has_a_main_face(stage: MtcnnFaces) -> None:
         assert face.scores[t] >= 0.9 and face.landmarks[t].shape == (5, 2)
         x1, y1, x2, y2 = face.boxes[t]
         assert (x2 - x1) > 80  # a close-up portrait, not a speck
+
+
+def test_detector_pyramid_starts_at_a_share_of_the_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The smallest face asked of MTCNN: min_face_frac of the detection image's longer side,
+    at least min_face_size. A 1280x720 frame (detected at 640 px) starts at 32 px, the demo's
+    320x240 frames keep 20 px, and min_face_frac=0 gives min_face_size everywhere."""
+    seen: list[int] = []
+
+    def fake(self, batch: np.ndarray, min_face: int):
+        seen.append(min_face)
+        return [np.zeros((0, 5))] * len(batch), [np.zeros((0, 5, 2))] * len(batch)
+
+    monkeypatch.setattr(MtcnnDetector, "_run_mtcnn", fake)
+    det = MtcnnDetector(FacesConfig())
+    det.detect([np.zeros((720, 1280, 3), np.uint8), np.zeros((240, 320, 3), np.uint8)])
+    assert sorted(seen) == [20, 32]
+    seen.clear()
+    MtcnnDetector(FacesConfig(min_face_frac=0)).detect([np.zeros((720, 1280, 3), np.uint8)])
+    assert seen == [20]

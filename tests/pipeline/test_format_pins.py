@@ -25,10 +25,12 @@ import pytest
 # pin-d96bb65c9a60543b until the key recorded the resolved unit size (auto units: at least 8
 # per small set), then pin-354efb5ee02290da until the OCR stage's config gained blank_cover (a
 # blank band reads as no text without OCR) and det_engine (the text detector on OpenVINO; both
-# 2026-11-30, fourth session). A stage version, a stage config default or the chunking that changes moves
+# 2026-11-30, fourth session), then pin-635c1556fbbc6d4a until the faces stage's config gained
+# min_face_frac (the detector's image pyramid starts at 5 % of the longer side; seventh
+# session). A stage version, a stage config default or the chunking that changes moves
 # the key, and every offline set is re-extracted once.
-KEY = "pin-635c1556fbbc6d4a"
-FEATURES_DIGEST = "723b9b0234478b7af484ed3eb3446e0da22e8e2035d62bcecb3bce008cc19cdf"
+KEY = "pin-a36e2ba590c4ce56"
+FEATURES_DIGEST = "d168826e42c3933936fd8beac761ba9b79e795fb9e7a2eb716ba133b7d014587"
 # The offline preset as it was when the pin was taken: features added since (the asr stage,
 # the `fer` visual backend) change the offline default's key on purpose, not this fixed config's.
 PIN_OVERRIDES = ["asr.backend=none", "visual.backend=face-geometry"]
