@@ -381,8 +381,8 @@ _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 def _limit_threads(n: int) -> None:
     """The worker's thread budget for every pool in the process: torch's intra-op threads, the
-    BLAS / OpenMP pools already loaded (threadpoolctl: numpy's OpenBLAS, which librosa's
-    log-mel uses in the audio stage), their environment variables for libraries loaded later,
+    BLAS / OpenMP pools already loaded (threadpoolctl: numpy's OpenBLAS, which the audio stage's
+    log-mel uses), their environment variables for libraries loaded later,
     and the budget other pools read (stages.base.worker_threads: onnxruntime in OCR).
 
     Without the BLAS limit, 2 workers on 2 cores each ran a 2-thread OpenBLAS pool: the audio

@@ -6,7 +6,7 @@ samples, or with NaN/Inf samples, is a ``ClipError``. Nothing non-finite ever le
 
 Backends:
   ``egemaps``  offline: openSMILE eGeMAPSv02 — 25 low-level descriptors every 10 ms (the
-               sequence) and the 88 functionals — plus mean and std of a librosa log-mel
+               sequence) and the 88 functionals — plus mean and std of a log-mel
                spectrogram (pooled = 88 + 2 * n_mels). ``feature_set = compare`` puts the
                ComParE_2016 functionals (6,373) in place of the 88, ``both`` keeps both
                (88 + 6,373); the sequence stays the eGeMAPS LLDs.
@@ -25,10 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import librosa
 import numpy as np
 from pydantic import Field
 
+from pipeline.stages import dsp
 from pipeline.stages.base import (
     ClipContext,
     ClipError,
@@ -153,7 +153,7 @@ def egemaps_lld_and_functionals(smile: Any, x: np.ndarray, sr: int
 def to_rate(x: np.ndarray, sr: int, target: int) -> np.ndarray:
     if sr == target:
         return x
-    return librosa.resample(x, orig_sr=sr, target_sr=target).astype(np.float32)
+    return dsp.resample(x, sr, target).astype(np.float32)
 
 
 # --- eGeMAPS ----------------------------------------------------------------------------------
@@ -256,11 +256,7 @@ def logmel_stats(x: np.ndarray, sr: int, n_mels: int) -> np.ndarray:
     """Mean and std over time of a log-mel spectrogram (25 ms window, 10 ms hop), in dB with a
     fixed -100 dB floor so silence is a finite, level-comparable value."""
     n_fft = int(2 ** math.ceil(math.log2(0.025 * sr)))
-    mel = librosa.feature.melspectrogram(
-        y=x, sr=sr, n_fft=n_fft, hop_length=int(0.010 * sr), win_length=int(0.025 * sr),
-        n_mels=n_mels, power=2.0,
-    )  # fmt: skip
-    db = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
+    db = dsp.log_mel(x, sr, n_fft, int(0.010 * sr), int(0.025 * sr), n_mels, amin=1e-10)
     return np.concatenate([db.mean(axis=1), db.std(axis=1)]).astype(np.float32)
 
 

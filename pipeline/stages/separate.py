@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import librosa
 import numpy as np
 from pydantic import Field
 
+from pipeline.stages import dsp
 from pipeline.stages.base import (
     ClipContext,
     ClipError,
@@ -76,7 +76,7 @@ def _passthrough(x: np.ndarray, note: str) -> Separation:
 
 
 def _from_mask(x: np.ndarray, spec: np.ndarray, mask: np.ndarray, n_fft: int, note: str):
-    vocals = librosa.istft(spec * mask, hop_length=n_fft // 4, n_fft=n_fft, length=len(x))
+    vocals = dsp.istft(spec * mask, n_fft, n_fft // 4, len(x))
     vocals = vocals.astype(np.float32)
     return Separation(vocals, (x - vocals).astype(np.float32), note)
 
@@ -136,7 +136,7 @@ def repeating_background(mag: np.ndarray, width_frames: int, chunk: int = 256) -
 def repet_mask(mag: np.ndarray, width_frames: int, margin: float, power: float) -> np.ndarray:
     """REPET-SIM soft mask of the non-repeating (voice) part of a magnitude spectrogram."""
     background = np.minimum(mag, repeating_background(mag, width_frames))
-    return librosa.util.softmask(mag - background, margin * background, power=power)
+    return dsp.softmask(mag - background, margin * background, power)
 
 
 def repet_separate(audio: np.ndarray, sr: int, cfg: RepetConfig | None = None) -> Separation:
@@ -146,7 +146,7 @@ def repet_separate(audio: np.ndarray, sr: int, cfg: RepetConfig | None = None) -
     n_fft = _n_fft(sr, cfg.window)
     if len(x) < n_fft:
         return _passthrough(x, "passthrough: clip too short or silent for REPET")
-    spec = librosa.stft(x, n_fft=n_fft, hop_length=n_fft // 4)
+    spec = dsp.stft(x, n_fft, n_fft // 4)
     mag = np.abs(spec)
     n_frames = mag.shape[1]
     # nn_filter needs a neighbour at least `width` frames away on either side
@@ -165,7 +165,7 @@ def repet_separate(audio: np.ndarray, sr: int, cfg: RepetConfig | None = None) -
     repeating = float(np.sum((1.0 - mask) * mag**2)) / energy
     if repeating < cfg.gate:
         return _passthrough(x, f"passthrough: repeating background {repeating:.1%} < gate")
-    freqs = librosa.fft_frequencies(sr=sr, n_fft=n_fft)
+    freqs = dsp.fft_frequencies(sr, n_fft)
     band = ((freqs >= cfg.band_low) & (freqs <= cfg.band_high)).astype(np.float32)
     mask = cfg.floor + (1.0 - cfg.floor) * mask * band[:, None]
     return _from_mask(x, spec, mask, n_fft, f"repet: repeating background {repeating:.1%}")
@@ -189,6 +189,8 @@ def hpss_separate(audio: np.ndarray, sr: int, cfg: HpssConfig | None = None) -> 
     n1, n2 = _n_fft(sr, cfg.long_window), _n_fft(sr, cfg.short_window)
     if len(x) < n1 or float(np.sum(x.astype(np.float64) ** 2)) <= _EPS:
         return _passthrough(x, "passthrough: clip too short or silent for HPSS")
+    import librosa  # only this comparison backend needs librosa (its decompose: scikit-learn)
+
     spec1 = librosa.stft(x, n_fft=n1, hop_length=n1 // 4)
     _, perc = librosa.decompose.hpss(spec1, kernel_size=cfg.kernel, margin=cfg.margin)
     rest = librosa.istft(perc, hop_length=n1 // 4, n_fft=n1, length=len(x))
@@ -231,12 +233,13 @@ class _MaskSeparation(Stage):
     separate: ClassVar[Any]
 
     def load(self) -> None:
-        # librosa imports its submodules on first use (scipy.signal and more: 0.9-2.9 s here);
-        # touch them now, so that start-up pays this once instead of the first clip's
-        # separation time
-        _ = (librosa.stft, librosa.istft, librosa.fft_frequencies, librosa.util.softmask)
-        if self.backend == "hpss":  # librosa.decompose imports scikit-learn (0.5 s)
-            _ = librosa.decompose.hpss
+        # repet runs on pipeline/stages/dsp.py; hpss needs librosa, whose submodules load on
+        # first use (scipy.signal, scikit-learn: 1-3 s), paid here rather than in the first
+        # clip's separation time
+        if self.backend == "hpss":
+            import librosa
+
+            _ = (librosa.stft, librosa.istft, librosa.decompose.hpss)
 
     def process_one(self, ctx: ClipContext) -> None:
         got = _clip_audio(ctx)
