@@ -388,7 +388,6 @@ class FeatureSetStore:
         atomic_write_json(self.done_path(u), marker)
         return marker
 
-
     def adopt_unit(self, u: int, donor: FeatureSetStore, claim: Claim | None = None) -> dict[str, Any] | None:
         """Make unit u a copy of `donor`'s finished unit u: its chunk files (hard links, else
         byte-for-byte copies; each checked against the donor's marker), its ledger, then a

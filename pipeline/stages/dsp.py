@@ -52,9 +52,11 @@ def istft(spec: np.ndarray, n_fft: int, hop_length: int, length: int) -> np.ndar
     padded_length = length + 2 * (n_fft // 2)
     n_frames = min(spec.shape[1], int(np.ceil(padded_length / hop_length)))
     dtype = np.float32 if spec.dtype == np.complex64 else np.float64
-    total = n_fft + hop_length * (n_frames - 1)
-    y = np.zeros(max(total, padded_length), dtype=dtype)
-    env = np.zeros(total, dtype=dtype)
+    # both buffers reach at least the last cropped sample; the tail no frame covers stays 0
+    # (and is not divided)
+    size = max(n_fft + hop_length * (n_frames - 1), padded_length)
+    y = np.zeros(size, dtype=dtype)
+    env = np.zeros(size, dtype=dtype)
     win_sq = window**2
     block = max(1, (1 << 18) // n_fft)
     for a in range(0, n_frames, block):
@@ -65,10 +67,9 @@ def istft(spec: np.ndarray, n_fft: int, hop_length: int, length: int) -> np.ndar
         env[i * hop_length:i * hop_length + n_fft] += win_sq
     y = y[n_fft // 2:n_fft // 2 + length]
     env = env[n_fft // 2:n_fft // 2 + length]
-    env = np.pad(env, (0, length - len(env)))
     nonzero = env > np.finfo(env.dtype).tiny
     y[nonzero] /= env[nonzero]
-    return np.pad(y, (0, length - len(y)))
+    return y
 
 
 def softmask(x: np.ndarray, x_ref: np.ndarray, power: float) -> np.ndarray:
@@ -97,15 +98,11 @@ _MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP
 _LOGSTEP = np.log(6.4) / 27.0
 
 
-def hz_to_mel(f: np.ndarray) -> np.ndarray:
-    f = np.asanyarray(f)
-    mels = f / _F_SP
-    if f.ndim:
-        log_t = f >= _MIN_LOG_HZ
-        mels[log_t] = _MIN_LOG_MEL + np.log(f[log_t] / _MIN_LOG_HZ) / _LOGSTEP
-    elif f >= _MIN_LOG_HZ:
-        mels = _MIN_LOG_MEL + np.log(f / _MIN_LOG_HZ) / _LOGSTEP
-    return mels
+def hz_to_mel(f: float) -> np.floating:
+    f = np.float64(f)
+    if f >= _MIN_LOG_HZ:
+        return _MIN_LOG_MEL + np.log(f / _MIN_LOG_HZ) / _LOGSTEP
+    return f / _F_SP
 
 
 def mel_to_hz(mels: np.ndarray) -> np.ndarray:

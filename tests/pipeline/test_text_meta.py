@@ -117,20 +117,6 @@ def test_minilm_plain_torch_encoder_equals_sentence_transformers(minilm: MiniLMT
     assert np.abs(ours - theirs).max() < 1e-5
 
 
-def test_minilm_loads_without_transformers() -> None:
-    """Worker start-up: the bundled model needs neither transformers nor sentence-transformers
-    (2.6 s of imports per extraction worker before)."""
-    import subprocess
-    import sys
-
-    code = ("import sys; from pipeline.stages.text import MiniLMText; s = MiniLMText(); s.ensure_loaded(); "
-            "print(sorted(m for m in ('transformers', 'sentence_transformers', 'sklearn') if m in sys.modules))")
-    repo = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
-
-
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_minilm_stage_on_another_sentence_transformers_folder(tmp_path: Path, tiny_bert: Path,
                                                               pooling: str) -> None:
