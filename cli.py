@@ -152,11 +152,14 @@ def sample(
     out: Path = typer.Option(..., "--out", help="Folder to write the synthetic dataset into."),
     n: int = typer.Option(160, "--n", help="Number of clips."),
     seed: int = typer.Option(0, "--seed"),
+    shift: float = typer.Option(0.5, "--shift", min=0.0, max=1.0,
+                                help="Share of clips that change emotion at their midpoint (labelled "
+                                     "with the class they end in); 0: static clips."),
 ) -> None:
     """Write a small synthetic labelled video dataset (folder layout) with known signal."""
-    from pipeline.sample import make_sample
+    from pipeline.sample import SampleSpec, make_sample
 
-    path = make_sample(out, n=n, seed=seed)
+    path = make_sample(out, n=n, seed=seed, spec=SampleSpec(shift=shift))
     console.print(f"wrote {n} clips to {path}")
 
 

@@ -176,11 +176,15 @@ def main() -> None:
 
 
 def _log(m: dict) -> list[dict]:
-    """The run's log.csv rows (one per epoch) as floats."""
+    """The run's log.csv rows (one per epoch), their numbers as floats (the warm start's `start`
+    column stays a word, an empty cell None)."""
     import csv
 
+    def num(k: str, v: str) -> object:
+        return v if k == "start" else float(v) if v else None
+
     path = Path(m["run_dir"]) / "log.csv"
-    return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(path.open())]
+    return [{k: num(k, v) for k, v in r.items()} for r in csv.DictReader(path.open())]
 
 
 def _load() -> float:

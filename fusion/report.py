@@ -132,11 +132,18 @@ def run_row(m: dict) -> dict[str, Any]:
 def probe_kept(m: dict) -> str:
     """'k/n': of the n (seed, fold) runs whose linear path started from the fold's probe, the k
     that kept it (no later epoch scored better on validation: the head *is* the probe there);
-    '' for runs without a warm start (fusion/heads/linear.py)."""
-    runs = [(e, w) for s in m.get("seeds", []) if isinstance(s, dict)
-            for e, w in zip(s.get("best_epoch", []), s.get("warm_start", []))]
-    warm = [e for e, w in runs if w]
-    return f"{sum(e == 0 for e in warm)}/{len(warm)}" if warm else ""
+    '' for runs without a warm start (fusion/heads/linear.py). Runs that started from the
+    time-window probe instead are not counted in k and are named after it: 'k/n, w from time
+    windows'."""
+    runs = [(e, w, t) for s in m.get("seeds", []) if isinstance(s, dict)
+            for e, w, t in zip(s.get("best_epoch", []), s.get("warm_start", []),
+                               s.get("window_start") or [False] * len(s.get("best_epoch", [])))]
+    warm = [(e, t) for e, w, t in runs if w]
+    if not warm:
+        return ""
+    kept = sum(e == 0 and not t for e, t in warm)
+    windows = sum(t for _, t in warm)
+    return f"{kept}/{len(warm)}" + (f", {windows} from time windows" if windows else "")
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -253,6 +260,9 @@ def _seed_metrics(seed: int, outs: list[dict], task: Task) -> dict:
     m["epochs_run"] = [o["epochs_run"] for o in outs]
     # per fold: the linear path started from the fold's probe (best_epoch 0: the probe was kept)
     m["warm_start"] = [bool(o.get("warm_start")) for o in outs]
+    # per fold: the path started from the probe of the pooled and time-window columns instead
+    # (a sequence head, when that probe beat the pooled one on validation beyond chance)
+    m["window_start"] = [o.get("start") == "window probe" for o in outs]
     return m
 
 
@@ -337,8 +347,10 @@ def _write_outputs(run_dir: Path, metrics: dict, logs: list[dict], first: tuple 
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     cfg.to_toml(run_dir / "config.toml", **run)
     with (run_dir / "log.csv").open("w", newline="") as fh:
+        # start (epoch 0 of a warm start): "probe" or "window probe"; window_probe_p: the
+        # departure test of the window probe against the pooled one, when it was run
         w = csv.DictWriter(fh, ["seed", "fold", "epoch", "train_loss", "val_loss", "val_metric",
-                                "epoch_s"])
+                                "epoch_s", "start", "window_probe_p"])
         w.writeheader()
         w.writerows(logs)
     if first is not None:

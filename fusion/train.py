@@ -27,6 +27,7 @@ from fusion import metrics as M
 from fusion.config import FitConfig
 from fusion.data import COND, FeatureSet, open_set
 from fusion.heads.base import FusionHead
+from fusion.heads.linear import linear_path
 from fusion.layers import LayerMixedHead, build_with_layers, summarise_weights, weights_from_state
 from fusion.normalise import (
     Batch,
@@ -37,7 +38,14 @@ from fusion.normalise import (
     take,
     to_tensors,
 )
-from fusion.probe import ProbeFit, below_baselines, cached_probe, pooled_blocks, pooled_matrix
+from fusion.probe import (
+    ProbeFit,
+    below_baselines,
+    cached_probe,
+    pooled_blocks,
+    pooled_matrix,
+    window_matrix,
+)
 from fusion.protocols import (
     default_headline,
     get_protocol,
@@ -202,10 +210,23 @@ def fit(
     probe_fits: list[ProbeFit] = []  # each fold's probe: where a head's linear path starts
     # the probe of these inputs is fitted once per runs folder (an ablation's heads share it)
     t_probe, probe_dir = time.perf_counter(), Path(runs_dir) / ".probes"
-    lin, reused = cached_probe(probe_dir, pooled_matrix(raw, mods), task.y[rows], pos_plan, task,
+    xp = pooled_matrix(raw, mods)
+    lin, reused = cached_probe(probe_dir, xp, task.y[rows], pos_plan, task,
                                select, cfg.class_weight, probe_fits, pooled_blocks(raw, mods))
     log.info("linear probe %s in %.2f s", f"reused from {probe_dir}" if reused else "fitted",
              time.perf_counter() - t_probe)
+    # a sequence head's linear path also reads time windows of its sequences: a second probe,
+    # of the pooled and the window columns, is its other candidate start (Trainer._run)
+    window_fits: list[ProbeFit] | None = None
+    path = linear_path(probe)
+    if cfg.warm_start and hasattr(probe, "start_from") and path is not None and path.windows:
+        t_probe, window_fits = time.perf_counter(), []
+        xw, wblocks = window_matrix(raw, path.windows, path.k)
+        _, reused = cached_probe(probe_dir, np.concatenate([xp, xw], axis=1), task.y[rows],
+                                 pos_plan, task, select, cfg.class_weight, window_fits,
+                                 pooled_blocks(raw, mods) + wblocks)
+        log.info("time-window probe (%d windows) %s in %.2f s", path.k,
+                 f"reused from {probe_dir}" if reused else "fitted", time.perf_counter() - t_probe)
     trainer.progress, trainer.n_runs = progress, len(plan) * len(seed_list)
     raw_t = to_tensors(raw)
     # parameter-free work (window averages) done once on the raw features, for every fold and
@@ -222,7 +243,8 @@ def fit(
         data = {m: {k: v.to(trainer.device) for k, v in d.items()} for m, d in data.items()}
         for seed in seed_list:
             trainer.where = {"seed": seed, "fold": fold.index, "folds": len(plan)}
-            start = (probe_fits[i], stats) if cfg.warm_start else None
+            start = ((probe_fits[i], stats, window_fits[i] if window_fits else None)
+                     if cfg.warm_start else None)
             out = trainer.run(data, pos, task, seed, fold.index, logs, fresh, start)
             fresh = None
             state = out.pop("state")
@@ -404,14 +426,16 @@ class _Trainer:
 
     def run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict],
             fresh: tuple[FusionHead, Tensor] | None = None,
-            start: tuple[ProbeFit, dict[str, Tensor]] | None = None) -> dict:
+            start: tuple[ProbeFit, dict[str, Tensor], ProbeFit | None] | None = None) -> dict:
         """Train with early stopping, restore the best state, call after_fit, predict test.
 
         `fresh` is an untrained head built just after torch.manual_seed(seed), with the RNG
         state that followed; training it is the same as building one here. `start` (the fold's
-        fitted probe and feature statistics) sets a head's linear path before training
+        fitted probe, feature statistics and, for a path with time windows, the probe of the
+        pooled and window columns) sets a head's linear path before training
         (fusion/heads/linear.py); that state is then scored as epoch 0 and kept unless a later
         epoch beats it on validation with a permutation p-value ≤ cfg.depart_p (departure_p).
+        The window probe replaces the pooled one as epoch 0 only by the same test.
         Gradients are switched on explicitly: a library that turned them off globally in this
         process (an encoder loaded by `mmemo predict`, say) must not break training.
         """
@@ -435,9 +459,29 @@ class _Trainer:
                  "epoch_s": round(time.perf_counter() - t0, 4)}
         return entry, score, val_loss, decided
 
+    def _window_start(self, model: FusionHead, start: tuple, data: Batch, f: Fold,
+                      loss_fn: nn.Module, yt: Tensor, yv: Tensor, y_va: np.ndarray, seed: int,
+                      fold: int, entry: dict, score: float, probe_val: np.ndarray
+                      ) -> tuple[dict, float, float, np.ndarray] | None:
+        """Set the path to the window probe and keep it when it beats the pooled probe on
+        validation as a departing epoch must (departure_p ≤ cfg.depart_p): then its epoch-0
+        figures (as _epoch_zero). Else set the pooled probe back and return None. The test's
+        p-value goes into `entry` (the pooled probe's epoch 0) either way."""
+        model.start_from(start[2], start[1])
+        zero = self._epoch_zero(model, data, f, loss_fn, yt, yv, y_va, seed, fold)
+        better = zero[1] > score + 1e-4
+        if better and self.cfg.depart_p < 1.0:
+            p = departure_p(zero[3], probe_val, lambda p: self._score(p, y_va), seed)
+            entry["window_probe_p"] = zero[0]["window_probe_p"] = round(p, 4)
+            better = p <= self.cfg.depart_p
+        if better:
+            return zero
+        model.start_from(start[0], start[1])
+        return None
+
     def _run(self, data: Batch, f: Fold, task: Task, seed: int, fold: int, logs: list[dict],
              fresh: tuple[FusionHead, Tensor] | None = None,
-             start: tuple[ProbeFit, dict[str, Tensor]] | None = None) -> dict:
+             start: tuple[ProbeFit, dict[str, Tensor], ProbeFit | None] | None = None) -> dict:
         if fresh is None:
             torch.manual_seed(seed)
             model = _make_head(self.fusion, self.spec, task.n_out, self.options)
@@ -458,11 +502,20 @@ class _Trainer:
             yt = torch.from_numpy(self.soft[f.train]).to(self.device)
             yv = torch.from_numpy(self.soft[f.val]).to(self.device)
         best_score, best_loss = -math.inf, math.inf
-        warm = start is not None and hasattr(model, "start_from") and model.start_from(*start)
+        warm = (start is not None and hasattr(model, "start_from")
+                and model.start_from(start[0], start[1]))
         probe_val = None  # the probe's validation predictions: what a departure is tested on
+        began = None
         if warm:  # the probe's state is a candidate like any epoch's
             entry, best_score, best_loss, probe_val = self._epoch_zero(
                 model, data, f, loss_fn, yt, yv, y_va, seed, fold)
+            began = entry["start"] = "probe"
+            windowed = None if start[2] is None else self._window_start(
+                model, start, data, f, loss_fn, yt, yv, y_va, seed, fold, entry, best_score,
+                probe_val)
+            if windowed is not None:
+                entry, best_score, best_loss, probe_val = windowed
+                began = entry["start"] = "window probe"
             logs.append(entry)
         best_state, best_epoch, bad = _state(model), 0, 0
         n, bs = len(f.train), self.batch_size
@@ -524,6 +577,7 @@ class _Trainer:
         return {"pred": pt.cpu().numpy(),
                 "aux": {k: (v.cpu().numpy(), p.cpu().numpy()) for k, (v, p) in aux.items()},
                 "best_epoch": best_epoch, "epochs_run": epoch, "warm_start": bool(warm),
+                "start": began,
                 "state": _state(model)}  # after after_fit: what was evaluated is what is saved
 
 

@@ -7,6 +7,14 @@ from any single one. Each modality's cue is drawn from the true class, or (with 
 `corrupt`, independently per modality) from a random other class, plus continuous noise, so
 fusing modalities beats each one alone.
 
+Emotion shifts (`shift`, half the clips by default): such a clip starts in another class — its
+face, voice and first subtitle sentence — and changes at the midpoint to its cues above; its
+label is the class it ends in, as a speaker who starts calm and ends angry is labelled angry.
+A clip-level mean (a pooled vector) holds both classes and not their order; the time steps of
+a sequence hold the order. So the sample has what the static clips before did not: a signal
+only a model that reads time can use (the sequence heads, issue 15), beside the per-clip cues
+every model can. `--shift 0` gives the static clips (the same files as before shifts existed).
+
 Layout written under DIR:
     videos/<id>.mp4     320x240, 10 fps, ~3 s, H.264 video + AAC 16 kHz mono audio
     labels.csv          id,video,audio,text,title,label,speaker,split (split grouped by speaker)
@@ -93,6 +101,9 @@ class SampleSpec:
     n_speakers: int = 8
     corrupt: float = 0.35  # per-modality probability that the cue is from another class
     title_corrupt: float = 0.6  # the title is a weaker cue
+    # probability that a clip shifts emotion halfway: its first half shows another class in
+    # every modality, its second half the labelled one (the label is where the clip ends)
+    shift: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -257,13 +268,21 @@ def _burn_subtitle(frame: np.ndarray, line: str) -> None:
     region += 255 * fill
 
 
-def render_frames(rng: np.random.Generator, cls: int, text: str, spec: SampleSpec) -> list[np.ndarray]:
-    """All frames of one clip: moving, scaling face on a background, subtitle cues."""
+def render_frames(rng: np.random.Generator, cls: int, text: str, spec: SampleSpec,
+                  first: tuple[np.random.Generator, int, str] | None = None) -> list[np.ndarray]:
+    """All frames of one clip: moving, scaling face on a background, subtitle cues.
+
+    `first` = (rng, class, text) makes an emotion-shift clip: its first half shows that class's
+    face and subtitles (drawn from that rng), its second half `cls` and `text`.
+    """
     w, h = spec.width, spec.height
     bg = _background(rng, w, h)
     head, mask, stretch = _styled_head(rng, cls)
     n = int(round(spec.seconds * spec.fps))
-    lines = subtitle_lines(text, w)
+    parts = [subtitle_lines(text, w)]
+    if first is not None:
+        head0, _, stretch0 = _styled_head(first[0], first[1])
+        parts.insert(0, subtitle_lines(first[2], w))
     base_h = rng.uniform(0.6, 0.68) * h  # head height; the face inside is ~60% of it
     cx0, cy0 = rng.uniform(0.35, 0.65) * w, rng.uniform(0.38, 0.44) * h
     phase, amp = rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.12) * w
@@ -273,12 +292,26 @@ def render_frames(rng: np.random.Generator, cls: int, text: str, spec: SampleSpe
         scale = 1.0 + 0.08 * np.sin(2 * np.pi * t / spec.seconds + phase)
         cx = cx0 + amp * np.sin(2 * np.pi * t / spec.seconds + phase)
         cy = cy0 + 0.03 * h * np.cos(2 * np.pi * t / spec.seconds + phase)
-        fr = _frame(bg, head, mask, cx, cy, base_h * scale, stretch)
-        cue = min(len(lines) - 1, int(t / spec.seconds * len(lines)))
-        if lines and _cue_visible(t, cue, len(lines), spec.seconds):
-            _burn_subtitle(fr, lines[cue])
+        early = first is not None and t < spec.seconds / 2
+        fr = _frame(bg, head0 if early else head, mask, cx, cy, base_h * scale,
+                    stretch0 if early else stretch)
+        line = _cue_at(t, parts, spec.seconds)
+        if line:
+            _burn_subtitle(fr, line)
         frames.append(np.clip(fr, 0, 255).astype(np.uint8))
     return frames
+
+
+def _cue_at(t: float, parts: list[list[str]], seconds: float) -> str | None:
+    """The subtitle line shown at time t: each part (the lines of one sentence) takes an equal
+    share of the clip, its lines equal shares of that, with a short gap between cues."""
+    span = seconds / len(parts)
+    p = min(len(parts) - 1, int(t / span))
+    lines, local = parts[p], t - p * span
+    if not lines:
+        return None
+    cue = min(len(lines) - 1, int(local / span * len(lines)))
+    return lines[cue] if _cue_visible(local, cue, len(lines), span) else None
 
 
 def _cue_visible(t: float, cue: int, n_cues: int, seconds: float) -> bool:
@@ -351,6 +384,13 @@ def synth_audio(rng: np.random.Generator, cls: int, speaker: _Speaker, spec: Sam
     return mix.astype(np.float32)
 
 
+def _crossfade(a: np.ndarray, b: np.ndarray, spec: SampleSpec, fade: float = 0.08) -> np.ndarray:
+    """`a` in the first half of the clip, `b` in the second, a raised-cosine fade between."""
+    t = np.arange(a.size) / spec.sample_rate - spec.seconds / 2
+    w = 0.5 - 0.5 * np.sin(np.pi * np.clip(t / fade, -0.5, 0.5))  # 1 -> 0 across the midpoint
+    return (w * a + (1 - w) * b).astype(np.float32)
+
+
 # --- writing -----------------------------------------------------------------------------------
 def _video_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
@@ -398,8 +438,17 @@ def _make_clip(out: Path, i: int, label: int, speaker: _Speaker, seed: int, spec
     title_cls = _cue(rng, label, spec.title_corrupt)
     text = _sentence(rng, cues["text"])
     title = _title(rng, title_cls, int(rng.integers(1, 200)))
-    frames = render_frames(rng, cues["visual"], text, spec)
+    # an emotion shift draws from its own stream, so a sample without shifts stays as it was
+    srng = np.random.default_rng([seed, i, 7003])
+    first = None
+    if spec.shift > 0 and srng.random() < spec.shift:
+        cls0 = int(srng.choice([c for c in range(len(CLASSES)) if c != label]))
+        first = (srng, cls0, _sentence(srng, cls0))
+    frames = render_frames(rng, cues["visual"], text, spec, first)
     audio = synth_audio(rng, cues["audio"], speaker, spec)
+    if first is not None:
+        audio = _crossfade(synth_audio(srng, first[1], speaker, spec), audio, spec)
+        text = f"{first[2]}. {text}"
     clip_id = f"sample_{i:04d}"
     write_clip(out / "videos" / f"{clip_id}.mp4", frames, audio, spec)
     return {"id": clip_id, "video": f"videos/{clip_id}.mp4", "audio": "", "text": text,
@@ -424,6 +473,9 @@ def _write_readme(out: Path, n: int, seed: int, spec: SampleSpec) -> None:
         "burned-in English subtitles (the transcript), speech-like audio over quiet music.\n"
         "labels.csv: id,video,audio,text,title,label,speaker,split (split grouped by speaker).\n"
         f"Each modality's cue comes from another class with probability {spec.corrupt} "
-        f"(title: {spec.title_corrupt}), independently, so fusion beats any single modality.\n",
+        f"(title: {spec.title_corrupt}), independently, so fusion beats any single modality.\n"
+        f"With probability {spec.shift} a clip shifts emotion at its midpoint: its first half shows "
+        "another class in every\nmodality, its second half its own cues; its label is the class it "
+        "ends in (labels.csv's text:\nthe two sentences, in order).\n",
         encoding="utf-8",
     )

@@ -19,6 +19,10 @@ Every registered head also has a linear path (fusion/heads/linear.py, option `li
 zero-initialised linear model of the pooled vectors, to which the head's own logits are added
 through a learned gate that starts at 0 — so on a small set no head starts below the linear
 model a logistic-regression baseline fits ("gated", the default; "off": the head alone).
+A head that reads sequences gets `linear_windows` (3) time windows of each of them in that
+path too (beginning, middle, end of the clip): the trainer starts the path from a probe of
+those columns where it beats the pooled probe on validation beyond chance, so the order of
+events in a clip, which no pooled vector holds, reaches the head from its first step.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from fusion.heads.cquery import ConditionalQueryFusion
 from fusion.heads.early import EarlyFusion
 from fusion.heads.hybrid import HybridFusion
 from fusion.heads.late import LateFusion
-from fusion.heads.linear import MODES, state_has_linear, with_linear
+from fusion.heads.linear import MODES, state_has_linear, state_window_k, with_linear
 from fusion.heads.mult import MulTLite
 from fusion.heads.tfn import TensorFusion
+
+LINEAR_WINDOWS = 3  # time windows of each sequence in a sequence head's linear path
 
 HEADS: dict[str, type[FusionHead]] = {
     "early": EarlyFusion,
@@ -50,12 +56,14 @@ HEADS: dict[str, type[FusionHead]] = {
 def head_options(name: str) -> dict[str, object]:
     """The options head `name` accepts, with their defaults (spec and n_out excluded), plus
     the generic layer weighting `layer_mix`, also spelt `layers` (None: learned when an input
-    has per-layer features; fusion/layers.py), and the linear path `linear` ("gated" | "off";
-    fusion/heads/linear.py). A head with an integer `layers` option of its own (hybrid, cfnsr:
+    has per-layer features; fusion/layers.py), the linear path `linear` ("gated" | "off";
+    fusion/heads/linear.py) and its time windows `linear_windows` (0: none; used only by a head
+    that reads sequences). A head with an integer `layers` option of its own (hybrid, cfnsr:
     block depth) keeps it: an integer goes to the head, a word to the weighting."""
     params = inspect.signature(HEADS[name].__init__).parameters
     out = {k: p.default for k, p in params.items() if k not in ("self", "spec", "n_out")}
-    return {"layers": None, **out, "layer_mix": None, "linear": "gated"}
+    return {"layers": None, **out, "layer_mix": None, "linear": "gated",
+            "linear_windows": LINEAR_WINDOWS}
 
 
 def build_head(name: str, spec: InputSpec, n_out: int, **options) -> FusionHead:
@@ -77,8 +85,11 @@ def build_head(name: str, spec: InputSpec, n_out: int, **options) -> FusionHead:
     mode = opts.pop("linear", "gated")
     if mode not in MODES:
         raise ValueError(f"{name}: linear must be one of {MODES}, got {mode!r}")
-    return build_with_layers(lambda s, **o: with_linear(HEADS[name](s, n_out, **o), s, n_out, mode),
-                             spec, opts)
+    windows = opts.pop("linear_windows", LINEAR_WINDOWS)
+    if not isinstance(windows, int) or isinstance(windows, bool) or windows < 0:
+        raise ValueError(f"{name}: linear_windows must be an integer >= 0, got {windows!r}")
+    return build_with_layers(
+        lambda s, **o: with_linear(HEADS[name](s, n_out, **o), s, n_out, mode, windows), spec, opts)
 
 
 def build_saved_head(name: str, spec: InputSpec, n_out: int, options: dict,
@@ -88,6 +99,8 @@ def build_saved_head(name: str, spec: InputSpec, n_out: int, options: dict,
     opts = dict(options or {})
     if "linear" not in opts and not state_has_linear(state):
         opts["linear"] = "off"
+    if "linear_windows" not in opts:  # saved before the windows existed, or without them
+        opts["linear_windows"] = state_window_k(state)
     head = build_head(name, spec, n_out, **opts)
     head.load_state_dict(state)
     return head

@@ -177,6 +177,27 @@ def window_weights(valid: Tensor, window: int, dtype: torch.dtype) -> tuple[Tens
     return member.to(dtype) / count.clamp(min=1)[..., None].to(dtype), count > 0
 
 
+def relative_windows(x: Mapping[str, Tensor], k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """([B, k, D] means of k equal parts of each row's valid steps, has_steps [B]).
+
+    Part j covers [j*n/k, (j+1)*n/k) of a row's n valid steps, in the row's own time: the
+    first part is the clip's beginning whatever its length. A step split between two parts
+    counts in each by its share, so no part is empty while n >= 1 (n = 1: every part is that
+    step). The weights of a part sum to 1, so per-feature scaling commutes with it. Rows
+    without a valid step (absent, len 0) are zeros with has_steps False.
+    """
+    seq = x["seq"]
+    valid = valid_positions(x)
+    n = valid.sum(dim=1).to(torch.float64)  # [B]
+    t = torch.arange(seq.shape[1], device=seq.device, dtype=torch.float64)
+    j = torch.arange(k, device=seq.device, dtype=torch.float64)
+    lo, hi = (j[None] * n[:, None] / k), ((j[None] + 1) * n[:, None] / k)  # [B, k]
+    overlap = (torch.minimum(t + 1, hi[..., None]) - torch.maximum(t, lo[..., None])).clamp(min=0)
+    weights = overlap / (n / k).clamp(min=1e-12)[:, None, None]  # [B, k, T], rows sum to 1
+    data = seq.to(dtype).masked_fill(~valid[..., None], 0.0)
+    return weights.to(dtype) @ data, n > 0
+
+
 class Tokens(nn.Module):
     """One modality as tokens: ([B, L, hidden], pad [B, L] True = ignore, present [B]).
 

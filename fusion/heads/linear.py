@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion.data import InputSpec
-from fusion.heads.base import FusionHead, HeadOutput, clean_pooled
+from fusion.heads.base import FusionHead, HeadOutput, clean_pooled, presence, relative_windows
 
 if TYPE_CHECKING:
     from fusion.probe import ProbeFit
@@ -49,22 +49,62 @@ class LinearPath(nn.Module):
     and its 0/1 presence flag to the logits: the linear probe's model (fusion/probe.py). The
     conditioning vector (title, dialogue context) is left to the head, as the probe leaves it:
     on the 120-clip sample, adding the title's 384 dimensions here cost visual-only early
-    fusion 0.11 accuracy."""
+    fusion 0.11 accuracy.
 
-    def __init__(self, spec: InputSpec, n_out: int):
+    With `windows` (modalities whose sequences the head reads) and `k` >= 1, the map also reads
+    each of those sequences as k time windows (`relative_windows`: the clip's beginning, middle,
+    end for k = 3) and a flag "has steps": what a pooled vector cannot say, the order of events
+    in a clip. The trainer may start it from a probe of those columns too (ProbeFit blocks named
+    `window_block`), when that probe beats the pooled one on validation beyond chance.
+    """
+
+    def __init__(self, spec: InputSpec, n_out: int, windows: tuple[str, ...] = (), k: int = 0):
         super().__init__()
         self.names = spec.names
         self.dims = {m.name: m.pooled_dim for m in spec.modalities}
-        dims = list(self.dims.values())
-        self.proj = nn.Linear(sum(d + 1 for d in dims), n_out)
+        seq_dim = {m.name: m.seq_dim for m in spec.modalities if m.is_sequence}
+        self.k = int(k) if windows else 0
+        self.windows = tuple(m for m in windows if m in seq_dim) if self.k > 0 else ()
+        for m in self.windows:
+            self.dims[window_block(m, self.k)] = self.k * seq_dim[m]
+        if self.windows:  # saved with the state, so a saved head is rebuilt with its windows
+            self.register_buffer("window_k", torch.tensor(self.k))
+        self.proj = nn.Linear(sum(d + 1 for d in self.dims.values()), n_out)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
+    def prepare(self, data: dict) -> dict:
+        """Each windowed modality's k windows of its (raw) sequence, under `seq@r<k>` /
+        `len@r<k>` (k where the row has steps, else 0): apply_stats then scales them with the
+        sequence's statistics, and forward reads them instead of the sequence."""
+        out = dict(data)
+        for m in self.windows:
+            d = data.get(m)
+            if d is None or "seq" not in d:
+                continue
+            w, has = relative_windows(d, self.k, torch.float32)
+            out[m] = dict(out[m]) | {f"seq@r{self.k}": w, f"len@r{self.k}": has.long() * self.k}
+        return out
+
+    def _windows(self, x: dict, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = f"seq@r{self.k}"
+        if key in x:
+            has = presence(x, x[key]) & (x[f"len@r{self.k}"] > 0)
+            w = x[key].to(dtype)
+        else:  # not prepared (a clip at predict time): windows of the scaled sequence
+            w, has = relative_windows(x, self.k, dtype)
+            has = has & presence(x, w)
+        return w.masked_fill(~has[:, None, None], 0.0).flatten(1), has
+
     def forward(self, batch: dict) -> Tensor:
         parts: list[Tensor] = []
+        dtype = self.proj.weight.dtype
         for name in self.names:
-            v, present = clean_pooled(batch[name], self.proj.weight.dtype)
+            v, present = clean_pooled(batch[name], dtype)
             parts += [v, present[:, None].to(v.dtype)]
+        for name in self.windows:
+            w, has = self._windows(batch[name], dtype)
+            parts += [w, has[:, None].to(dtype)]
         return self.proj(torch.cat(parts, dim=-1))
 
     @torch.no_grad()
@@ -76,9 +116,12 @@ class LinearPath(nn.Module):
         training statistics (fusion/normalise.py) and the presence flag. Since
         x·present = present·(σ x̃ + μ), a probe weight w on column j becomes w σ_j / std_j on x̃_j,
         w μ_j / std_j on the flag and -w mean_j / std_j in the bias; a probe presence column
-        (w on (flag - mean) / std) adds w / std to the flag and -w mean / std to the bias. Exact:
-        the path then gives the probe's logits on every row. Returns False (nothing set) when the
-        probe does not fit this path (other modalities or widths, other outputs).
+        (w on (flag - mean) / std) adds w / std to the flag and -w mean / std to the bias. A
+        window block is the same with its sequence's μ, σ (one per feature, the same in every
+        window) and its "has steps" flag. Exact: the path then gives the probe's logits on every
+        row. Columns the probe does not have (the windows, for a pooled probe) stay zero.
+        Returns False (nothing set) when the probe does not fit this path (other modalities or
+        widths, other outputs).
         """
         w_out, d_in = self.proj.weight.shape
         if fit.coef.shape[0] != w_out or any(
@@ -88,15 +131,18 @@ class LinearPath(nn.Module):
         bias = np.array(fit.intercept, dtype=np.float64)
         offset = {}
         o = 0
-        for name in self.names:
+        for name, d in self.dims.items():
             offset[name] = o
-            o += self.dims[name] + 1
+            o += d + 1
         c = 0
         for m, d, has_flag in fit.blocks:
             w = fit.coef[:, c:c + d]
             mean, std = fit.mean[c:c + d], fit.std[c:c + d]
-            mu = stats[f"{m}.pooled.mean"].double().numpy()
-            sigma = stats[f"{m}.pooled.std"].double().numpy()
+            part = "seq" if "~" in m else "pooled"
+            src = m.split("~")[0]
+            reps = d // stats[f"{src}.{part}.mean"].numel()
+            mu = np.tile(stats[f"{src}.{part}.mean"].double().numpy(), reps)
+            sigma = np.tile(stats[f"{src}.{part}.std"].double().numpy(), reps)
             o = offset[m]
             weight[:, o:o + d] = w * (sigma / std)
             weight[:, o + d] = w @ (mu / std)
@@ -112,6 +158,11 @@ class LinearPath(nn.Module):
         return True
 
 
+def window_block(modality: str, k: int) -> str:
+    """The name of a modality's k time windows as a probe block / LinearPath input."""
+    return f"{modality}~w{k}"
+
+
 class WithLinearPath(FusionHead):
     """`inner`'s logits through a learned gate (0 at the start) added to a LinearPath's.
 
@@ -120,15 +171,20 @@ class WithLinearPath(FusionHead):
     per-branch `aux` logits.
     """
 
-    def __init__(self, inner: FusionHead, spec: InputSpec, n_out: int):
+    def __init__(self, inner: FusionHead, spec: InputSpec, n_out: int, windows: int = 0):
         super().__init__()
         self.inner = inner
-        self.linear = LinearPath(spec, n_out)
+        reads = inner.seq_inputs if inner.seq_inputs is not None else spec.names
+        self.linear = LinearPath(spec, n_out, tuple(reads), windows)
         self.gate = nn.Parameter(torch.zeros(()))
         self.seq_inputs = inner.seq_inputs
 
     def prepare(self, data: dict) -> dict:
-        return self.inner.prepare(data)
+        prepared = self.inner.prepare(data)  # the inner head may drop the raw sequences
+        windows = self.linear.prepare({m: data[m] for m in self.linear.windows if m in data})
+        return prepared | {m: dict(prepared[m]) | {k: v for k, v in windows[m].items()
+                                                   if k.startswith(("seq@r", "len@r"))}
+                           for m in windows if m in prepared}
 
     def after_fit(self, val_batch: dict, val_y: Tensor) -> None:
         self.inner.after_fit(val_batch, val_y)
@@ -142,11 +198,32 @@ class WithLinearPath(FusionHead):
         return HeadOutput(self.linear(batch) + self.gate * out.logits, out.aux)
 
 
-def with_linear(head: FusionHead, spec: InputSpec, n_out: int, mode: str) -> FusionHead:
-    """`head` wrapped in its linear path (mode "gated"), or as it is ("off")."""
+def with_linear(head: FusionHead, spec: InputSpec, n_out: int, mode: str,
+                windows: int = 0) -> FusionHead:
+    """`head` wrapped in its linear path (mode "gated"), or as it is ("off"); `windows` > 0
+    gives the path that many time windows of each sequence the head reads."""
     if mode not in MODES:
         raise ValueError(f"linear must be one of {MODES}, got {mode!r}")
-    return head if mode == "off" else WithLinearPath(head, spec, n_out)
+    if windows < 0:
+        raise ValueError(f"linear_windows must be >= 0, got {windows}")
+    return head if mode == "off" else WithLinearPath(head, spec, n_out, windows)
+
+
+def linear_path(head: nn.Module) -> LinearPath | None:
+    """The LinearPath of a head, through wrappers (a layer weighting keeps it under `inner`)."""
+    while head is not None:
+        if isinstance(head, WithLinearPath):
+            return head.linear
+        head = getattr(head, "inner", None)
+    return None
+
+
+def state_window_k(state: dict) -> int:
+    """The time windows of a saved head's linear path (0: none, or saved before they existed)."""
+    for key in ("linear.window_k", "inner.linear.window_k"):
+        if key in state:
+            return int(state[key])
+    return 0
 
 
 def state_has_linear(state: dict) -> bool:

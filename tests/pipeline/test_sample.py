@@ -146,3 +146,41 @@ def test_bad_arguments_are_refused(tmp_path):
         make_sample(tmp_path, n=0)
     with pytest.raises(ValueError, match="n_speakers must be at least 3"):
         make_sample(tmp_path, n=4, spec=SampleSpec(n_speakers=2))
+
+
+def test_an_emotion_shift_clip_ends_in_its_label(tmp_path):
+    """shift=1: every clip starts in another class (face tint, voice, first sentence) and ends
+    in its own cues; the shift draws from its own random stream, so what a clip shows after
+    the change is what the same clip shows without a shift."""
+    spec = SampleSpec(shift=1.0, corrupt=0.0)
+    still = make_sample(tmp_path / "still", n=4, seed=5, spec=SampleSpec(shift=0.0, corrupt=0.0))
+    moved = make_sample(tmp_path / "moved", n=4, seed=5, spec=spec)
+    for a, b in zip(_rows(still), _rows(moved), strict=True):
+        assert (a["label"], a["title"], a["speaker"]) == (b["label"], b["title"], b["speaker"])
+        first, second = b["text"].split(". ")
+        assert second == a["text"] and first  # the labelled sentence comes last
+        ya = decode_media(still / a["video"]).audio
+        yb = decode_media(moved / b["video"]).audio
+        tail = slice(int(2.0 * 16000), int(2.9 * 16000))  # after the fade, before the end
+        assert np.corrcoef(ya[tail], yb[tail])[0, 1] > 0.99
+        head = slice(int(0.1 * 16000), int(1.3 * 16000))
+        assert np.corrcoef(ya[head], yb[head])[0, 1] < 0.5
+    assert "shifts emotion" in (moved / "README.txt").read_text(encoding="utf-8")
+
+
+def test_a_shift_changes_the_face_at_the_midpoint():
+    spec = SampleSpec()
+    sad, angry = CLASSES.index("sad"), CLASSES.index("angry")
+    frames = render_frames(np.random.default_rng(2), angry, "I am so mad about the game", spec,
+                           (np.random.default_rng(3), sad, "I really miss my phone"))
+
+    def red_minus_blue(f: np.ndarray) -> float:
+        boxes = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+                                      ).detectMultiScale(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), 1.1, 5)
+        x, y, w, h = max(boxes, key=lambda b: b[2] * b[3])
+        face = f[y + h // 4:y + 3 * h // 4, x + w // 4:x + 3 * w // 4].reshape(-1, 3).astype(float)
+        return float(face[:, 0].mean() - face[:, 2].mean())
+
+    before = [red_minus_blue(f) for f in frames[:15]]  # sad: bluish, the first 1.5 s
+    after = [red_minus_blue(f) for f in frames[15:]]  # angry: reddish
+    assert max(before) + 30 < min(after)
