@@ -91,7 +91,10 @@ def test_log_config_and_model_files(early_run) -> None:
     d = early_run.run_dir
     rows = list(csv.DictReader((d / "log.csv").open()))
     assert set(rows[0]) == {"seed", "fold", "epoch", "train_loss", "val_loss", "val_metric",
-                           "epoch_s"}
+                           "epoch_s", "start", "window_probe_p"}
+    # epoch 0 of each warm-started run names its start; early reads no sequence: the probe
+    assert {r["start"] for r in rows if r["epoch"] == "0"} == {"probe"}
+    assert {r["start"] for r in rows if r["epoch"] != "0"} == {""}
     assert {r["seed"] for r in rows} == {"0", "1", "2"}
     cfg = tomllib.loads((d / "config.toml").read_text())
     assert cfg["fusion"] == "early" and cfg["seeds"] == [0, 1, 2] and cfg["epochs"] == 15
