@@ -73,17 +73,16 @@ class LinearPath(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def prepare(self, data: dict) -> dict:
-        """Each windowed modality's k windows of its (raw) sequence, under `seq@r<k>` /
-        `len@r<k>` (k where the row has steps, else 0): apply_stats then scales them with the
-        sequence's statistics, and forward reads them instead of the sequence."""
-        out = dict(data)
+    def window_entries(self, data: dict) -> dict[str, dict[str, Tensor]]:
+        """Each windowed modality's k windows of its (raw) sequence, to add to its prepared
+        entry: `seq@r<k>` and `len@r<k>` (k where the row has steps, else 0). apply_stats then
+        scales them with the sequence's statistics, and forward reads them instead of it."""
+        out = {}
         for m in self.windows:
             d = data.get(m)
-            if d is None or "seq" not in d:
-                continue
-            w, has = relative_windows(d, self.k, torch.float32)
-            out[m] = dict(out[m]) | {f"seq@r{self.k}": w, f"len@r{self.k}": has.long() * self.k}
+            if d is not None and "seq" in d:
+                w, has = relative_windows(d, self.k, torch.float32)
+                out[m] = {f"seq@r{self.k}": w, f"len@r{self.k}": has.long() * self.k}
         return out
 
     def _windows(self, x: dict, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -181,10 +180,8 @@ class WithLinearPath(FusionHead):
 
     def prepare(self, data: dict) -> dict:
         prepared = self.inner.prepare(data)  # the inner head may drop the raw sequences
-        windows = self.linear.prepare({m: data[m] for m in self.linear.windows if m in data})
-        return prepared | {m: dict(prepared[m]) | {k: v for k, v in windows[m].items()
-                                                   if k.startswith(("seq@r", "len@r"))}
-                           for m in windows if m in prepared}
+        extra = self.linear.window_entries(data)
+        return prepared | {m: dict(prepared[m]) | e for m, e in extra.items() if m in prepared}
 
     def after_fit(self, val_batch: dict, val_y: Tensor) -> None:
         self.inner.after_fit(val_batch, val_y)
