@@ -129,10 +129,24 @@ def _check_resumable(cell_dir: Path, want: FitConfig, feature_set: str) -> None:
     diff = have.differences(want) if have != want else {}
     if recorded.get("feature_set") != feature_set:
         diff["feature_set"] = (recorded.get("feature_set"), feature_set)
+    if want.warm_start and _before_windows(cell_dir):
+        diff["time windows"] = ("none (run before they existed)", "a sequence head's start")
     if diff:
         shown = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(f"{cell_dir} was run with other settings ({shown}); resume only repeats "
                          f"the same grid: choose another --name or delete {cell_dir.parent}")
+
+
+def _before_windows(cell_dir: Path) -> bool:
+    """Whether a finished, warm-started cell was run before a sequence head's linear path had
+    time windows (its runs record no `window_start`): its heads never had that start, so it is
+    not today's cell."""
+    try:
+        m = json.loads((cell_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    seeds = [s for s in m.get("seeds", []) if isinstance(s, dict)]
+    return any(any(s.get("warm_start", [])) and "window_start" not in s for s in seeds)
 
 
 def validate_grid(fs: Any, fusions: Sequence[str], subsets: list[list[str]], cfg: FitConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -153,6 +154,15 @@ def test_ablate_per_head_options_and_resume_refuses_other_settings(tmp_path: Pat
     with pytest.raises(ValueError, match=r"lr_base: was 0.002, now 0.01"):
         ablate(tmp_path, "synth", ["early"], [["audio", "text"]], seeds=1, name="o",
                runs_dir=runs, head_options=opts, **{**kw, "lr": 0.01})
+    # a cell from before the sequence heads' time windows (its runs record no window_start)
+    m_path = runs / "o" / "hybrid__audio+text" / "metrics.json"
+    m = json.loads(m_path.read_text())
+    for s in m["seeds"]:
+        s.pop("window_start")
+    m_path.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"time windows: was 'none \(run before they existed\)'"):
+        ablate(tmp_path, "synth", ["early", "hybrid"], [["audio", "text"]], seeds=1, name="o",
+               runs_dir=runs, head_options=opts, **kw)
     # --fresh discards the grid's old cells and runs the new settings
     df3 = ablate(tmp_path, "synth", ["early"], [["audio", "text"]], seeds=2, name="o",
                  runs_dir=runs, head_options=opts, fresh=True, **kw)
