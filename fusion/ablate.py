@@ -415,7 +415,10 @@ def ablation_markdown(df: pd.DataFrame, title: str = "", elapsed: float = 0.0) -
                 f"trivial predictor on the same test rows; `probe`: a linear model on the same "
                 f"pooled features and folds (fusion/probe.py); `probe kept`: of the (seed, fold) "
                 f"runs, those whose head kept the probe it started from (nothing scored better "
-                f"on validation: the head is that linear model there); `flag`: the head is "
+                f"on validation: the head is that linear model there), and \"N from time "
+                f"windows\": runs of a sequence head that started from a probe of the pooled "
+                f"vectors and 3 time windows of each sequence instead (it beat the pooled probe "
+                f"on validation beyond chance); `flag`: the head is "
                 f"below a baseline on the headline metric. {counts}\n\n")
     else:
         note = f"No cell finished, so there is nothing to compare. {counts}\n\n"
