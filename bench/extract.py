@@ -53,9 +53,11 @@ def build_dataset(tmp: Path, n: int, real: bool) -> tuple[str, Path, Path]:
         labels.write_text("\n".join(rows) + "\n")
         RECIPES["folder"](root=REAL, out=man, name="benchreal", labels=labels)
         return "benchreal", REAL, man
-    from pipeline.sample import make_sample
+    from pipeline.sample import SampleSpec, make_sample
 
-    root = make_sample(tmp / "sample", n=n, seed=0)
+    # the static clips (no emotion shifts): the same media as every earlier figure of this
+    # bench, so a change in speed is the code's (a shifted clip burns two sentences' cues)
+    root = make_sample(tmp / "sample", n=n, seed=0, spec=SampleSpec(shift=0.0))
     RECIPES["folder"](root=root, out=man, name="benchsample")
     return "benchsample", root, man
 
