@@ -86,29 +86,19 @@ def pooled_matrix(raw: dict, mods: list[str]) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def window_matrix(raw: dict, windows: tuple[str, ...], k: int, chunk: int = 1024
+def window_matrix(prepared: dict, windows: tuple[str, ...], k: int
                   ) -> tuple[np.ndarray, list[tuple[str, int, bool]]]:
-    """[n, D'] design columns of k time windows of each sequence in `windows` (the columns a
-    sequence head's linear path reads beside the pooled ones: fusion/heads/linear.py), zeros
-    where a row has no step, then a 0/1 "has steps" column; and their blocks."""
-    import torch
-
-    from fusion.heads.base import relative_windows
+    """[n, D'] design columns of the k time windows of each sequence in `windows`, read from a
+    head's prepared (unscaled) data, where its linear path put them (`seq@r<k>` / `len@r<k>`,
+    fusion/heads/linear.py): the windows (zeros where a row has no step), then a 0/1 "has steps"
+    column; and their blocks."""
     from fusion.heads.linear import window_block
 
     parts, blocks = [], []
     for m in windows:
-        d = raw[m]
-        n = len(d["present"])
-        out = np.zeros((n, k * d["seq"].shape[2] + 1))
-        for i in range(0, n, chunk):
-            x = {key: torch.as_tensor(np.asarray(d[key][i:i + chunk]))
-                 for key in ("seq", "len", "present")}
-            w, has = relative_windows(x, k, torch.float32)
-            out[i:i + chunk, :-1] = w.flatten(1).double().numpy()
-            out[i:i + chunk, -1] = has.double().numpy()
-        parts.append(out)
-        blocks.append((window_block(m, k), out.shape[1] - 1, True))
+        w, n = prepared[m][f"seq@r{k}"], prepared[m][f"len@r{k}"]
+        parts += [w.flatten(1).double().numpy(), (n > 0).double().numpy()[:, None]]
+        blocks.append((window_block(m, k), int(w[0].numel()), True))
     return np.concatenate(parts, axis=1), blocks
 
 

@@ -210,6 +210,10 @@ def fit(
     probe_fits: list[ProbeFit] = []  # each fold's probe: where a head's linear path starts
     # the probe of these inputs is fitted once per runs folder (an ablation's heads share it)
     t_probe, probe_dir = time.perf_counter(), Path(runs_dir) / ".probes"
+    raw_t = to_tensors(raw)
+    # parameter-free work (window averages) done once on the raw features, for every fold and
+    # seed; each fold then scales the prepared tensors with its own training statistics
+    prepared = probe.prepare(raw_t)
     xp = pooled_matrix(raw, mods)
     lin, reused = cached_probe(probe_dir, xp, task.y[rows], pos_plan, task,
                                select, cfg.class_weight, probe_fits, pooled_blocks(raw, mods))
@@ -221,17 +225,13 @@ def fit(
     path = linear_path(probe)
     if cfg.warm_start and hasattr(probe, "start_from") and path is not None and path.windows:
         t_probe, window_fits = time.perf_counter(), []
-        xw, wblocks = window_matrix(raw, path.windows, path.k)
+        xw, wblocks = window_matrix(prepared, path.windows, path.k)
         _, reused = cached_probe(probe_dir, np.concatenate([xp, xw], axis=1), task.y[rows],
                                  pos_plan, task, select, cfg.class_weight, window_fits,
                                  pooled_blocks(raw, mods) + wblocks)
         log.info("time-window probe (%d windows) %s in %.2f s", path.k,
                  f"reused from {probe_dir}" if reused else "fitted", time.perf_counter() - t_probe)
     trainer.progress, trainer.n_runs = progress, len(plan) * len(seed_list)
-    raw_t = to_tensors(raw)
-    # parameter-free work (window averages) done once on the raw features, for every fold and
-    # seed; each fold then scales the prepared tensors with its own training statistics
-    prepared = probe.prepare(raw_t)
     outs: dict[int, list[dict]] = {s: [] for s in seed_list}
     logs: list[dict] = []
     first_state = None
@@ -459,22 +459,34 @@ class _Trainer:
                  "epoch_s": round(time.perf_counter() - t0, 4)}
         return entry, score, val_loss, decided
 
+    def _departs(self, decided: np.ndarray, score: float, probe_val: np.ndarray,
+                 probe_score: float, y_va: np.ndarray, seed: int) -> tuple[bool, float | None]:
+        """(whether validation predictions `decided` leave the probe's, the test's p-value or
+        None when it was not run). Leaving the probe needs a higher score that random row swaps
+        rarely give (departure_p ≤ cfg.depart_p; 1.0: any gain): on a 20-row validation fold
+        one or two rows are noise (the demo's heads left the probe on such gains in 7 of 15
+        runs and lost 0.013-0.015 on test)."""
+        if not score > probe_score + 1e-4:
+            return False, None
+        if self.cfg.depart_p >= 1.0:
+            return True, None
+        p = departure_p(decided, probe_val, lambda p: self._score(p, y_va), seed)
+        return p <= self.cfg.depart_p, p
+
     def _window_start(self, model: FusionHead, start: tuple, data: Batch, f: Fold,
                       loss_fn: nn.Module, yt: Tensor, yv: Tensor, y_va: np.ndarray, seed: int,
                       fold: int, entry: dict, score: float, probe_val: np.ndarray
                       ) -> tuple[dict, float, float, np.ndarray] | None:
-        """Set the path to the window probe and keep it when it beats the pooled probe on
-        validation as a departing epoch must (departure_p ≤ cfg.depart_p): then its epoch-0
-        figures (as _epoch_zero). Else set the pooled probe back and return None. The test's
-        p-value goes into `entry` (the pooled probe's epoch 0) either way."""
+        """Set the path to the window probe and keep it when it leaves the pooled probe as a
+        departing epoch must (`_departs`): then its epoch-0 figures (as _epoch_zero). Else set
+        the pooled probe back and return None. A departure test's p-value goes into both
+        epoch-0 entries."""
         model.start_from(start[2], start[1])
         zero = self._epoch_zero(model, data, f, loss_fn, yt, yv, y_va, seed, fold)
-        better = zero[1] > score + 1e-4
-        if better and self.cfg.depart_p < 1.0:
-            p = departure_p(zero[3], probe_val, lambda p: self._score(p, y_va), seed)
+        leaves, p = self._departs(zero[3], zero[1], probe_val, score, y_va, seed)
+        if p is not None:
             entry["window_probe_p"] = zero[0]["window_probe_p"] = round(p, 4)
-            better = p <= self.cfg.depart_p
-        if better:
+        if leaves:
             return zero
         model.start_from(start[0], start[1])
         return None
@@ -551,13 +563,10 @@ class _Trainer:
             # validation rows without being better (measured on the 14 av05 takes: heads fell
             # from the probe's 0.643 to 0.452 accuracy through such ties)
             at_probe = warm and best_epoch == 0
-            better = score > best_score + 1e-4
-            if better and at_probe and self.cfg.depart_p < 1.0:
-                # leaving the probe needs a gain that random row swaps rarely give: on a
-                # 20-row validation fold one or two rows are noise (the demo's heads left
-                # the probe on such gains in 7 of 15 runs and lost 0.013-0.015 on test)
-                better = departure_p(decided, probe_val,
-                                     lambda p: self._score(p, y_va), seed) <= self.cfg.depart_p
+            if at_probe:
+                better = self._departs(decided, score, probe_val, best_score, y_va, seed)[0]
+            else:
+                better = score > best_score + 1e-4
             if better or (not at_probe and abs(score - best_score) <= 1e-4
                           and val_loss < best_loss - loss_min_delta(best_loss)):
                 best_score, best_loss = score, val_loss

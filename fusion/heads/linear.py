@@ -63,8 +63,8 @@ class LinearPath(nn.Module):
         self.names = spec.names
         self.dims = {m.name: m.pooled_dim for m in spec.modalities}
         seq_dim = {m.name: m.seq_dim for m in spec.modalities if m.is_sequence}
-        self.k = int(k) if windows else 0
-        self.windows = tuple(m for m in windows if m in seq_dim) if self.k > 0 else ()
+        self.windows = tuple(m for m in windows if m in seq_dim) if k > 0 else ()
+        self.k = int(k) if self.windows else 0
         for m in self.windows:
             self.dims[window_block(m, self.k)] = self.k * seq_dim[m]
         if self.windows:  # saved with the state, so a saved head is rebuilt with its windows
@@ -201,8 +201,6 @@ def with_linear(head: FusionHead, spec: InputSpec, n_out: int, mode: str,
     gives the path that many time windows of each sequence the head reads."""
     if mode not in MODES:
         raise ValueError(f"linear must be one of {MODES}, got {mode!r}")
-    if windows < 0:
-        raise ValueError(f"linear_windows must be >= 0, got {windows}")
     return head if mode == "off" else WithLinearPath(head, spec, n_out, windows)
 
 

@@ -66,21 +66,30 @@ def test_a_window_probe_start_gives_the_probes_logits_prepared_or_not():
     idx = np.arange(120)
     f = Fold(idx[:80], idx[80:100], idx[100:])
     task = Task("label", "classification", y, ["a", "b", "c"])
-    xw, wblocks = window_matrix(raw, ("audio",), 3)
+    spec = InputSpec(modalities=(ModalitySpec("audio", 6, seq_dim=6, max_len=10),))
+    head = build_head("hybrid", spec, 3)
+    data = to_tensors(raw)
+    ready = head.prepare(data)  # the windows, computed once: the probe's columns come from here
+    xw, wblocks = window_matrix(ready, ("audio",), 3)
     assert wblocks == [("audio~w3", 18, True)]
+    lens = raw["audio"]["len"]
+    i = int(np.flatnonzero(lens % 3 == 0)[0])  # a row whose thirds are whole steps
+    third = lens[i] // 3
+    for j in range(3):
+        np.testing.assert_allclose(xw[i, 6 * j:6 * (j + 1)],
+                                   raw["audio"]["seq"][i, j * third:(j + 1) * third].mean(0),
+                                   rtol=1e-5, atol=1e-6)
+    assert (xw[:, -1] == 1).all()  # every row has steps
     x = np.concatenate([pooled_matrix(raw, ["audio"]), xw], axis=1)
     fits: list = []
     linear_probe(x, y, [f], task, "accuracy", True, fits=fits,
                  blocks=pooled_blocks(raw, ["audio"]) + wblocks)
     want = ((x - fits[0].mean) / fits[0].std) @ fits[0].coef.T + fits[0].intercept
-    spec = InputSpec(modalities=(ModalitySpec("audio", 6, seq_dim=6, max_len=10),))
-    head = build_head("hybrid", spec, 3)
-    data = to_tensors(raw)
     stats = fit_stats(data, f.train)
     assert head.start_from(fits[0], stats)
     head.eval()
     with torch.no_grad():
-        prepared = head.linear(apply_stats(head.prepare(data), stats)).double().numpy()
+        prepared = head.linear(apply_stats(ready, stats)).double().numpy()
         direct = head.linear(apply_stats(data, stats)).double().numpy()
     np.testing.assert_allclose(prepared, want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(direct, want, rtol=1e-4, atol=1e-4)
